@@ -1,0 +1,166 @@
+"""Experiments, validation and stage keys: which outputs each experiment needs, and which it shares.
+
+``config.yaml`` holds every default; ``experiments:`` names overrides of them. A stage's key is a
+short hash of its effective settings and its inputs' keys, so experiments that agree on a stage
+(and on everything upstream of it) share that stage's outputs, and changing one setting changes
+the keys of exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+# Each stage, the config section that holds its settings, and the stages whose outputs it reads.
+STAGES: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "ingest": ("data", ()),
+    "split": ("split", ("ingest",)),
+    "autoencoder": ("autoencoder", ("split",)),
+    "diffusion": ("diffusion", ("autoencoder",)),
+    "sample": ("sample", ("diffusion",)),
+    "detector": ("detector", ("split",)),
+    "similarity": (None, ("detector", "sample")),
+}
+# Sections that are settings of the run, not of any stage.
+RUN_KEYS = ("results", "device", "experiments")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One planned output folder: a stage at one key, its settings and its inputs' keys."""
+
+    stage: str
+    key: str
+    settings: dict[str, Any]
+    inputs: dict[str, str]
+
+
+@dataclass
+class Plan:
+    """Per experiment, the key of every stage; per stage and key, what produces it."""
+
+    experiments: dict[str, dict[str, str]] = field(default_factory=dict)
+    effective: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, StageRun]] = field(default_factory=dict)
+
+    def run(self, stage: str, key: str) -> StageRun:
+        return self.runs[stage][key]
+
+    def upstream(self, stage: str, key: str, target: str) -> str:
+        """The key of ``target`` that stage ``stage`` at ``key`` reads, following inputs upstream."""
+        if stage == target:
+            return key
+        for input_stage, input_key in self.run(stage, key).inputs.items():
+            try:
+                return self.upstream(input_stage, input_key, target)
+            except KeyError:
+                continue
+        raise KeyError(f"{stage} does not read {target}")
+
+    def index_rows(self) -> list[dict[str, str]]:
+        """A readable index: per experiment, which key each stage uses."""
+        return [{"experiment": name, "stage": stage, "key": key}
+                for name, keys in self.experiments.items() for stage, key in keys.items()]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for name, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = deep_merge(merged[name], value)
+        else:
+            merged[name] = copy.deepcopy(value)
+    return merged
+
+
+def stage_key(stage: str, settings: dict, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"stage": stage, "settings": settings, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def load_schema(schema_path: str | Path) -> dict:
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
+def check_schema(config: dict, schema: dict, where: str) -> None:
+    """Raise ValueError naming the key, the value and what was expected."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+            lines.append(f"  {where}: {key}: {error.message}")
+        raise ValueError("invalid configuration:\n" + "\n".join(lines)
+                         + "\nfix: see config/config.yaml for every key, its type and its default")
+
+
+def check_settings(effective: dict, name: str) -> None:
+    """Build every stage's typed settings and run the checks that span stages."""
+    # Imported here: the stage modules pull in torch and MONAI, which only validation needs.
+    from medmem import assess, autoencoder, detector, diffusion, ingest, sample, split
+
+    try:
+        data = ingest.Settings(**effective["data"])
+        split_settings = split.Settings(**effective["split"])
+        ae = autoencoder.Settings(**effective["autoencoder"])
+        diff = diffusion.Settings(**effective["diffusion"])
+        sample.Settings(**effective["sample"])
+        detector.Settings(**effective["detector"])
+        assess_settings = assess.Settings(**effective["assess"])
+        autoencoder.check_shape(data.shape, ae)
+        downsampling = 2 ** (len(ae.channels) - 1)
+        diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"experiment {name!r}: {error}") from None
+
+    if data.source == "phantom":
+        n_patients = data.phantom.n_patients
+        n_holdout = round(split_settings.holdout_fraction * n_patients)
+        needed = math.ceil(100.0 / (100.0 - assess_settings.percentile))
+        if n_holdout < split_settings.min_holdout:
+            raise ValueError(
+                f"experiment {name!r}: split.holdout_fraction={split_settings.holdout_fraction} of "
+                f"data.phantom.n_patients={n_patients} holds out {n_holdout} patients, fewer than "
+                f"split.min_holdout={split_settings.min_holdout}: add patients or hold out more")
+        if n_patients - n_holdout < needed:
+            raise ValueError(
+                f"experiment {name!r}: τ at assess.percentile={assess_settings.percentile} needs at least "
+                f"{needed} training volumes, the split leaves {n_patients - n_holdout}: add patients or "
+                f"lower assess.percentile")
+
+
+def make_plan(config: dict, schema_path: str | Path) -> Plan:
+    """Validate the config and every experiment, and key every stage of every experiment."""
+    schema = load_schema(schema_path)
+    check_schema(config, schema, "config")
+    experiments = config.get("experiments") or {}
+    if not experiments:
+        raise ValueError("config: experiments is empty; name at least one, e.g. `experiments: {baseline: {}}`")
+    defaults = {k: v for k, v in config.items() if k not in RUN_KEYS}
+    plan = Plan()
+    for name, overrides in experiments.items():
+        if not isinstance(overrides, dict) or any(k in RUN_KEYS for k in overrides):
+            raise ValueError(f"config: experiments.{name} must map config sections to overrides "
+                             f"(not {sorted(RUN_KEYS)}), got {overrides!r}")
+        effective = deep_merge(defaults, overrides)
+        check_schema({**effective, **{k: config[k] for k in RUN_KEYS if k in config}}, schema,
+                     f"experiments.{name}")
+        check_settings(effective, name)
+        plan.effective[name] = effective
+        keys: dict[str, str] = {}
+        for stage, (section, inputs) in STAGES.items():
+            settings = effective[section] if section else {}
+            input_keys = {s: keys[s] for s in inputs}
+            keys[stage] = stage_key(stage, settings, input_keys)
+            plan.runs.setdefault(stage, {})[keys[stage]] = StageRun(stage, keys[stage], settings, input_keys)
+        plan.experiments[name] = keys
+    return plan

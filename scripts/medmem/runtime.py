@@ -1,0 +1,44 @@
+"""Where a job runs: logging to the rule's log, threads, seeds and the compute device."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from typing import Literal
+
+import numpy as np
+import torch
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+def setup_job(log_path: str | None, threads: int = 1) -> logging.Logger:
+    """Send logging, warnings and progress bars (stderr) to the rule's log file."""
+    if log_path:
+        stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the job
+        sys.stderr = stream
+        logging.basicConfig(stream=stream, level=logging.INFO, force=True,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.captureWarnings(True)
+    torch.set_num_threads(max(1, int(threads)))
+    return logging.getLogger("medmem")
+
+
+def select_device(choice: DeviceChoice = "auto") -> torch.device:
+    """CUDA when the job sees a GPU (or when asked), CPU otherwise."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was requested but this job sees no GPU; set device: auto or cpu")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch CPU generator for explicit sampling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

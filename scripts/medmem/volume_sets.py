@@ -1,0 +1,70 @@
+"""The sets of volumes later stages read: cases (ingest), splits, and synthetic manifests.
+
+Tables store volume paths relative to the table's own folder, so a results tree can be moved.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from medmem.artefacts import load_nifti
+
+Subset = Literal["train", "holdout"]
+
+
+def read_volume_table(table_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read cases.csv or a synthetic manifest.csv; ``path`` comes back absolute."""
+    table_csv = Path(table_csv)
+    table = pd.read_csv(table_csv, dtype={"id": str})
+    for column in ("id", "path"):
+        if column not in table.columns:
+            raise ValueError(f"{table_csv}: missing column {column!r} (columns: {list(table.columns)})")
+    table["path"] = [str((table_csv.parent / p).resolve()) for p in table["path"]]
+    return table
+
+
+def read_split(split_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read split.csv (id, split) and refuse a patient that sits in both splits."""
+    split = pd.read_csv(split_csv, dtype={"id": str})
+    both = sorted(set(split.loc[split["split"] == "train", "id"]) & set(split.loc[split["split"] == "holdout", "id"]))
+    if both:
+        raise ValueError(f"{split_csv}: patients in both train and holdout: {both}")
+    return split
+
+
+def split_paths(cases_csv: str | os.PathLike, split_csv: str | os.PathLike, subset: Subset) -> tuple[list[str], list[str]]:
+    """Ids and absolute volume paths of one subset of the split, in split.csv order."""
+    cases = read_volume_table(cases_csv).set_index("id")
+    split = read_split(split_csv)
+    ids = split.loc[split["split"] == subset, "id"].tolist()
+    missing = [i for i in ids if i not in cases.index]
+    if missing:
+        raise ValueError(f"{split_csv}: ids not in {cases_csv}: {missing}")
+    return ids, [cases.at[i, "path"] for i in ids]
+
+
+def load_volumes(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack canonical volumes: returns ((N, 1, D, H, W) float32, affine of the first volume)."""
+    if not paths:
+        raise ValueError("no volumes to load")
+    arrays, affine = [], None
+    for path in paths:
+        volume, volume_affine = load_nifti(path)
+        if arrays and volume.shape != arrays[0].shape:
+            raise ValueError(f"{path}: shape {volume.shape} differs from {paths[0]}'s {arrays[0].shape}")
+        affine = volume_affine if affine is None else affine
+        arrays.append(volume)
+    return np.stack(arrays)[:, None], affine
+
+
+def load_split_set(cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
+                   subset: Subset) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, (N, 1, D, H, W) volumes and the affine of one subset of the split."""
+    ids, paths = split_paths(cases_csv, split_csv, subset)
+    volumes, affine = load_volumes(paths)
+    return ids, volumes, affine

@@ -1,0 +1,33 @@
+rule ingest:
+    input:
+        ingest_source,
+    output:
+        cases=f"{RESULTS}/ingest/{{ingest}}/cases.csv",
+        volumes=directory(f"{RESULTS}/ingest/{{ingest}}/volumes"),
+    params:
+        settings=settings_of("ingest"),
+    log:
+        f"{RESULTS}/logs/ingest/{{ingest}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/ingest.py"
+
+
+rule split:
+    input:
+        cases=lambda wildcards: f"{RESULTS}/ingest/{PLAN.upstream('split', wildcards.split, 'ingest')}/cases.csv",
+    output:
+        split=f"{RESULTS}/split/{{split}}/split.csv",
+    params:
+        settings=settings_of("split"),
+    log:
+        f"{RESULTS}/logs/split/{{split}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+    script:
+        "../../scripts/split.py"

@@ -1,0 +1,99 @@
+# The copy detector (Dar et al.): a contrastive encoder, embeddings, nearest neighbours, verdicts.
+
+
+rule train_detector:
+    input:
+        unpack(cohort_inputs("detector")),
+    output:
+        model=f"{RESULTS}/detector/{{detector}}/detector.pt",
+        curve=report(
+            f"{RESULTS}/detector/{{detector}}/curve.csv",
+            caption="../report/detector_curve.rst",
+            category="Training curves",
+        ),
+    params:
+        settings=settings_of("detector"),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/train_detector/{{detector}}.log",
+    threads: 1
+    conda:
+        ENV
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    script:
+        "../../scripts/train_detector.py"
+
+
+rule embed:
+    input:
+        unpack(embed_inputs),
+    output:
+        embeddings=f"{RESULTS}/embeddings/{{detector}}/{{volume_set}}.npz",
+    params:
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/embed/{{detector}}-{{volume_set}}.log",
+    threads: 1
+    conda:
+        ENV
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    script:
+        "../../scripts/embed.py"
+
+
+rule similarity:
+    input:
+        unpack(similarity_inputs),
+    output:
+        synthetic_to_train=f"{RESULTS}/similarity/{{similarity}}/synthetic_to_train.csv",
+        train_to_synthetic=f"{RESULTS}/similarity/{{similarity}}/train_to_synthetic.csv",
+        train_to_holdout=f"{RESULTS}/similarity/{{similarity}}/train_to_holdout.csv",
+        holdout_to_train=f"{RESULTS}/similarity/{{similarity}}/holdout_to_train.csv",
+    log:
+        f"{RESULTS}/logs/similarity/{{similarity}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+    script:
+        "../../scripts/similarity.py"
+
+
+rule assess:
+    input:
+        unpack(assess_inputs),
+    output:
+        memorization=report(
+            f"{RESULTS}/experiments/{{experiment}}/memorization.csv",
+            caption="../report/memorization.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        per_sample=f"{RESULTS}/experiments/{{experiment}}/per_sample.csv",
+        per_training=f"{RESULTS}/experiments/{{experiment}}/per_training.csv",
+        histogram=report(
+            f"{RESULTS}/experiments/{{experiment}}/nn_correlation.png",
+            caption="../report/nn_correlation.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        montage=report(
+            f"{RESULTS}/experiments/{{experiment}}/montage.png",
+            caption="../report/montage.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+    params:
+        settings=lambda wildcards: PLAN.effective[wildcards.experiment]["assess"],
+    log:
+        f"{RESULTS}/logs/assess/{{experiment}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/assess.py"

@@ -1,0 +1,26 @@
+rule report:
+    input:
+        memorization=expand(f"{RESULTS}/experiments/{{experiment}}/memorization.csv", experiment=EXPERIMENTS),
+    output:
+        summary=report(
+            f"{RESULTS}/report/summary.csv",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+        index=f"{RESULTS}/report/index.csv",
+        figure=report(
+            f"{RESULTS}/report/summary.png",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+    params:
+        experiments=EXPERIMENTS,
+        index=[{**row, "folder": f"{RESULTS}/{row['stage']}/{row['key']}"} for row in PLAN.index_rows()],
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+    script:
+        "../../scripts/report.py"
