@@ -124,7 +124,7 @@ def check_settings(effective: dict, name: str) -> None:
 
     if data.source == "phantom":
         n_patients = data.phantom.n_patients
-        n_holdout = round(split_settings.holdout_fraction * n_patients)
+        n_holdout = split.holdout_size(n_patients, split_settings.holdout_fraction)
         needed = math.ceil(100.0 / (100.0 - assess_settings.percentile))
         if n_holdout < split_settings.min_holdout:
             raise ValueError(

@@ -1,0 +1,96 @@
+"""Stage split: cases.csv → split.csv, a seeded patient-level train/holdout split.
+
+The holdout patients are never trained on; assess calibrates the memorization threshold on them
+(the correlation of each training volume with its nearest *held-out* volume), so too small a
+holdout set, or a patient in both sets, is an error here rather than a silently biased result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from medmem import artefacts, volume_sets
+
+logger = logging.getLogger("medmem.split")
+
+
+@dataclass(frozen=True)
+class Settings:
+    holdout_fraction: float  # share of patients held out, rounded to a whole number of patients
+    min_holdout: int         # fewer holdout patients than this is an error
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.holdout_fraction) or not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"split.holdout_fraction={self.holdout_fraction!r} must be a number strictly between "
+                             "0 and 1 (share of patients held out), e.g. 0.25")
+        if not _is_int(self.min_holdout) or self.min_holdout < 1:
+            raise ValueError(f"split.min_holdout={self.min_holdout!r} must be an integer >= 1 (the threshold is "
+                             "calibrated on the holdout patients), e.g. 8")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"split.seed={self.seed!r} must be a non-negative integer, e.g. 0")
+        object.__setattr__(self, "holdout_fraction", float(self.holdout_fraction))
+
+
+def holdout_size(n_patients: int, holdout_fraction: float) -> int:
+    """Patients held out: round(holdout_fraction × n_patients), Python's rounding (halves to even)."""
+    return round(holdout_fraction * n_patients)
+
+
+def make_split(ids: list[str], settings: Settings) -> pd.DataFrame:
+    """Assign each patient to train or holdout: DataFrame (id, split), one row per id, sorted by id.
+
+    The ids are sorted before the seeded permutation, so the split depends on the set of ids and
+    the seed, not on the order of cases.csv.
+    """
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"ids appear more than once: {duplicates}; each patient must have one id")
+    n_patients = len(ids)
+    if n_patients == 0:
+        raise ValueError("no patients to split: the cases table is empty")
+    n_holdout = holdout_size(n_patients, settings.holdout_fraction)
+    if n_holdout < settings.min_holdout:
+        raise ValueError(f"holdout has {n_holdout} patients (split.holdout_fraction={settings.holdout_fraction} "
+                         f"of {n_patients}), fewer than split.min_holdout={settings.min_holdout}: add patients or "
+                         "raise split.holdout_fraction")
+    if n_holdout >= n_patients:
+        raise ValueError(f"no training patients: split.holdout_fraction={settings.holdout_fraction} of "
+                         f"{n_patients} patients holds out all {n_holdout}: add patients or lower "
+                         "split.holdout_fraction")
+    ordered = sorted(ids)
+    order = np.random.default_rng(settings.seed).permutation(n_patients)
+    holdout = {ordered[i] for i in order[:n_holdout]}
+    return pd.DataFrame({"id": ordered, "split": ["holdout" if i in holdout else "train" for i in ordered]})
+
+
+def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read the ids of cases.csv, split them, write split.csv and its sidecar."""
+    ids = volume_sets.read_volume_table(cases_csv)["id"].tolist()
+    try:
+        split = make_split(ids, settings)
+    except ValueError as error:
+        raise ValueError(f"{cases_csv}: {error}") from None
+    artefacts.write_csv(split_csv, split)
+    counts = split["split"].value_counts()
+    n_train, n_holdout = int(counts.get("train", 0)), int(counts.get("holdout", 0))
+    artefacts.write_sidecar(split_csv, settings=asdict(settings), inputs={"cases": cases_csv}, seed=settings.seed,
+                            n_train=n_train, n_holdout=n_holdout)
+    logger.info("split %d patients: %d train, %d holdout (seed %d)", len(split), n_train, n_holdout, settings.seed)
+    return split
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return number and math.isfinite(value)
