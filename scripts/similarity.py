@@ -1,0 +1,13 @@
+"""Rule similarity: embeddings → exact nearest neighbours (Pearson correlation, faiss)."""
+from medmem import runtime, similarity
+
+runtime.setup_job(snakemake.log[0], snakemake.threads)
+similarity.run(
+    train_npz=snakemake.input.train,
+    holdout_npz=snakemake.input.holdout,
+    synthetic_npz=snakemake.input.synthetic,
+    synthetic_to_train_csv=snakemake.output.synthetic_to_train,
+    train_to_synthetic_csv=snakemake.output.train_to_synthetic,
+    train_to_holdout_csv=snakemake.output.train_to_holdout,
+    holdout_to_train_csv=snakemake.output.holdout_to_train,
+)

@@ -1,0 +1,12 @@
+"""Rule train_autoencoder: the training split → KL autoencoder weights, scale factor, curve."""
+from medmem import autoencoder, runtime
+
+runtime.setup_job(snakemake.log[0], snakemake.threads)
+autoencoder.run(
+    autoencoder.Settings(**snakemake.params.settings),
+    cases_csv=snakemake.input.cases,
+    split_csv=snakemake.input.split,
+    model_path=snakemake.output.model,
+    curve_csv=snakemake.output.curve,
+    device=runtime.select_device(snakemake.params.device),
+)

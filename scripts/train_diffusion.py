@@ -1,0 +1,13 @@
+"""Rule train_diffusion: scaled training latents → diffusion UNet (+ EMA) weights, curve."""
+from medmem import diffusion, runtime
+
+runtime.setup_job(snakemake.log[0], snakemake.threads)
+diffusion.run(
+    diffusion.Settings(**snakemake.params.settings),
+    autoencoder_path=snakemake.input.autoencoder,
+    cases_csv=snakemake.input.cases,
+    split_csv=snakemake.input.split,
+    model_path=snakemake.output.model,
+    curve_csv=snakemake.output.curve,
+    device=runtime.select_device(snakemake.params.device),
+)
