@@ -1,0 +1,60 @@
+"""Embed a set of volumes with the trained detector: ids + L2-normalised float32 vectors (one npz).
+
+Embeddings are an artefact of their own (SSCD): similarity and assessment read them, never the
+volumes, and the ids travel with the vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medmem import artefacts, detector, volume_sets
+
+logger = logging.getLogger("medmem.embed")
+
+
+@torch.no_grad()
+def embed_volumes(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device,
+                  batch_size: int = 16) -> np.ndarray:
+    """(N, 1, D, H, W) float32 volumes -> (N, E) float32 embeddings, each of unit L2 norm."""
+    if volumes.ndim != 5 or volumes.shape[1] != 1:
+        raise ValueError(f"expected volumes of shape (N, 1, D, H, W), got {volumes.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size}: expected an integer >= 1")
+    model.eval()
+    vectors = []
+    for start in range(0, len(volumes), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32))
+        vectors.append(F.normalize(model.embed(batch.to(device)), dim=1).cpu())
+    return torch.cat(vectors).numpy().astype(np.float32, copy=False)
+
+
+def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], output_npz: str | os.PathLike,
+        device: torch.device, batch_size: int = 16) -> None:
+    """Embed the volumes at ``paths`` (named ``ids``) and write ``output_npz`` (ids, vectors) + sidecar."""
+    ids = [str(i) for i in ids]
+    if len(ids) != len(paths):
+        raise ValueError(f"{len(ids)} ids but {len(paths)} volume paths; each volume needs exactly one id")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate volume ids: {duplicates}; ids must name volumes uniquely")
+    model, checkpoint = detector.load(detector_path, device)
+    volumes, _ = volume_sets.load_volumes(list(paths))
+    if list(volumes.shape[2:]) != list(checkpoint["volume_shape"]):
+        raise ValueError(f"volumes have shape {volumes.shape[2:]} but the detector {detector_path} was trained on "
+                         f"{tuple(checkpoint['volume_shape'])}; embed volumes on the detector's canonical grid")
+    vectors = embed_volumes(model, volumes, device, batch_size)
+    logger.info("embedded %d volumes into %d dimensions", *vectors.shape)
+    output_npz = Path(output_npz)
+    with artefacts.atomic_path(output_npz) as tmp, open(tmp, "wb") as handle:
+        # Writing to an open file stops np.savez from appending ".npz" to the temporary name.
+        np.savez(handle, ids=np.array(ids, dtype=np.str_), vectors=vectors)
+    artefacts.write_sidecar(output_npz, settings={"batch_size": batch_size}, inputs={"detector": detector_path},
+                            detector_settings=checkpoint["settings"], n_volumes=len(ids),
+                            embedding_dim=int(vectors.shape[1]))

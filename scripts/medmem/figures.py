@@ -1,0 +1,90 @@
+"""Figures of the memorization assessment: nearest-neighbour correlations and the most similar pairs.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (rendered by Agg when saved as PNG), so
+no pyplot state or GUI backend is involved, and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from medmem import artefacts
+
+DPI = 100
+# Canonical volumes are RAS+: array axes 0, 1, 2 run left→right, posterior→anterior, inferior→superior.
+VIEWS = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+
+MontagePair = tuple[np.ndarray, np.ndarray, tuple[str, str], float]
+
+
+def save_png(figure: Figure, path: str | os.PathLike) -> None:
+    with artefacts.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+
+
+def plot_nn_correlations(synthetic_to_train: Sequence[float], holdout_to_train: Sequence[float], tau: float,
+                         path: str | os.PathLike) -> None:
+    """Histograms of nearest-training-volume correlation for synthetic and holdout volumes, τ marked.
+
+    Holdout volumes show how close an unseen patient gets to the training set by chance; synthetic
+    volumes to the right of that distribution (above τ) are the suspected copies.
+    """
+    synthetic, holdout = np.asarray(synthetic_to_train, float), np.asarray(holdout_to_train, float)
+    if synthetic.size == 0 or holdout.size == 0:
+        raise ValueError(f"need synthetic and holdout correlations to plot, got {synthetic.size} and {holdout.size}")
+    values = np.concatenate([synthetic, holdout, [tau]])
+    low, high = float(values.min()), float(values.max())
+    bins = np.linspace(low - 1e-6, high + 1e-6, 31)
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for data, name, colour in ((holdout, "holdout", "tab:blue"), (synthetic, "synthetic", "tab:red")):
+        above = int((data > tau).sum())
+        label = f"{name} → nearest train (n = {data.size}, {above} above τ)"
+        axes.hist(data, bins=bins, color=colour, alpha=0.45, label=label)
+        axes.hist(data, bins=bins, color=colour, histtype="step", linewidth=1.2)
+    axes.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:.4f}")
+    axes.set_xlabel("Pearson correlation with the nearest training volume")
+    axes.set_ylabel("volumes")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title("Nearest-neighbour correlation: synthetic vs held-out patients")
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    save_png(figure, path)
+
+
+def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
+    """One row per (synthetic volume, training volume, (synthetic id, training id), correlation).
+
+    Each row shows the centre sagittal, coronal and axial slices of the synthetic volume, then the
+    same three of its nearest training volume, on a shared [0, 1] grey scale.
+    """
+    if not pairs:
+        raise ValueError("plot_montage needs at least one (synthetic, training, labels, correlation) pair")
+    figure = Figure(figsize=(12, 2.2 * len(pairs) + 0.4))
+    grid = figure.subplots(len(pairs), 6, squeeze=False)
+    for row, (synthetic, training, (synthetic_id, training_id), correlation) in enumerate(pairs):
+        for half, (volume, name) in enumerate(((synthetic, synthetic_id), (training, training_id))):
+            volume = np.asarray(volume, dtype=np.float32)
+            volume = volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
+            if volume.ndim != 3:
+                raise ValueError(f"{name}: expected a (D, H, W) volume, got shape {np.shape(volume)}")
+            for column, (view, axis) in enumerate(VIEWS):
+                axes = grid[row, 3 * half + column]
+                centre = np.take(volume, volume.shape[axis] // 2, axis=axis)
+                # Transpose + origin lower: the later RAS axis runs upwards, as radiologists expect.
+                axes.imshow(centre.T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
+                axes.set_xticks([])
+                axes.set_yticks([])
+                if row == 0:
+                    axes.set_title(f"{'synthetic' if half == 0 else 'training'}: {view}", fontsize=9)
+                if column == 0:
+                    label = f"{name}\nr = {correlation:.4f}" if half == 0 else name
+                    axes.set_ylabel(label, fontsize=8)
+    figure.suptitle("Most similar synthetic / training pairs (nearest neighbours by Pearson correlation)")
+    figure.tight_layout()
+    save_png(figure, path)

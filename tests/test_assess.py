@@ -1,0 +1,150 @@
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medmem import artefacts, assess, figures
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Hand-made nearest neighbours: 20 training, 10 holdout and 8 synthetic volumes.
+TRAIN = [f"t{i:02d}" for i in range(20)]
+HOLDOUT = [f"h{i}" for i in range(10)]
+SYNTHETIC = [f"s{i}" for i in range(8)]
+# Train → nearest holdout: 0.50, 0.52, ..., 0.88. The 95th percentile (linear) sits at position
+# 0.95 * 19 = 18.05 of the sorted values: 0.86 + 0.05 * (0.88 - 0.86) = 0.861.
+TRAIN_TO_HOLDOUT = [0.50 + 0.02 * i for i in range(20)]
+TAU = 0.861
+# Three training volumes have a synthetic neighbour above τ; t03 sits just below it.
+TRAIN_TO_SYNTHETIC = [0.99, 0.95, 0.87, 0.86] + [0.50] * 16
+# Three synthetic volumes copy a training volume (s2 copies t00 again); s3 is below τ.
+SYNTHETIC_TO_TRAIN = [("t00", 0.99), ("t01", 0.95), ("t00", 0.90), ("t05", 0.80)] + [("t07", 0.60)] * 4
+
+
+def nearest_table(query_ids, neighbour_ids, correlations):
+    return pd.DataFrame({"query_id": query_ids, "neighbour_id": neighbour_ids, "rank": 1,
+                         "correlation": correlations})
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_threshold_pinned():
+    assert assess.threshold(TRAIN_TO_HOLDOUT, 95.0) == pytest.approx(TAU, abs=1e-12)
+    assert assess.threshold(TRAIN_TO_HOLDOUT, 50.0) == pytest.approx(0.69, abs=1e-12)
+    assert assess.threshold([0.1 * i for i in range(10)], 90) == pytest.approx(0.81, abs=1e-12)
+
+
+def test_threshold_refuses_a_holdout_too_small_to_calibrate():
+    with pytest.raises(ValueError, match=r"τ at the 95th percentile needs at least 20 training volumes with a "
+                                         r"nearest holdout volume, got 12: .*fix: .*lower assess\.percentile to at "
+                                         r"most 91\.66"):
+        assess.threshold(TRAIN_TO_HOLDOUT[:12], 95.0)
+    with pytest.raises(ValueError, match="91st percentile needs at least 12"):
+        assess.threshold(TRAIN_TO_HOLDOUT[:11], 91)
+    with pytest.raises(ValueError, match="NaN"):
+        assess.threshold([*TRAIN_TO_HOLDOUT, float("nan")], 95.0)
+    assert assess.minimum_calibration_size(95.0) == 20
+    assert assess.minimum_calibration_size(99.9) == 1000
+    assert assess.minimum_calibration_size(91.66) == 12
+
+
+def test_memorization_pinned():
+    counts = assess.memorization(TRAIN_TO_SYNTHETIC, [c for _, c in SYNTHETIC_TO_TRAIN], TAU)
+    assert counts == assess.Memorization(n_train=20, n_mem=3, pct_mem=15.0, n_synthetic=8, n_copies=3,
+                                         pct_copies=37.5)
+    # Strictly above τ: a correlation equal to τ is not a copy.
+    assert assess.memorization([0.5], [0.5], 0.5).n_copies == 0
+
+
+def test_settings_are_checked():
+    assert assess.Settings(percentile=95, montage_pairs=6).percentile == 95
+    with pytest.raises(ValueError, match="assess.percentile = 100"):
+        assess.Settings(percentile=100)
+    with pytest.raises(ValueError, match="assess.montage_pairs = 0"):
+        assess.Settings(montage_pairs=0)
+
+
+@pytest.fixture()
+def neighbour_tables(tmp_path):
+    tables = {
+        "synthetic_to_train": nearest_table(SYNTHETIC, *zip(*SYNTHETIC_TO_TRAIN)),
+        "train_to_synthetic": nearest_table(TRAIN, ["s0", "s1", "s2", "s3"] + ["s7"] * 16, TRAIN_TO_SYNTHETIC),
+        "train_to_holdout": nearest_table(TRAIN, [HOLDOUT[i % 10] for i in range(20)], TRAIN_TO_HOLDOUT),
+        "holdout_to_train": nearest_table(HOLDOUT, TRAIN[:10], [0.5 + 0.03 * i for i in range(10)]),
+    }
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = tmp_path / "similarity" / f"{name}.csv"
+        artefacts.write_csv(paths[name], table)
+    rng = np.random.default_rng(0)
+    for table_name, ids in (("cases", TRAIN), ("manifest", SYNTHETIC)):
+        for volume_id in ids:
+            artefacts.save_nifti(tmp_path / table_name / "volumes" / f"{volume_id}.nii.gz",
+                                 rng.random((8, 10, 12), dtype=np.float32), np.eye(4))
+        paths[table_name] = tmp_path / table_name / f"{table_name}.csv"
+        artefacts.write_csv(paths[table_name], pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
+    return paths
+
+
+def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
+    out = tmp_path / "assess"
+    outputs = [out / name for name in ("memorization.csv", "per_sample.csv", "per_training.csv",
+                                       "nn_correlation.png", "montage.png")]
+    paths = neighbour_tables
+    assess.run(assess.Settings(percentile=95.0, montage_pairs=2), paths["synthetic_to_train"],
+               paths["train_to_synthetic"], paths["train_to_holdout"], paths["holdout_to_train"], paths["cases"],
+               paths["manifest"], *outputs)
+
+    summary = pd.read_csv(outputs[0])
+    assert len(summary) == 1
+    row = summary.iloc[0]
+    assert list(summary.columns) == ["tau", "percentile", "n_train", "n_holdout", "n_synthetic", "n_mem", "pct_mem",
+                                     "n_copies", "pct_copies"]
+    assert row["tau"] == pytest.approx(TAU, abs=1e-12) and row["percentile"] == 95.0
+    assert (row["n_train"], row["n_holdout"], row["n_synthetic"]) == (20, 10, 8)
+    assert (row["n_mem"], row["pct_mem"], row["n_copies"], row["pct_copies"]) == (3, 15.0, 3, 37.5)
+
+    per_sample = pd.read_csv(outputs[1], dtype={"synthetic_id": str, "nearest_train_id": str})
+    assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "correlation", "is_copy"]
+    assert per_sample["synthetic_id"].tolist()[:4] == ["s0", "s1", "s2", "s3"]  # most similar first
+    assert per_sample["is_copy"].tolist() == [True, True, True] + [False] * 5
+
+    per_training = pd.read_csv(outputs[2], dtype={"train_id": str})
+    assert list(per_training.columns) == ["train_id", "nearest_synthetic_id", "correlation", "memorized",
+                                          "nearest_holdout_id", "holdout_correlation"]
+    assert per_training.loc[per_training["memorized"], "train_id"].tolist() == ["t00", "t01", "t02"]
+    t19 = per_training.set_index("train_id").loc["t19"]
+    assert (t19["nearest_holdout_id"], t19["holdout_correlation"]) == ("h9", pytest.approx(0.88))
+
+    assert png_size(outputs[3]) == (700, 450)
+    assert png_size(outputs[4]) == (1200, 480)  # two pairs: (12, 2.2 * 2 + 0.4) inches at 100 dpi
+    for output in outputs:
+        assert json.loads(output.with_name(output.name + ".json").read_text())["tau"] == pytest.approx(TAU)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_run_refuses_mismatched_training_sets(neighbour_tables, tmp_path):
+    paths = neighbour_tables
+    artefacts.write_csv(paths["train_to_holdout"], nearest_table(TRAIN[:-1], ["h0"] * 19, TRAIN_TO_HOLDOUT[:-1]))
+    with pytest.raises(ValueError, match="query different training volumes"):
+        assess.run(assess.Settings(), paths["synthetic_to_train"], paths["train_to_synthetic"],
+                   paths["train_to_holdout"], paths["holdout_to_train"], paths["cases"], paths["manifest"],
+                   *(tmp_path / f"out{i}" for i in range(5)))
+
+
+def test_figures_are_pngs(tmp_path):
+    figures.plot_nn_correlations([0.9, 0.95, 0.5], [0.4, 0.6], 0.85, tmp_path / "hist.png")
+    assert png_size(tmp_path / "hist.png") == (700, 450)
+    volume = np.linspace(0, 1, 6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
+    figures.plot_montage([(volume, volume[None], ("s0", "t0"), 0.97)], tmp_path / "montage.png")
+    assert png_size(tmp_path / "montage.png") == (1200, 260)
+    assert (tmp_path / "montage.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="at least one"):
+        figures.plot_montage([], tmp_path / "empty.png")

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medmem import artefacts, detector, embed
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions run fastest on one thread, and do not slow to a crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_blob_volumes(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, 1, size, size, size) float32 in [0, 1]: a few bright random boxes per volume."""
+    rng = np.random.default_rng(seed)
+    volumes = np.zeros((n, 1, size, size, size), dtype=np.float32)
+    for volume in volumes[:, 0]:
+        for _ in range(3):
+            low = rng.integers(0, size // 2, 3)
+            high = low + rng.integers(2, size // 2, 3)
+            volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = rng.uniform(0.3, 1.0)
+    return volumes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A detector trained for one epoch on six 16³ volumes, plus the volumes on disk."""
+    folder = tmp_path_factory.mktemp("embed")
+    volumes = random_blob_volumes(6, 16, seed=0)
+    ids = [f"case_{i}" for i in range(len(volumes))]
+    paths = [folder / "volumes" / f"{i}.nii.gz" for i in ids]
+    for path, volume in zip(paths, volumes):
+        artefacts.save_nifti(path, volume[0], np.eye(4))
+    artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
+    artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 4 + ["holdout"] * 2}))
+    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4)
+    detector.run(settings, folder / "cases.csv", folder / "split.csv", folder / "detector.pt", folder / "curve.csv",
+                 CPU)
+    return folder, ids, [str(p) for p in paths], volumes
+
+
+def test_embed_volumes_are_unit_vectors_independent_of_batching(trained):
+    folder, _, _, volumes = trained
+    model, _ = detector.load(folder / "detector.pt", CPU)
+    vectors = embed.embed_volumes(model, volumes, CPU, batch_size=16)
+    assert vectors.shape == (6, 8) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    # GroupNorm: a volume's embedding does not depend on which volumes share its batch.
+    np.testing.assert_allclose(embed.embed_volumes(model, volumes, CPU, batch_size=1), vectors, atol=1e-5)
+    np.testing.assert_allclose(embed.embed_volumes(model, volumes[::-1].copy(), CPU, batch_size=4), vectors[::-1],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 1, D, H, W\)"):
+        embed.embed_volumes(model, volumes[:, 0], CPU)
+
+
+def test_run_writes_ids_with_vectors(trained, tmp_path):
+    folder, ids, paths, volumes = trained
+    output = tmp_path / "embeddings" / "train.npz"
+    embed.run(folder / "detector.pt", ids[::-1], paths[::-1], output, CPU)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["train.npz", "train.npz.json"]
+    with np.load(output, allow_pickle=False) as data:
+        assert data["ids"].dtype.kind == "U"
+        assert data["ids"].tolist() == ids[::-1]
+        vectors = data["vectors"]
+    assert vectors.dtype == np.float32 and vectors.shape == (6, 8)
+    model, _ = detector.load(folder / "detector.pt", CPU)
+    np.testing.assert_allclose(vectors, embed.embed_volumes(model, volumes[::-1].copy(), CPU), atol=1e-6)
+    sidecar = json.loads((tmp_path / "embeddings" / "train.npz.json").read_text())
+    assert sidecar["inputs"]["detector"] == str(folder / "detector.pt")
+    assert sidecar["n_volumes"] == 6 and sidecar["embedding_dim"] == 8
+
+
+def test_run_without_npz_suffix_writes_exactly_that_name(trained, tmp_path):
+    folder, ids, paths, _ = trained
+    embed.run(folder / "detector.pt", ids, paths, tmp_path / "vectors", CPU)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors", "vectors.json"]
+    with np.load(tmp_path / "vectors", allow_pickle=False) as data:
+        assert data["vectors"].shape == (6, 8)
+
+
+def test_run_refuses_mismatched_inputs(trained, tmp_path):
+    folder, ids, paths, _ = trained
+    with pytest.raises(ValueError, match="5 ids but 6 volume paths"):
+        embed.run(folder / "detector.pt", ids[:5], paths, tmp_path / "a.npz", CPU)
+    with pytest.raises(ValueError, match="duplicate volume ids"):
+        embed.run(folder / "detector.pt", ["x", "x"], paths[:2], tmp_path / "a.npz", CPU)
+    artefacts.save_nifti(tmp_path / "big.nii.gz", np.zeros((16, 16, 24), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="trained on"):
+        embed.run(folder / "detector.pt", ["big"], [str(tmp_path / "big.nii.gz")], tmp_path / "a.npz", CPU)
+    assert not (tmp_path / "a.npz").exists()
