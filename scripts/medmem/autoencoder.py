@@ -1,0 +1,319 @@
+"""Train the KL autoencoder that maps volumes to the latent space the diffusion model learns.
+
+MONAI's 3D ``AutoencoderKL`` without attention (small and fast at demo size), trained on the
+training split only with L1 reconstruction + KL; after ``adversarial_warmup_epochs`` a MONAI
+``PatchDiscriminator`` with a least-squares patch loss joins. There is no perceptual loss: its
+pretrained weights cannot be downloaded on a cluster node.
+
+The checkpoint describes itself: model arguments, latent shape, the scale factor that brings
+the training latents to unit standard deviation, and the training volumes' affine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+
+from medmem import artefacts, runtime, volume_sets
+
+logger = logging.getLogger("medmem.autoencoder")
+
+# Resume state (model, optimizers, RNG) is saved at most this often; the declared outputs are
+# written once, at the end.
+RESUME_INTERVAL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``autoencoder:`` section of config.yaml."""
+
+    channels: tuple[int, ...] = (8, 16, 16)
+    latent_channels: int = 3
+    num_res_blocks: int = 1
+    norm_num_groups: int = 4
+    epochs: int = 30
+    batch_size: int = 4
+    learning_rate: float = 1.0e-3
+    kl_weight: float = 1.0e-6
+    adversarial_weight: float = 0.01
+    adversarial_warmup_epochs: int = 20
+    discriminator_channels: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels, (list, tuple)) or not self.channels:
+            raise ValueError(f"autoencoder.channels={self.channels!r} must be a non-empty list of "
+                             "channel counts, one per level, e.g. [8, 16, 16]")
+        object.__setattr__(self, "channels", tuple(self.channels))
+        for value in self.channels:
+            _check_int("autoencoder.channels", value, minimum=1)
+        for name in ("latent_channels", "num_res_blocks", "norm_num_groups", "epochs", "batch_size",
+                     "discriminator_channels"):
+            _check_int(f"autoencoder.{name}", getattr(self, name), minimum=1)
+        _check_int("autoencoder.adversarial_warmup_epochs", self.adversarial_warmup_epochs, minimum=0)
+        _check_int("autoencoder.seed", self.seed, minimum=0)
+        _check_float("autoencoder.learning_rate", self.learning_rate, positive=True)
+        for name in ("kl_weight", "adversarial_weight"):
+            _check_float(f"autoencoder.{name}", getattr(self, name), positive=False)
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"autoencoder.channels={list(self.channels)} must be divisible by "
+                             f"autoencoder.norm_num_groups={self.norm_num_groups} (group norm), "
+                             f"{bad} are not: change the channels or the number of groups")
+
+    @property
+    def downsampling(self) -> int:
+        """Factor by which each spatial axis shrinks from volume to latent."""
+        return 2 ** (len(self.channels) - 1)
+
+
+def check_shape(shape: tuple[int, ...] | list[int], settings: Settings) -> None:
+    """Refuse a volume shape (D, H, W) the autoencoder cannot downsample evenly."""
+    shape = tuple(int(s) for s in shape)
+    factor = settings.downsampling
+    if len(shape) != 3 or any(s % factor for s in shape):
+        suggestion = tuple(max(factor, -(-s // factor) * factor) for s in shape)
+        raise ValueError(
+            f"data.shape {shape} must be 3D and divisible by {factor} for the autoencoder's "
+            f"{len(settings.channels) - 1} downsamplings (autoencoder.channels has "
+            f"{len(settings.channels)} levels): use e.g. {suggestion}")
+    if settings.adversarial_weight > 0 and min(shape) < 8:
+        raise ValueError(f"data.shape {shape} is too small for the patch discriminator (every axis needs at least "
+                         "8 voxels): use a larger data.shape or set autoencoder.adversarial_weight: 0")
+
+
+def model_args(settings: Settings) -> dict[str, Any]:
+    """Arguments of ``AutoencoderKL``, as plain Python values (stored in the checkpoint)."""
+    levels = len(settings.channels)
+    return {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": list(settings.channels),
+        "latent_channels": settings.latent_channels,
+        "num_res_blocks": settings.num_res_blocks,
+        "norm_num_groups": settings.norm_num_groups,
+        "attention_levels": [False] * levels,
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+    }
+
+
+def build(model_args: dict[str, Any]) -> AutoencoderKL:
+    return AutoencoderKL(**model_args)
+
+
+def load(model_path: str | os.PathLike, device: torch.device) -> tuple[AutoencoderKL, dict]:
+    """Rebuild the autoencoder from its checkpoint alone; returns (model in eval mode, checkpoint)."""
+    checkpoint = artefacts.load_torch(model_path)
+    model = build(checkpoint["model_args"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+@torch.no_grad()
+def encode(model: AutoencoderKL, volumes: np.ndarray | torch.Tensor, device: torch.device,
+           batch_size: int = 8) -> torch.Tensor:
+    """Encoder means (deterministic latents): (N, 1, D, H, W) → (N, C, d, h, w) float32 on CPU."""
+    volumes = torch.as_tensor(volumes, dtype=torch.float32)
+    means = [model.encode(volumes[i:i + batch_size].to(device))[0].cpu()
+             for i in range(0, len(volumes), batch_size)]
+    return torch.cat(means)
+
+
+@torch.no_grad()
+def decode(model: AutoencoderKL, latents: torch.Tensor, device: torch.device,
+           batch_size: int = 8) -> torch.Tensor:
+    """Unscaled latents (N, C, d, h, w) → volumes (N, 1, D, H, W) float32 on CPU (not clipped)."""
+    volumes = [model.decode(latents[i:i + batch_size].to(device)).cpu()
+               for i in range(0, len(latents), batch_size)]
+    return torch.cat(volumes)
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1)
+    return kl.sum(dim=tuple(range(1, kl.dim()))).mean()
+
+
+def discriminator_layers(volume_shape: tuple[int, ...]) -> int:
+    """Depth of the patch discriminator: up to 3 stride-2 layers, fewer for small volumes.
+
+    The discriminator's output is min(shape) / 2**layers - 2 voxels wide; keep at least 2.
+    """
+    layers = 3
+    while layers > 1 and min(volume_shape) // 2 ** layers - 2 < 2:
+        layers -= 1
+    return layers
+
+
+def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
+        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
+    """Train on the training split; write the checkpoint, the training curve and their sidecars."""
+    model_path, curve_csv = Path(model_path), Path(curve_csv)
+    ids, volumes, affine = volume_sets.load_split_set(cases_csv, split_csv, "train")
+    volume_shape = tuple(int(s) for s in volumes.shape[2:])
+    check_shape(volume_shape, settings)
+    logger.info("training on %d volumes of shape %s, device %s", len(ids), volume_shape, device)
+
+    generator = runtime.seed_everything(settings.seed)
+    args = model_args(settings)
+    model = build(args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    adversarial = settings.adversarial_weight > 0 and settings.adversarial_warmup_epochs < settings.epochs
+    discriminator = PatchDiscriminator(
+        spatial_dims=3, in_channels=1, channels=settings.discriminator_channels,
+        num_layers_d=discriminator_layers(volume_shape)).to(device)
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=settings.learning_rate)
+    adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+    data = torch.from_numpy(volumes)
+
+    state_path = model_path.with_name(f"{model_path.stem}.last.pt")
+    identity = {"settings": asdict(settings), "ids": ids}
+    rows: list[dict[str, float]] = []
+    start_epoch = _resume(state_path, identity, model, optimizer, discriminator, optimizer_d, generator, rows)
+    last_save = time.monotonic()
+
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        with_adversary = adversarial and epoch >= settings.adversarial_warmup_epochs
+        model.train()
+        discriminator.train()
+        sums = {"l1": 0.0, "kl": 0.0, "generator_adversarial": 0.0, "discriminator": 0.0}
+        order = torch.randperm(len(data), generator=generator)
+        for first in range(0, len(data), settings.batch_size):
+            batch = data[order[first:first + settings.batch_size]].to(device)
+            reconstruction, z_mu, z_sigma = model(batch)
+            l1 = F.l1_loss(reconstruction, batch)
+            kl = kl_divergence(z_mu, z_sigma)
+            loss = l1 + settings.kl_weight * kl
+            if with_adversary:
+                logits_fake = discriminator(reconstruction.contiguous())[-1]
+                generator_loss = adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                loss = loss + settings.adversarial_weight * generator_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            share = len(batch) / len(data)
+            sums["l1"] += l1.item() * share
+            sums["kl"] += kl.item() * share
+            if with_adversary:
+                # The discriminator learns to tell training volumes from (detached) reconstructions.
+                logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
+                logits_real = discriminator(batch.contiguous())[-1]
+                loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                                + adversarial_loss(logits_real, target_is_real=True, for_discriminator=True))
+                optimizer_d.zero_grad(set_to_none=True)
+                (settings.adversarial_weight * loss_d).backward()
+                optimizer_d.step()
+                sums["generator_adversarial"] += generator_loss.item() * share
+                sums["discriminator"] += loss_d.item() * share
+        if not with_adversary:
+            sums["generator_adversarial"] = sums["discriminator"] = float("nan")
+        rows.append({"epoch": epoch + 1, **sums, "seconds": time.perf_counter() - started})
+        if epoch == start_epoch or (epoch + 1) % 5 == 0 or epoch + 1 == settings.epochs:
+            logger.info("epoch %d/%d  l1 %.4f  kl %.1f  generator_adversarial %.4f  discriminator %.4f  (%.1f s)",
+                        epoch + 1, settings.epochs, sums["l1"], sums["kl"], sums["generator_adversarial"],
+                        sums["discriminator"], rows[-1]["seconds"])
+        if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
+            _save_resume(state_path, identity, epoch + 1, model, optimizer, discriminator, optimizer_d,
+                         generator, rows)
+            last_save = time.monotonic()
+
+    model.eval()
+    means = encode(model, data, device, settings.batch_size)
+    reconstruction_l1 = float((decode(model, means, device, settings.batch_size).clamp(0, 1) - data).abs().mean())
+    latent_std = float(means.std())
+    if not latent_std > 0:
+        raise ValueError(f"the training latents have standard deviation {latent_std}: the autoencoder "
+                         "collapsed; lower autoencoder.kl_weight or the learning rate")
+    logger.info("training reconstruction L1 %.4f (encoder mean, clipped to [0, 1]); latent shape %s, "
+                "latent std %.4f → scale factor %.4f", reconstruction_l1, list(means.shape[1:]),
+                latent_std, 1.0 / latent_std)
+
+    checkpoint = {
+        "model_args": args,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "latent_shape": [int(s) for s in means.shape[1:]],
+        "scale_factor": 1.0 / latent_std,
+        "affine": np.asarray(affine, dtype=np.float64).tolist(),
+        "volume_shape": list(volume_shape),
+        "n_train": len(ids),
+        "settings": asdict(settings),
+    }
+    inputs = {"cases": cases_csv, "split": split_csv}
+    artefacts.save_torch(model_path, checkpoint)
+    artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
+                            train_reconstruction_l1=reconstruction_l1, latent_std=latent_std,
+                            latent_shape=checkpoint["latent_shape"], n_train=len(ids))
+    artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=[
+        "epoch", "l1", "kl", "generator_adversarial", "discriminator", "seconds"]))
+    artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
+    state_path.unlink(missing_ok=True)
+
+
+def _save_resume(state_path: Path, identity: dict, epoch: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, discriminator: torch.nn.Module,
+                 optimizer_d: torch.optim.Optimizer, generator: torch.Generator, rows: list[dict]) -> None:
+    artefacts.save_torch(state_path, {
+        **identity,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "discriminator": discriminator.state_dict(),
+        "optimizer_d": optimizer_d.state_dict(),
+        "generator": generator.get_state(),
+        # AutoencoderKL draws its latent samples from the global torch generator.
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8),
+        "rows": rows,
+    })
+
+
+def _resume(state_path: Path, identity: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            discriminator: torch.nn.Module, optimizer_d: torch.optim.Optimizer,
+            generator: torch.Generator, rows: list[dict]) -> int:
+    """Continue from ``state_path`` when it was left by a run with the same settings and data."""
+    if not state_path.exists():
+        return 0
+    state = artefacts.load_torch(state_path)
+    if state["settings"] != identity["settings"] or state["ids"] != identity["ids"]:
+        logger.warning("ignoring %s: it was written with other settings or training ids", state_path)
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    discriminator.load_state_dict(state["discriminator"])
+    optimizer_d.load_state_dict(state["optimizer_d"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and len(state["cuda_rng"]):
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    rows.extend(state["rows"])
+    logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
+    return int(state["epoch"])
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}: fix it in config.yaml")
+
+
+def _check_float(name: str, value: Any, positive: bool) -> None:
+    if isinstance(value, str):
+        raise ValueError(f"{name}={value!r} is text, not a number (YAML reads 1e-3 as text): "
+                         "write it with a decimal point, e.g. 1.0e-3")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value!r} must be a {'positive' if positive else 'non-negative'} "
+                         "number: fix it in config.yaml")

@@ -1,0 +1,311 @@
+"""Train the latent diffusion model: a MONAI ``DiffusionModelUNet`` on scaled autoencoder latents.
+
+The training split is encoded once (encoder means) and multiplied by the autoencoder's scale
+factor, so the latents the UNet sees have unit standard deviation. Training is plain DDPM:
+random timestep, Gaussian noise, MSE between the UNet's output and its target, Adam, and an
+exponential moving average (EMA) of the weights that sampling uses. Training long on few
+patients is how these models come to memorize them; ``augmentation`` (random flips of the
+latents) is one of the mitigations the memorization papers test.
+
+The target is ``prediction_type``, ``v_prediction`` by default (Salimans & Ho 2022), not the
+noise (``epsilon``): with the scaled-linear schedule the last timestep keeps ~1% of the signal,
+so an epsilon model must predict the noise to ~1e-4 before its implied clean latent is usable
+there, and minutes of CPU training diverge when sampled (latents at 2-3x the training std).
+v- and ``sample`` (clean-latent) prediction stay well conditioned at every timestep.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+
+from medmem import artefacts, autoencoder, runtime, volume_sets
+
+logger = logging.getLogger("medmem.diffusion")
+
+Schedule = Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"]
+PredictionType = Literal["v_prediction", "sample", "epsilon"]
+
+# Resume state (model, EMA, optimizer, RNG) is saved at most this often; the declared outputs
+# are written once, at the end.
+RESUME_INTERVAL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``diffusion:`` section of config.yaml."""
+
+    channels: tuple[int, ...] = (32, 64)
+    attention_levels: tuple[bool, ...] = (False, False)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 16
+    num_train_timesteps: int = 1000
+    schedule: Schedule = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    epochs: int = 150
+    batch_size: int = 8
+    learning_rate: float = 2.5e-4
+    ema_decay: float = 0.999
+    augmentation: bool = False
+    seed: int = 0
+    prediction_type: PredictionType = "v_prediction"  # what the UNet learns to output; see the module docstring
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "attention_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"diffusion.{name}={value!r} must be a non-empty list, one entry per UNet level")
+            object.__setattr__(self, name, tuple(value))
+        for value in self.channels:
+            _check_int("diffusion.channels", value, minimum=1)
+        if any(not isinstance(a, bool) for a in self.attention_levels):
+            raise ValueError(f"diffusion.attention_levels={list(self.attention_levels)} must be true/false per level")
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(f"diffusion.attention_levels has {len(self.attention_levels)} entries but "
+                             f"diffusion.channels has {len(self.channels)} levels: give one per level")
+        for name in ("num_res_blocks", "norm_num_groups", "num_train_timesteps", "epochs", "batch_size"):
+            _check_int(f"diffusion.{name}", getattr(self, name), minimum=1)
+        _check_int("diffusion.seed", self.seed, minimum=0)
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"diffusion.channels={list(self.channels)} must be divisible by "
+                             f"diffusion.norm_num_groups={self.norm_num_groups} (group norm), {bad} are not: "
+                             "change the channels or the number of groups")
+        if self.schedule not in get_args(Schedule):
+            raise ValueError(f"diffusion.schedule={self.schedule!r} must be one of {list(get_args(Schedule))}")
+        for name in ("beta_start", "beta_end", "learning_rate"):
+            _check_float(f"diffusion.{name}", getattr(self, name))
+        if not self.beta_start < self.beta_end < 1:
+            raise ValueError(f"diffusion.beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy "
+                             "0 < beta_start < beta_end < 1 (noise added per step grows over the schedule)")
+        _check_float("diffusion.ema_decay", self.ema_decay)
+        if not self.ema_decay < 1:
+            raise ValueError(f"diffusion.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999")
+        if self.prediction_type not in get_args(PredictionType):
+            raise ValueError(f"diffusion.prediction_type={self.prediction_type!r} must be one of "
+                             f"{list(get_args(PredictionType))}")
+        if not isinstance(self.augmentation, bool):
+            raise ValueError(f"diffusion.augmentation={self.augmentation!r} must be true or false")
+
+
+def check_shape(latent_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
+    """Refuse a latent spatial shape (d, h, w) the UNet cannot downsample evenly."""
+    latent_shape = tuple(int(s) for s in latent_shape)
+    factor = 2 ** (len(settings.channels) - 1)
+    if len(latent_shape) != 3 or any(s % factor for s in latent_shape):
+        raise ValueError(
+            f"the latent shape {latent_shape} (data.shape divided by the autoencoder's downsampling) must be "
+            f"3D and divisible by {factor} for the diffusion UNet's {len(settings.channels) - 1} downsamplings "
+            f"(diffusion.channels has {len(settings.channels)} levels): use fewer diffusion.channels levels or "
+            f"a data.shape whose latent is divisible by {factor}")
+
+
+def model_args(settings: Settings, latent_channels: int) -> dict[str, Any]:
+    """Arguments of ``DiffusionModelUNet``, as plain Python values (stored in the checkpoint)."""
+    return {
+        "spatial_dims": 3,
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
+        "channels": list(settings.channels),
+        "attention_levels": list(settings.attention_levels),
+        "num_res_blocks": settings.num_res_blocks,
+        "norm_num_groups": settings.norm_num_groups,
+        # One attention head per level (head width = channels), so any channel count works.
+        "num_head_channels": list(settings.channels),
+    }
+
+
+def build(model_args: dict[str, Any]) -> DiffusionModelUNet:
+    return DiffusionModelUNet(**model_args)
+
+
+def scheduler_config(settings: Settings) -> dict[str, Any]:
+    """The noise schedule, as stored in the checkpoint and read by the sampler."""
+    return {
+        "num_train_timesteps": settings.num_train_timesteps,
+        "schedule": settings.schedule,
+        "beta_start": settings.beta_start,
+        "beta_end": settings.beta_end,
+        "prediction_type": settings.prediction_type,
+        # Latents have unit std, not a [-1, 1] range: clipping the predicted x0 would distort them.
+        "clip_sample": False,
+    }
+
+
+def load(model_path: str | os.PathLike, device: torch.device) -> tuple[DiffusionModelUNet, dict]:
+    """Rebuild the UNet with its EMA weights; returns (model in eval mode, checkpoint)."""
+    checkpoint = artefacts.load_torch(model_path)
+    model = build(checkpoint["model_args"])
+    model.load_state_dict(checkpoint["ema_state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output for ``add_noise(clean, noise, timesteps)`` (all (B, C, d, h, w))."""
+    if scheduler.prediction_type == "epsilon":
+        return noise
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    return clean
+
+
+def random_flips(latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each latent (B, C, d, h, w) along each spatial axis with probability 1/2."""
+    flips = torch.rand(len(latents), 3, generator=generator) < 0.5
+    flipped = []
+    for latent, axes in zip(latents, flips):
+        dims = [axis + 1 for axis in range(3) if axes[axis]]  # +1: skip the channel axis of (C, d, h, w)
+        flipped.append(latent.flip(dims) if dims else latent)
+    return torch.stack(flipped)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema ← d·ema + (1 − d)·model, with d warmed up as min(decay, (1 + step) / (10 + step)).
+
+    The warm-up keeps the EMA from averaging in the random initial weights when training has
+    fewer steps than the EMA horizon 1 / (1 − decay) (small cohorts, few batches per epoch).
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    for ema_value, value in zip(ema.state_dict().values(), model.state_dict().values()):
+        if ema_value.dtype.is_floating_point:
+            ema_value.mul_(d).add_(value.detach(), alpha=1 - d)
+        else:
+            ema_value.copy_(value)
+
+
+def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
+        split_csv: str | os.PathLike, model_path: str | os.PathLike, curve_csv: str | os.PathLike,
+        device: torch.device) -> None:
+    """Train on the scaled latents of the training split; write the checkpoint, curve and sidecars."""
+    model_path, curve_csv = Path(model_path), Path(curve_csv)
+    ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
+    ids, volumes, _ = volume_sets.load_split_set(cases_csv, split_csv, "train")
+    if list(volumes.shape[2:]) != list(ae_checkpoint["volume_shape"]):
+        raise ValueError(f"{cases_csv}: volumes of shape {list(volumes.shape[2:])}, but {autoencoder_path} was "
+                         f"trained on {ae_checkpoint['volume_shape']}: retrain the autoencoder on this cohort")
+    check_shape(ae_checkpoint["latent_shape"][1:], settings)
+    scale_factor = float(ae_checkpoint["scale_factor"])
+    latents = autoencoder.encode(ae, volumes, device) * scale_factor
+    del ae
+    logger.info("%d training latents of shape %s; scaled latent mean %.3f std %.3f (scale factor %.4f)",
+                len(latents), list(latents.shape[1:]), latents.mean(), latents.std(), scale_factor)
+
+    generator = runtime.seed_everything(settings.seed)
+    args = model_args(settings, latent_channels=latents.shape[1])
+    model = build(args).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scheduler = DDPMScheduler(**scheduler_config(settings))
+    latents = latents.to(device)
+    logger.info("UNet with %d parameters; %d epochs of %d steps", sum(p.numel() for p in model.parameters()),
+                settings.epochs, -(-len(latents) // settings.batch_size))
+
+    state_path = model_path.with_name(f"{model_path.stem}.last.pt")
+    identity = {"settings": asdict(settings), "ids": ids, "scale_factor": scale_factor}
+    rows: list[dict[str, float]] = []
+    start_epoch, step = _resume(state_path, identity, model, ema, optimizer, generator, rows)
+    last_save = time.monotonic()
+
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        model.train()
+        epoch_loss = 0.0
+        order = torch.randperm(len(latents), generator=generator)
+        for first in range(0, len(latents), settings.batch_size):
+            index = order[first:first + settings.batch_size]
+            clean = latents[index]
+            if settings.augmentation:
+                clean = random_flips(clean.cpu(), generator).to(device)
+            # Noise and timesteps come from the seeded CPU generator: the same on any device.
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, settings.num_train_timesteps, (len(clean),), generator=generator).to(device)
+            noisy = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
+            loss = F.mse_loss(model(noisy, timesteps=timesteps), training_target(scheduler, clean, noise, timesteps))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update_ema(ema, model, settings.ema_decay, step)
+            step += 1
+            epoch_loss += loss.item() * len(clean) / len(latents)
+        rows.append({"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started})
+        if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
+            logger.info("epoch %d/%d  loss %.4f  (%.2f s/epoch)", epoch + 1, settings.epochs, epoch_loss,
+                        rows[-1]["seconds"])
+        if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
+            _save_resume(state_path, identity, epoch + 1, step, model, ema, optimizer, generator, rows)
+            last_save = time.monotonic()
+
+    checkpoint = {
+        "model_args": args,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ema_state_dict": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+        "scheduler": scheduler_config(settings),
+        "latent_shape": [int(s) for s in latents.shape[1:]],
+        "scale_factor": scale_factor,
+        "epochs": settings.epochs,
+        "steps": step,
+        "n_train": len(ids),
+        "settings": asdict(settings),
+    }
+    inputs = {"autoencoder": autoencoder_path, "cases": cases_csv, "split": split_csv}
+    artefacts.save_torch(model_path, checkpoint)
+    artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
+                            steps=step, final_loss=rows[-1]["loss"] if rows else None)
+    artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=["epoch", "loss", "seconds"]))
+    artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
+    state_path.unlink(missing_ok=True)
+
+
+def _save_resume(state_path: Path, identity: dict, epoch: int, step: int, model: torch.nn.Module,
+                 ema: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                 rows: list[dict]) -> None:
+    artefacts.save_torch(state_path, {
+        **identity, "epoch": epoch, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rows": rows,
+    })
+
+
+def _resume(state_path: Path, identity: dict, model: torch.nn.Module, ema: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, generator: torch.Generator, rows: list[dict]) -> tuple[int, int]:
+    """Continue from ``state_path`` when it was left by a run with the same settings and data."""
+    if not state_path.exists():
+        return 0, 0
+    state = artefacts.load_torch(state_path)
+    if any(state[name] != value for name, value in identity.items()):
+        logger.warning("ignoring %s: it was written with other settings, latents or training ids", state_path)
+        return 0, 0
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    rows.extend(state["rows"])
+    logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
+    return int(state["epoch"]), int(state["step"])
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}: fix it in config.yaml")
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        raise ValueError(f"{name}={value!r} is text, not a number (YAML reads 1e-3 as text): "
+                         "write it with a decimal point, e.g. 1.0e-3")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive number: fix it in config.yaml")

@@ -1,0 +1,128 @@
+"""Generate synthetic volumes: denoise latents with the diffusion UNet, decode with the autoencoder.
+
+Sample ``i`` starts from noise drawn with its own generator seeded ``seed + i`` (DDPM's
+per-step noise too), so a sample is the same whichever batch it is generated in and a subset
+can be regenerated alone. Volumes are written as NIfTI with the training volumes' affine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from medmem import artefacts, autoencoder, diffusion, volume_sets
+
+logger = logging.getLogger("medmem.sample")
+
+SchedulerName = Literal["ddim", "ddpm"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``sample:`` section of config.yaml."""
+
+    scheduler: SchedulerName = "ddim"
+    steps: int = 50
+    n_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in get_args(SchedulerName):
+            raise ValueError(f"sample.scheduler={self.scheduler!r} must be one of {list(get_args(SchedulerName))}")
+        _check_int("sample.steps", self.steps, minimum=1)
+        if self.n_samples is not None:
+            _check_int("sample.n_samples", self.n_samples, minimum=1, fix="or null for as many as the training set")
+        _check_int("sample.seed", self.seed, minimum=0)
+
+
+def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMScheduler | DDPMScheduler:
+    """The sampler for the diffusion checkpoint's noise ``schedule``, its timesteps set."""
+    train_steps = int(schedule["num_train_timesteps"])
+    if settings.scheduler == "ddpm":
+        scheduler = DDPMScheduler(**schedule)
+        scheduler.set_timesteps(train_steps)
+        return scheduler
+    if settings.steps > train_steps:
+        raise ValueError(f"sample.steps={settings.steps} exceeds the {train_steps} timesteps the diffusion "
+                         f"model was trained with: use at most {train_steps}")
+    scheduler = DDIMScheduler(**schedule)
+    scheduler.set_timesteps(settings.steps)
+    return scheduler
+
+
+@torch.no_grad()
+def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMScheduler,
+                     latent_shape: list[int], seeds: list[int], device: torch.device) -> torch.Tensor:
+    """Denoise one batch: returns scaled latents (B, C, d, h, w), sample j from ``seeds[j]``."""
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generators])
+    for timestep in scheduler.timesteps:
+        t = int(timestep)
+        # The UNet output is what it was trained to predict (v, the clean latent or the noise).
+        model_output = unet(latents, timesteps=torch.full((len(latents),), t, device=device, dtype=torch.long))
+        # Step each sample with its own generator: DDPM adds fresh noise at every step.
+        latents = torch.cat([
+            scheduler.step(model_output[j:j + 1], t, latents[j:j + 1], generator=generators[j])[0]
+            for j in range(len(latents))])
+    return latents
+
+
+def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path: str | os.PathLike,
+        split_csv: str | os.PathLike, manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
+        device: torch.device, batch_size: int = 8) -> None:
+    """Write n synthetic volumes into ``volumes_dir`` and list them in ``manifest_csv`` (id, path, seed).
+
+    ``batch_size`` only sets how many samples share a UNet call (memory); it does not change them.
+    """
+    manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
+    ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
+    unet, diffusion_checkpoint = diffusion.load(diffusion_path, device)
+    scale_factor = float(ae_checkpoint["scale_factor"])
+    if (diffusion_checkpoint["latent_shape"] != ae_checkpoint["latent_shape"]
+            or not np.isclose(diffusion_checkpoint["scale_factor"], scale_factor)):
+        raise ValueError(f"{diffusion_path} was trained on latents of shape {diffusion_checkpoint['latent_shape']} "
+                         f"scaled by {diffusion_checkpoint['scale_factor']:.6g}, but {autoencoder_path} makes "
+                         f"{ae_checkpoint['latent_shape']} scaled by {scale_factor:.6g}: pair the diffusion "
+                         "model with the autoencoder it was trained on")
+    split = volume_sets.read_split(split_csv)
+    n = settings.n_samples or int((split["split"] == "train").sum())
+    if n < 1:
+        raise ValueError(f"{split_csv} has no training ids: set sample.n_samples or fix the split")
+    scheduler = make_scheduler(settings, diffusion_checkpoint["scheduler"])
+    affine = np.asarray(ae_checkpoint["affine"], dtype=np.float64)
+    logger.info("sampling %d volumes with %s (%d steps), latents %s, volumes %s",
+                n, settings.scheduler, len(scheduler.timesteps), ae_checkpoint["latent_shape"],
+                ae_checkpoint["volume_shape"])
+
+    rows = []
+    with artefacts.atomic_directory(volumes_dir) as tmp_dir:
+        for first in range(0, n, batch_size):
+            seeds = [settings.seed + i for i in range(first, min(n, first + batch_size))]
+            latents = generate_latents(unet, scheduler, diffusion_checkpoint["latent_shape"], seeds, device)
+            volumes = autoencoder.decode(ae, latents / scale_factor, device).clamp(0.0, 1.0).numpy()
+            logger.info("sampled %d/%d  (scaled latent std %.3f)", first + len(seeds), n, latents.std())
+            for seed, volume in zip(seeds, volumes):
+                sample_id = f"synthetic_{seed - settings.seed:04d}"
+                artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", volume[0], affine)
+                rows.append({"id": sample_id,
+                             "path": os.path.relpath(volumes_dir / f"{sample_id}.nii.gz", manifest_csv.parent),
+                             "seed": seed})
+
+    inputs = {"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv}
+    artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
+    artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path", "seed"]))
+    artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
+
+
+def _check_int(name: str, value: Any, minimum: int, fix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}{' ' + fix if fix else ''}: "
+                         "fix it in config.yaml")

@@ -1,0 +1,230 @@
+"""Latent diffusion training: scaled latents, falling loss, EMA weights, self-describing, seeded."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from medmem import artefacts, autoencoder, diffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
+TINY_AE = autoencoder.Settings(channels=(4, 8), latent_channels=2, num_res_blocks=1, norm_num_groups=4, epochs=3,
+                               batch_size=2, learning_rate=3.0e-3, kl_weight=1.0e-6, adversarial_weight=0.0,
+                               adversarial_warmup_epochs=0, discriminator_channels=4, seed=0)
+TINY = diffusion.Settings(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4,
+                          num_train_timesteps=100, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195,
+                          epochs=80, batch_size=2, learning_rate=3.0e-3, ema_decay=0.99, augmentation=False, seed=0)
+
+
+def write_cohort(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
+    """Random-ellipsoid volumes as NIfTI + cases.csv + split.csv (train first, then holdout)."""
+    rng = np.random.default_rng(0)
+    axes = np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")
+    ids = [f"patient_{i:03d}" for i in range(n_train + n_holdout)]
+    for patient in ids:
+        volume = np.zeros((size,) * 3, np.float32)
+        for _ in range(3):
+            centre, radii = rng.uniform(-0.4, 0.4, 3), rng.uniform(0.2, 0.6, 3)
+            inside = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii)) < 1
+            volume[inside] = rng.uniform(0.3, 1.0)
+        artefacts.save_nifti(folder / "volumes" / f"{patient}.nii.gz", volume, AFFINE)
+    artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
+    subsets = ["train"] * n_train + ["holdout"] * n_holdout
+    artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": subsets}))
+    return folder / "cases.csv", folder / "split.csv"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A cohort and a tiny autoencoder trained on it."""
+    folder = tmp_path_factory.mktemp("cohort")
+    cases, split = write_cohort(folder)
+    autoencoder.run(TINY_AE, cases, split, folder / "autoencoder.pt", folder / "ae_curve.csv", torch.device("cpu"))
+    return folder
+
+
+def train(cohort: Path, out: Path, settings: diffusion.Settings = TINY) -> dict:
+    diffusion.run(settings, cohort / "autoencoder.pt", cohort / "cases.csv", cohort / "split.csv",
+                  out / "diffusion.pt", out / "curve.csv", torch.device("cpu"))
+    return artefacts.load_torch(out / "diffusion.pt")
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("diffusion")
+    train(cohort, out)
+    return out
+
+
+def test_settings_accept_exactly_the_config_section():
+    section = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["diffusion"]
+    settings = diffusion.Settings(**section)
+    assert settings.channels == tuple(section["channels"])
+    assert settings.attention_levels == tuple(section["attention_levels"])
+    with pytest.raises(TypeError):
+        diffusion.Settings(**section, variance_type="learned")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"attention_levels": (False,)}, r"attention_levels has 1 entries but diffusion\.channels has 2 levels"),
+    ({"channels": (8, 10)}, r"diffusion\.channels=\[8, 10\] must be divisible by diffusion\.norm_num_groups=4"),
+    ({"schedule": "cosine"}, r"diffusion\.schedule='cosine' must be one of \['linear_beta', 'scaled_linear_beta'"),
+    ({"beta_start": 0.03}, r"beta_start=0\.03 and beta_end=0\.0195 must satisfy 0 < beta_start < beta_end < 1"),
+    ({"ema_decay": 1.0}, r"diffusion\.ema_decay=1\.0 must be in \(0, 1\)"),
+    ({"learning_rate": "2.5e-4"}, r"diffusion\.learning_rate='2\.5e-4' is text"),
+    ({"augmentation": "yes"}, r"diffusion\.augmentation='yes' must be true or false"),
+    ({"prediction_type": "noise"},
+     r"diffusion\.prediction_type='noise' must be one of \['v_prediction', 'sample', 'epsilon'\]"),
+])
+def test_settings_name_the_bad_value_and_the_fix(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(TINY, **change)
+
+
+def test_check_shape_names_the_latent_the_levels_and_the_fix():
+    diffusion.check_shape((8, 8, 8), replace(TINY, channels=(8, 16, 16), attention_levels=(False,) * 3))
+    with pytest.raises(ValueError, match=r"latent shape \(6, 8, 8\) .* divisible by 4 for the diffusion UNet's 2 "
+                                         r"downsamplings \(diffusion\.channels has 3 levels\)"):
+        diffusion.check_shape((6, 8, 8), replace(TINY, channels=(8, 16, 16), attention_levels=(False,) * 3))
+
+
+def test_update_ema_warms_up_then_uses_the_decay():
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 1.0)
+    torch.nn.init.constant_(ema.weight, 0.0)
+    diffusion.update_ema(ema, model, decay=0.999, step=0)   # d = min(0.999, 1 / 10) = 0.1
+    assert ema.weight.item() == pytest.approx(0.9)
+    diffusion.update_ema(ema, model, decay=0.5, step=1000)  # d = 0.5
+    assert ema.weight.item() == pytest.approx(0.95)
+
+
+def test_training_targets_are_noise_velocity_or_the_clean_latent():
+    from monai.networks.schedulers import DDPMScheduler
+
+    clean, noise = torch.ones(2, 1, 2, 2, 2), torch.full((2, 1, 2, 2, 2), 2.0)
+    timesteps = torch.tensor([0, 99])
+    targets = {}
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler(**diffusion.scheduler_config(replace(TINY, prediction_type=kind)))
+        targets[kind] = diffusion.training_target(scheduler, clean, noise, timesteps)
+    assert torch.equal(targets["epsilon"], noise) and torch.equal(targets["sample"], clean)
+    # v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0: mostly noise at t = 0, mostly (minus) the latent at the last step.
+    alpha_bar = DDPMScheduler(**diffusion.scheduler_config(TINY)).alphas_cumprod[timesteps]
+    expected = alpha_bar.sqrt() * 2.0 - (1 - alpha_bar).sqrt()
+    torch.testing.assert_close(targets["v_prediction"][:, 0, 0, 0, 0], expected)
+
+
+def test_random_flips_flip_whole_axes_seeded():
+    latents = torch.arange(4 * 2 * 2 * 3 * 4, dtype=torch.float32).reshape(4, 2, 2, 3, 4)
+    first = diffusion.random_flips(latents, torch.Generator().manual_seed(0))
+    assert torch.equal(first, diffusion.random_flips(latents, torch.Generator().manual_seed(0)))
+    for original, flipped in zip(latents, first):
+        candidates = [original.flip([a + 1 for a in range(3) if mask >> a & 1]) for mask in range(8)]
+        assert any(torch.equal(flipped, c) for c in candidates)
+    many = diffusion.random_flips(latents.repeat(16, 1, 1, 1, 1), torch.Generator().manual_seed(1))
+    unflipped = (many == latents.repeat(16, 1, 1, 1, 1)).all(dim=(1, 2, 3, 4))
+    assert unflipped.any() and not unflipped.all()
+
+
+def test_training_lowers_the_loss_and_writes_a_curve(trained):
+    curve = pd.read_csv(trained / "curve.csv")
+    assert list(curve.columns) == ["epoch", "loss", "seconds"]
+    assert curve["epoch"].tolist() == list(range(1, TINY.epochs + 1))
+    assert curve["loss"].iloc[-5:].mean() < 0.7 * curve["loss"].iloc[:3].mean()
+    sidecar = artefacts.read_json(f"{trained / 'diffusion.pt'}.json")
+    assert sidecar["steps"] == TINY.epochs * 2 and set(sidecar["inputs"]) == {"autoencoder", "cases", "split"}
+
+
+def test_checkpoint_describes_itself_and_loads_the_ema_weights(trained, cohort):
+    checkpoint = torch.load(trained / "diffusion.pt", weights_only=True)
+    assert set(checkpoint) == {"model_args", "state_dict", "ema_state_dict", "scheduler", "latent_shape",
+                               "scale_factor", "epochs", "steps", "n_train", "settings"}
+    ae_checkpoint = artefacts.load_torch(cohort / "autoencoder.pt")
+    assert checkpoint["latent_shape"] == ae_checkpoint["latent_shape"] == [2, 8, 8, 8]
+    assert checkpoint["scale_factor"] == ae_checkpoint["scale_factor"]
+    assert checkpoint["scheduler"] == {"num_train_timesteps": 100, "schedule": "scaled_linear_beta",
+                                       "beta_start": 0.0015, "beta_end": 0.0195,
+                                       "prediction_type": "v_prediction", "clip_sample": False}
+    assert checkpoint["epochs"] == TINY.epochs
+    # The EMA is a distinct average, not a copy of the last weights.
+    raw, ema = checkpoint["state_dict"], checkpoint["ema_state_dict"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+    model, _ = diffusion.load(trained / "diffusion.pt", torch.device("cpu"))
+    assert not model.training
+    rebuilt = diffusion.build(checkpoint["model_args"])
+    rebuilt.load_state_dict(checkpoint["ema_state_dict"])
+    noisy = torch.randn(3, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([0, 50, 99])
+    with torch.no_grad():
+        assert torch.equal(model(noisy, timesteps=timesteps), rebuilt.eval()(noisy, timesteps=timesteps))
+    assert not (trained / "diffusion.last.pt").exists()
+
+
+def test_the_trained_model_denoises_better_than_an_untrained_one(trained, cohort):
+    """The error on the training target (the velocity v by default) drops with training."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    from medmem import volume_sets
+
+    model, checkpoint = diffusion.load(trained / "diffusion.pt", torch.device("cpu"))
+    ae, ae_checkpoint = autoencoder.load(cohort / "autoencoder.pt", torch.device("cpu"))
+    _, volumes, _ = volume_sets.load_split_set(cohort / "cases.csv", cohort / "split.csv", "train")
+    latents = autoencoder.encode(ae, volumes, "cpu") * ae_checkpoint["scale_factor"]
+    assert float(latents.std()) == pytest.approx(1.0, rel=1e-4)
+    scheduler = DDPMScheduler(**checkpoint["scheduler"])
+    generator = torch.Generator().manual_seed(0)
+    untrained = diffusion.build(checkpoint["model_args"]).eval()
+
+    def error(net):
+        total = 0.0
+        for t in range(0, 100, 10):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((len(latents),), t)
+            with torch.no_grad():
+                target = diffusion.training_target(scheduler, latents, noise, timesteps)
+                output = net(scheduler.add_noise(latents, noise, timesteps), timesteps=timesteps)
+                total += float(((output - target) ** 2).mean())
+        return total
+    assert error(model) < 0.5 * error(untrained)
+
+
+def test_training_is_deterministic_by_seed_and_augmentation_changes_it(cohort, tmp_path):
+    settings = replace(TINY, epochs=2)
+    first = train(cohort, tmp_path / "a", settings)["ema_state_dict"]
+    second = train(cohort, tmp_path / "b", settings)["ema_state_dict"]
+    augmented = train(cohort, tmp_path / "c", replace(settings, augmentation=True))["ema_state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], augmented[k]) for k in first)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch):
+    settings = replace(TINY, epochs=3)
+    uninterrupted = train(cohort, tmp_path / "once", settings)
+    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+    save = artefacts.save_torch
+
+    def killed_at_the_end(path, obj):
+        if Path(path).name == "diffusion.pt":
+            raise KeyboardInterrupt("killed")
+        save(path, obj)
+    monkeypatch.setattr(artefacts, "save_torch", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        train(cohort, tmp_path / "twice", settings)
+    monkeypatch.setattr(artefacts, "save_torch", save)
+    resumed = train(cohort, tmp_path / "twice", settings)
+    for name in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(uninterrupted[name][k], resumed[name][k]) for k in uninterrupted[name])
+    assert resumed["steps"] == uninterrupted["steps"]
+
+
+def test_a_cohort_the_autoencoder_was_not_trained_on_is_refused(cohort, tmp_path):
+    cases, split = write_cohort(tmp_path / "other", size=24)
+    with pytest.raises(ValueError, match=r"volumes of shape \[24, 24, 24\], but .* was trained on \[16, 16, 16\]"):
+        diffusion.run(TINY, cohort / "autoencoder.pt", cases, split, tmp_path / "d.pt", tmp_path / "c.csv",
+                      torch.device("cpu"))
