@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import procedural_cohort
 from medmem import artefacts, autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,20 +22,7 @@ TINY = autoencoder.Settings(channels=(4, 8), latent_channels=2, num_res_blocks=1
 
 def write_cohort(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
     """Random-ellipsoid volumes as NIfTI + cases.csv + split.csv (train first, then holdout)."""
-    rng = np.random.default_rng(0)
-    axes = np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")
-    ids = [f"patient_{i:03d}" for i in range(n_train + n_holdout)]
-    for patient in ids:
-        volume = np.zeros((size,) * 3, np.float32)
-        for _ in range(3):
-            centre, radii = rng.uniform(-0.4, 0.4, 3), rng.uniform(0.2, 0.6, 3)
-            inside = sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii)) < 1
-            volume[inside] = rng.uniform(0.3, 1.0)
-        artefacts.save_nifti(folder / "volumes" / f"{patient}.nii.gz", volume, AFFINE)
-    artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
-    subsets = ["train"] * n_train + ["holdout"] * n_holdout
-    artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": subsets}))
-    return folder / "cases.csv", folder / "split.csv"
+    return procedural_cohort.write_cohort(folder, procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False), n_train, AFFINE)
 
 
 def train(folder: Path, settings: autoencoder.Settings = TINY) -> dict:

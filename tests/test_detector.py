@@ -9,39 +9,7 @@ import torch
 from medmem import artefacts, detector
 from medmem.embed import embed_volumes
 
-
-def ellipsoid_volumes(n: int, size: int, seed: int) -> np.ndarray:
-    """(n, size, size, size) float32 volumes in [0, 1]: a body ellipsoid holding three random 'organs'."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
-    volumes = np.zeros((n, size, size, size), dtype=np.float32)
-    for volume in volumes:
-        volume[(grid**2 / np.array([0.8, 0.7, 0.9])[:, None, None, None] ** 2).sum(0) < 1] = 0.2
-        for _ in range(3):
-            centre, radii = rng.uniform(-0.4, 0.4, 3), rng.uniform(0.15, 0.4, 3)
-            inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
-            volume[inside] = rng.uniform(0.4, 1.0)
-    return volumes
-
-
-def write_cohort(folder, volumes: np.ndarray, n_train: int):
-    """cases.csv + split.csv + NIfTI volumes, the way ingest and split leave them."""
-    ids = [f"patient_{i:03d}" for i in range(len(volumes))]
-    for patient, volume in zip(ids, volumes):
-        artefacts.save_nifti(folder / "volumes" / f"{patient}.nii.gz", volume, np.diag([4.0, 4.0, 4.0, 1.0]))
-    artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
-    split = ["train" if i < n_train else "holdout" for i in range(len(ids))]
-    artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": split}))
-    return folder / "cases.csv", folder / "split.csv"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and do not slow to a crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from procedural_cohort import ellipsoid_volumes, write_cohort
 
 
 TINY = detector.Settings(channels=(8, 16), embedding_dim=8, projection_dim=8, temperature=0.1, epochs=20,

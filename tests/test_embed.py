@@ -10,15 +10,6 @@ from medmem import artefacts, detector, embed
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and do not slow to a crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_blob_volumes(n: int, size: int, seed: int) -> np.ndarray:
     """(n, 1, size, size, size) float32 in [0, 1]: a few bright random boxes per volume."""
     rng = np.random.default_rng(seed)
