@@ -1,6 +1,5 @@
 """The workflow as a user runs it: dry-run plans, and a tiny end-to-end `snakemake` run."""
 
-import copy
 import os
 import re
 import subprocess

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
+from medmem.settings_checks import check_float, check_int
 from medmem import artefacts, runtime, volume_sets
 
 logger = logging.getLogger("medmem.autoencoder")
@@ -57,15 +58,15 @@ class Settings:
                              "channel counts, one per level, e.g. [8, 16, 16]")
         object.__setattr__(self, "channels", tuple(self.channels))
         for value in self.channels:
-            _check_int("autoencoder.channels", value, minimum=1)
+            check_int("autoencoder.channels", value, minimum=1)
         for name in ("latent_channels", "num_res_blocks", "norm_num_groups", "epochs", "batch_size",
                      "discriminator_channels"):
-            _check_int(f"autoencoder.{name}", getattr(self, name), minimum=1)
-        _check_int("autoencoder.adversarial_warmup_epochs", self.adversarial_warmup_epochs, minimum=0)
-        _check_int("autoencoder.seed", self.seed, minimum=0)
-        _check_float("autoencoder.learning_rate", self.learning_rate, positive=True)
+            check_int(f"autoencoder.{name}", getattr(self, name), minimum=1)
+        check_int("autoencoder.adversarial_warmup_epochs", self.adversarial_warmup_epochs, minimum=0)
+        check_int("autoencoder.seed", self.seed, minimum=0)
+        check_float("autoencoder.learning_rate", self.learning_rate, positive=True)
         for name in ("kl_weight", "adversarial_weight"):
-            _check_float(f"autoencoder.{name}", getattr(self, name), positive=False)
+            check_float(f"autoencoder.{name}", getattr(self, name), positive=False)
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"autoencoder.channels={list(self.channels)} must be divisible by "
@@ -302,18 +303,3 @@ def _resume(state_path: Path, identity: dict, model: torch.nn.Module, optimizer:
     rows.extend(state["rows"])
     logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
     return int(state["epoch"])
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}: fix it in config.yaml")
-
-
-def _check_float(name: str, value: Any, positive: bool) -> None:
-    if isinstance(value, str):
-        raise ValueError(f"{name}={value!r} is text, not a number (YAML reads 1e-3 as text): "
-                         "write it with a decimal point, e.g. 1.0e-3")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name}={value!r} must be a {'positive' if positive else 'non-negative'} "
-                         "number: fix it in config.yaml")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmem.settings_checks import is_number
 from medmem import artefacts, runtime, volume_sets
 
 logger = logging.getLogger("medmem.detector")
@@ -56,19 +57,16 @@ class Settings:
         _require_int("seed", self.seed, minimum=0)
         for name in ("temperature", "learning_rate"):
             value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"detector.{name} = {value!r}: expected a positive number; "
                                  f"the default is {getattr(Settings, name)}")
-        if not _is_number(self.rotation_degrees) or not 0 <= self.rotation_degrees < 180:
+        if not is_number(self.rotation_degrees) or not 0 <= self.rotation_degrees < 180:
             raise ValueError(f"detector.rotation_degrees = {self.rotation_degrees!r}: expected a number of "
                              "degrees in [0, 180); Dar et al. use 5")
-        if not _is_number(self.flip_probability) or not 0 <= self.flip_probability <= 1:
+        if not is_number(self.flip_probability) or not 0 <= self.flip_probability <= 1:
             raise ValueError(f"detector.flip_probability = {self.flip_probability!r}: expected a probability "
                              "in [0, 1]; Dar et al. use 0.5")
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:
@@ -156,7 +154,7 @@ def augment(volumes: torch.Tensor, rotation_degrees: float, flip_probability: fl
     flips = torch.where(torch.rand(batch, 3, generator=generator) < flip_probability, -1.0, 1.0).double()
 
     cos, sin = angles.cos(), angles.sin()
-    one, zero = torch.ones(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64)
+    one = torch.ones(batch, dtype=torch.float64)
 
     def rotation(c: torch.Tensor, s: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
         matrix = torch.diag_embed(torch.stack([one, one, one], dim=1))

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
+from medmem.settings_checks import check_float, check_int
 from medmem import artefacts, autoencoder, runtime, volume_sets
 
 logger = logging.getLogger("medmem.diffusion")
@@ -70,15 +70,15 @@ class Settings:
                 raise ValueError(f"diffusion.{name}={value!r} must be a non-empty list, one entry per UNet level")
             object.__setattr__(self, name, tuple(value))
         for value in self.channels:
-            _check_int("diffusion.channels", value, minimum=1)
+            check_int("diffusion.channels", value, minimum=1)
         if any(not isinstance(a, bool) for a in self.attention_levels):
             raise ValueError(f"diffusion.attention_levels={list(self.attention_levels)} must be true/false per level")
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(f"diffusion.attention_levels has {len(self.attention_levels)} entries but "
                              f"diffusion.channels has {len(self.channels)} levels: give one per level")
         for name in ("num_res_blocks", "norm_num_groups", "num_train_timesteps", "epochs", "batch_size"):
-            _check_int(f"diffusion.{name}", getattr(self, name), minimum=1)
-        _check_int("diffusion.seed", self.seed, minimum=0)
+            check_int(f"diffusion.{name}", getattr(self, name), minimum=1)
+        check_int("diffusion.seed", self.seed, minimum=0)
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"diffusion.channels={list(self.channels)} must be divisible by "
@@ -87,11 +87,11 @@ class Settings:
         if self.schedule not in get_args(Schedule):
             raise ValueError(f"diffusion.schedule={self.schedule!r} must be one of {list(get_args(Schedule))}")
         for name in ("beta_start", "beta_end", "learning_rate"):
-            _check_float(f"diffusion.{name}", getattr(self, name))
+            check_float(f"diffusion.{name}", getattr(self, name))
         if not self.beta_start < self.beta_end < 1:
             raise ValueError(f"diffusion.beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy "
                              "0 < beta_start < beta_end < 1 (noise added per step grows over the schedule)")
-        _check_float("diffusion.ema_decay", self.ema_decay)
+        check_float("diffusion.ema_decay", self.ema_decay)
         if not self.ema_decay < 1:
             raise ValueError(f"diffusion.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999")
         if self.prediction_type not in get_args(PredictionType):
@@ -296,16 +296,3 @@ def _resume(state_path: Path, identity: dict, model: torch.nn.Module, ema: torch
     rows.extend(state["rows"])
     logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
     return int(state["epoch"]), int(state["step"])
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}: fix it in config.yaml")
-
-
-def _check_float(name: str, value: Any) -> None:
-    if isinstance(value, str):
-        raise ValueError(f"{name}={value!r} is text, not a number (YAML reads 1e-3 as text): "
-                         "write it with a decimal point, e.g. 1.0e-3")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive number: fix it in config.yaml")

@@ -19,6 +19,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 
+from medmem.settings_checks import is_int, is_number
 from medmem import artefacts, volume_io
 from medmem.phantom import PhantomSettings, make_patient
 
@@ -70,12 +71,12 @@ class Settings:
         if self.source not in get_args(Source):
             raise ValueError(f"data.source={self.source!r} must be one of {list(get_args(Source))}")
         shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else ()
-        if len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+        if len(shape) != 3 or not all(is_int(n) and n > 0 for n in shape):
             raise ValueError(f"data.shape={self.shape!r} must be three positive integers (voxels along D, H, W), "
                              "e.g. [32, 32, 32]")
         object.__setattr__(self, "shape", tuple(int(n) for n in shape))
         spacing = tuple(self.spacing) if isinstance(self.spacing, (list, tuple)) else ()
-        if len(spacing) != 3 or not all(_is_number(s) and 0 < s < math.inf for s in spacing):
+        if len(spacing) != 3 or not all(is_number(s) and 0 < s < math.inf for s in spacing):
             raise ValueError(f"data.spacing={self.spacing!r} must be three positive numbers (mm along R, A, S), "
                              "e.g. [4.0, 4.0, 4.0]")
         object.__setattr__(self, "spacing", tuple(float(s) for s in spacing))
@@ -143,15 +144,7 @@ def folder_cases(settings: Settings, files: list[tuple[str, Path]]) -> Iterator[
 
 
 def _pair(value: object, key: str) -> tuple[float, float]:
-    numbers = isinstance(value, (list, tuple)) and all(_is_number(v) and math.isfinite(v) for v in value)
+    numbers = isinstance(value, (list, tuple)) and all(is_number(v) and math.isfinite(v) for v in value)
     if not numbers or len(value) != 2:
         raise ValueError(f"{key}={value!r} must be two numbers [low, high]")
     return float(value[0]), float(value[1])
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

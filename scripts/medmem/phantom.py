@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from medmem.settings_checks import is_int, is_number
+
 # Width of the soft edge of every shape, in units of its level function (≈ 4% of its radius):
 # enough to anti-alias surfaces at 16³ without blurring them at 128³.
 EDGE = 0.08
@@ -31,15 +33,15 @@ class PhantomSettings:
     bias_strength: float   # amplitude of the smooth multiplicative bias field, in [0, 1)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n_patients) or self.n_patients < 1:
+        if not is_int(self.n_patients) or self.n_patients < 1:
             raise ValueError(f"data.phantom.n_patients={self.n_patients!r} must be a positive integer "
                              "(patients in the cohort), e.g. 40")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"data.phantom.seed={self.seed!r} must be a non-negative integer, e.g. 0")
-        if not _is_number(self.noise) or not 0 <= self.noise < math.inf:
+        if not is_number(self.noise) or not 0 <= self.noise < math.inf:
             raise ValueError(f"data.phantom.noise={self.noise!r} must be a number >= 0 (std of the acquisition "
                              "noise on intensities in [0, 1]), e.g. 0.02")
-        if not _is_number(self.bias_strength) or not 0 <= self.bias_strength < 1:
+        if not is_number(self.bias_strength) or not 0 <= self.bias_strength < 1:
             raise ValueError(f"data.phantom.bias_strength={self.bias_strength!r} must be in [0, 1) (amplitude "
                              "of the multiplicative bias field; below 1 so the field stays positive), e.g. 0.15")
         object.__setattr__(self, "noise", float(self.noise))
@@ -130,9 +132,9 @@ def make_patient(index: int, shape: tuple[int, int, int], settings: PhantomSetti
     unchanged); 0 is the one the cohort uses.
     """
     _check_shape(shape)
-    if not _is_int(index) or index < 0:
+    if not is_int(index) or index < 0:
         raise ValueError(f"patient index {index!r} must be a non-negative integer")
-    if not _is_int(acquisition) or acquisition < 0:
+    if not is_int(acquisition) or acquisition < 0:
         raise ValueError(f"acquisition {acquisition!r} must be a non-negative integer")
     anatomy = draw_anatomy(np.random.default_rng([settings.seed, index]))
     grid = voxel_grid(shape)
@@ -281,13 +283,5 @@ def _small_rotation(rng: np.random.Generator, max_degrees: tuple[float, float, f
 
 
 def _check_shape(shape: tuple[int, int, int]) -> None:
-    if len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+    if len(shape) != 3 or not all(is_int(n) and n > 0 for n in shape):
         raise ValueError(f"phantom shape {shape!r} must be three positive integers (D, H, W)")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

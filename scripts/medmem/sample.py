@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from medmem.settings_checks import check_int
 from medmem import artefacts, autoencoder, diffusion, volume_sets
 
 logger = logging.getLogger("medmem.sample")
@@ -37,10 +38,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.scheduler not in get_args(SchedulerName):
             raise ValueError(f"sample.scheduler={self.scheduler!r} must be one of {list(get_args(SchedulerName))}")
-        _check_int("sample.steps", self.steps, minimum=1)
+        check_int("sample.steps", self.steps, minimum=1)
         if self.n_samples is not None:
-            _check_int("sample.n_samples", self.n_samples, minimum=1, fix="or null for as many as the training set")
-        _check_int("sample.seed", self.seed, minimum=0)
+            check_int("sample.n_samples", self.n_samples, minimum=1, fix="or null for as many as the training set")
+        check_int("sample.seed", self.seed, minimum=0)
 
 
 def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMScheduler | DDPMScheduler:
@@ -120,9 +121,3 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
     artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path", "seed"]))
     artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
-
-
-def _check_int(name: str, value: Any, minimum: int, fix: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}{' ' + fix if fix else ''}: "
-                         "fix it in config.yaml")

@@ -8,7 +8,6 @@ holdout set, or a patient in both sets, is an error here rather than a silently 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from medmem.settings_checks import is_int, is_number
 from medmem import artefacts, volume_sets
 
 logger = logging.getLogger("medmem.split")
@@ -28,13 +28,13 @@ class Settings:
     seed: int
 
     def __post_init__(self) -> None:
-        if not _is_number(self.holdout_fraction) or not 0 < self.holdout_fraction < 1:
+        if not is_number(self.holdout_fraction) or not 0 < self.holdout_fraction < 1:
             raise ValueError(f"split.holdout_fraction={self.holdout_fraction!r} must be a number strictly between "
                              "0 and 1 (share of patients held out), e.g. 0.25")
-        if not _is_int(self.min_holdout) or self.min_holdout < 1:
+        if not is_int(self.min_holdout) or self.min_holdout < 1:
             raise ValueError(f"split.min_holdout={self.min_holdout!r} must be an integer >= 1 (the threshold is "
                              "calibrated on the holdout patients), e.g. 8")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"split.seed={self.seed!r} must be a non-negative integer, e.g. 0")
         object.__setattr__(self, "holdout_fraction", float(self.holdout_fraction))
 
@@ -85,12 +85,3 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                             n_train=n_train, n_holdout=n_holdout)
     logger.info("split %d patients: %d train, %d holdout (seed %d)", len(split), n_train, n_holdout, settings.seed)
     return split
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return number and math.isfinite(value)
