@@ -1,9 +1,12 @@
-"""Rule report: every experiment's memorization → summary table, index of stage keys, figure."""
+"""Rule report: every experiment's verdict, quality and release → summary table, index of stage keys, figure."""
 from medmem import report, runtime
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
+experiments = snakemake.params.experiments
 report.run(
-    dict(zip(snakemake.params.experiments, snakemake.input.memorization)),
+    dict(zip(experiments, snakemake.input.memorization)),
+    quality_csvs=dict(zip(experiments, snakemake.input.quality)),
+    release_jsons=dict(zip(experiments, snakemake.input.release)),
     index_rows=snakemake.params.index,
     summary_csv=snakemake.output.summary,
     index_csv=snakemake.output.index,

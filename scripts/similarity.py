@@ -6,8 +6,10 @@ similarity.run(
     train_npz=snakemake.input.train,
     holdout_npz=snakemake.input.holdout,
     synthetic_npz=snakemake.input.synthetic,
+    controls_npz=snakemake.input.controls,
     synthetic_to_train_csv=snakemake.output.synthetic_to_train,
     train_to_synthetic_csv=snakemake.output.train_to_synthetic,
     train_to_holdout_csv=snakemake.output.train_to_holdout,
     holdout_to_train_csv=snakemake.output.holdout_to_train,
+    controls_to_train_csv=snakemake.output.controls_to_train,
 )

@@ -65,10 +65,23 @@ def test_memorization_pinned():
 
 def test_settings_are_checked():
     assert assess.Settings(percentile=95, montage_pairs=6).percentile == 95
+    with pytest.raises(ValueError, match="assess.min_mild_recall=1.5"):
+        assess.Settings(min_mild_recall=1.5)
+    with pytest.raises(ValueError, match="assess.confidence=1"):
+        assess.Settings(confidence=1)
+    with pytest.raises(ValueError, match="assess.training_images = 'auto'"):
+        assess.Settings(training_images="auto")
     with pytest.raises(ValueError, match="assess.percentile = 100"):
         assess.Settings(percentile=100)
     with pytest.raises(ValueError, match="assess.montage_pairs = 0"):
         assess.Settings(montage_pairs=0)
+
+
+# Planted controls: exact and flipped copies are found (above τ); the ±5° copy is missed; the held-out
+# probes score as the holdout volumes do (0.50 … 0.77, all below τ).
+PROBES = [("probe-exact-t00", "copy", "exact", "t00", 0.99), ("probe-flip-t01", "copy", "flip", "t01", 0.97),
+          ("probe-rotate_5-t02", "copy", "rotate_5", "t02", 0.80)] + [
+    (f"probe-holdout-h{i}", "holdout", "none", f"h{i}", 0.5 + 0.03 * i) for i in range(10)]
 
 
 @pytest.fixture()
@@ -78,72 +91,130 @@ def neighbour_tables(tmp_path):
         "train_to_synthetic": nearest_table(TRAIN, ["s0", "s1", "s2", "s3"] + ["s7"] * 16, TRAIN_TO_SYNTHETIC),
         "train_to_holdout": nearest_table(TRAIN, [HOLDOUT[i % 10] for i in range(20)], TRAIN_TO_HOLDOUT),
         "holdout_to_train": nearest_table(HOLDOUT, TRAIN[:10], [0.5 + 0.03 * i for i in range(10)]),
+        "controls_to_train": nearest_table([p[0] for p in PROBES], [p[3] for p in PROBES], [p[4] for p in PROBES]),
     }
     paths = {}
     for name, table in tables.items():
         paths[name] = tmp_path / "similarity" / f"{name}.csv"
         artefacts.write_csv(paths[name], table)
+    # One baseline, scored on every set: it finds every copy, and flags s4 as well.
+    baseline = pd.concat([
+        pd.DataFrame({"method": "pixel_pearson", "set": "calibration", "query_id": TRAIN, "neighbour_id": "h0",
+                      "score": [0.30 + 0.01 * i for i in range(20)]}),
+        pd.DataFrame({"method": "pixel_pearson", "set": "memorization", "query_id": TRAIN, "neighbour_id": "s0",
+                      "score": 0.2}),
+        pd.DataFrame({"method": "pixel_pearson", "set": "synthetic", "query_id": SYNTHETIC, "neighbour_id": "t04",
+                      "score": [0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1]}),
+        pd.DataFrame({"method": "pixel_pearson", "set": "holdout", "query_id": HOLDOUT, "neighbour_id": "t00",
+                      "score": 0.3}),
+        pd.DataFrame({"method": "pixel_pearson", "set": "controls", "query_id": [p[0] for p in PROBES],
+                      "neighbour_id": [p[3] for p in PROBES], "score": [0.9, 0.9, 0.9] + [0.3] * 10}),
+    ])
+    paths["baseline_scores"] = tmp_path / "baselines" / "scores.csv"
+    artefacts.write_csv(paths["baseline_scores"], baseline)
+    paths["baseline_statistics"] = tmp_path / "baselines" / "statistics.csv"
+    artefacts.write_csv(paths["baseline_statistics"], pd.DataFrame(
+        {"method": ["pixel_pearson"], "set": ["synthetic"], "statistic": ["example"], "value": [1.5]}))
+    paths["controls_manifest"] = tmp_path / "controls" / "manifest.csv"
+    artefacts.write_csv(paths["controls_manifest"], pd.DataFrame(
+        {"id": [p[0] for p in PROBES], "path": [f"volumes/{p[0]}.nii.gz" for p in PROBES],
+         "kind": [p[1] for p in PROBES], "strength": [p[2] for p in PROBES], "source_id": [p[3] for p in PROBES]}))
     rng = np.random.default_rng(0)
-    for table_name, ids in (("cases", TRAIN), ("manifest", SYNTHETIC)):
+    for table_name, ids in (("cases", TRAIN), ("synthetic_manifest", SYNTHETIC)):
         for volume_id in ids:
             artefacts.save_nifti(tmp_path / table_name / "volumes" / f"{volume_id}.nii.gz",
                                  rng.random((8, 10, 12), dtype=np.float32), np.eye(4))
         paths[table_name] = tmp_path / table_name / f"{table_name}.csv"
         artefacts.write_csv(paths[table_name], pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
-    return paths
+    return assess.Inputs(**paths)
+
+
+def outputs_in(folder):
+    names = {"memorization": "memorization.csv", "per_sample": "per_sample.csv", "per_training": "per_training.csv",
+             "scores": "scores.csv", "per_sample_methods": "per_sample_methods.csv", "controls": "controls.csv",
+             "comparison": "comparison.csv", "histogram": "nn_correlation.png", "roc": "controls_roc.png",
+             "montage": "montage.png"}
+    return assess.Outputs(**{field: folder / name for field, name in names.items()})
 
 
 def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     out = tmp_path / "assess"
-    outputs = [out / name for name in ("memorization.csv", "per_sample.csv", "per_training.csv",
-                                       "nn_correlation.png", "montage.png")]
-    paths = neighbour_tables
-    assess.run(assess.Settings(percentile=95.0, montage_pairs=2), paths["synthetic_to_train"],
-               paths["train_to_synthetic"], paths["train_to_holdout"], paths["holdout_to_train"], paths["cases"],
-               paths["manifest"], *outputs)
+    outputs = outputs_in(out)
+    summary = assess.run(assess.Settings(percentile=95.0, montage_pairs=2, training_images=True), neighbour_tables,
+                         outputs)
 
-    summary = pd.read_csv(outputs[0])
-    assert len(summary) == 1
-    row = summary.iloc[0]
-    assert list(summary.columns) == ["tau", "percentile", "n_train", "n_holdout", "n_synthetic", "n_mem", "pct_mem",
-                                     "n_copies", "pct_copies"]
+    written = pd.read_csv(outputs.memorization)
+    assert len(written) == 1
+    row = written.iloc[0]
     assert row["tau"] == pytest.approx(TAU, abs=1e-12) and row["percentile"] == 95.0
     assert (row["n_train"], row["n_holdout"], row["n_synthetic"]) == (20, 10, 8)
     assert (row["n_mem"], row["pct_mem"], row["n_copies"], row["pct_copies"]) == (3, 15.0, 3, 37.5)
+    # Intervals contain the estimates.
+    for column in ("tau", "pct_mem", "pct_copies"):
+        assert row[f"{column}_low"] <= row[column] <= row[f"{column}_high"], column
+    # No held-out probe is above τ; the ±5° copy is missed, so the verdict says so, loudly.
+    assert row["holdout_fpr"] == 0.0 and row["nominal_fpr"] == pytest.approx(0.05)
+    assert row["mild_recall"] == pytest.approx(2 / 3)
+    assert row["verdict"].startswith("inconclusive: the detector misses known copies (recall 0.67")
+    assert summary["verdict"] == row["verdict"]
 
-    per_sample = pd.read_csv(outputs[1], dtype={"synthetic_id": str, "nearest_train_id": str})
-    assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "correlation", "is_copy"]
+    per_sample = pd.read_csv(outputs.per_sample, dtype={"synthetic_id": str, "nearest_train_id": str})
+    assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value",
+                                        "flagged_by"]
     assert per_sample["synthetic_id"].tolist()[:4] == ["s0", "s1", "s2", "s3"]  # most similar first
     assert per_sample["is_copy"].tolist() == [True, True, True] + [False] * 5
+    # s0 (0.99) beats every held-out patient: p = 1 / (1 + 10).
+    assert per_sample.set_index("synthetic_id").at["s0", "p_value"] == pytest.approx(1 / 11)
+    flagged_by = per_sample.set_index("synthetic_id")["flagged_by"].fillna("")
+    assert flagged_by["s0"] == "contrastive" and flagged_by["s4"] == "pixel_pearson" and flagged_by["s5"] == ""
 
-    per_training = pd.read_csv(outputs[2], dtype={"train_id": str})
+    per_training = pd.read_csv(outputs.per_training, dtype={"train_id": str})
     assert list(per_training.columns) == ["train_id", "nearest_synthetic_id", "correlation", "memorized",
                                           "nearest_holdout_id", "holdout_correlation"]
     assert per_training.loc[per_training["memorized"], "train_id"].tolist() == ["t00", "t01", "t02"]
-    t19 = per_training.set_index("train_id").loc["t19"]
-    assert (t19["nearest_holdout_id"], t19["holdout_correlation"]) == ("h9", pytest.approx(0.88))
 
-    assert png_size(outputs[3]) == (700, 450)
-    assert png_size(outputs[4]) == (1200, 480)  # two pairs: (12, 2.2 * 2 + 0.4) inches at 100 dpi
-    for output in outputs:
+    comparison = pd.read_csv(outputs.comparison).set_index("method")
+    assert list(comparison.index) == ["contrastive", "pixel_pearson"]
+    assert comparison.at["contrastive", "recall_exact"] == 1.0 and comparison.at["contrastive", "recall_rotate_5"] == 0
+    assert comparison.at["pixel_pearson", "mild_recall"] == 1.0 and comparison.at["pixel_pearson", "n_copies"] == 1
+    assert comparison.at["pixel_pearson", "example_synthetic"] == 1.5
+    assert comparison.at["pixel_pearson", "auc"] == 1.0
+    controls = pd.read_csv(outputs.controls)
+    assert set(controls["method"]) == {"contrastive", "pixel_pearson"}
+    scores = pd.read_csv(outputs.scores)
+    assert set(scores["set"]) == {"calibration", "memorization", "synthetic", "holdout", "controls"}
+    per_method = pd.read_csv(outputs.per_sample_methods)
+    assert len(per_method) == 16 and set(per_method["method"]) == {"contrastive", "pixel_pearson"}
+
+    assert png_size(outputs.histogram) == (700, 450)
+    assert png_size(outputs.roc) == (1100, 480)
+    assert png_size(outputs.montage) == (1200, 480)  # two pairs: (12, 2.2 * 2 + 0.4) inches at 100 dpi
+    for output in vars(outputs).values():
         assert json.loads(output.with_name(output.name + ".json").read_text())["tau"] == pytest.approx(TAU)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
+def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_path):
+    hidden, shown = outputs_in(tmp_path / "hidden"), outputs_in(tmp_path / "shown")
+    assess.run(assess.Settings(montage_pairs=1, training_images=False), neighbour_tables, hidden)
+    assess.run(assess.Settings(montage_pairs=1, training_images=True), neighbour_tables, shown)
+    assert hidden.montage.read_bytes() != shown.montage.read_bytes()
+    assert hidden.montage.stat().st_size < shown.montage.stat().st_size
+
+
 def test_run_refuses_mismatched_training_sets(neighbour_tables, tmp_path):
-    paths = neighbour_tables
-    artefacts.write_csv(paths["train_to_holdout"], nearest_table(TRAIN[:-1], ["h0"] * 19, TRAIN_TO_HOLDOUT[:-1]))
+    artefacts.write_csv(neighbour_tables.train_to_holdout,
+                        nearest_table(TRAIN[:-1], ["h0"] * 19, TRAIN_TO_HOLDOUT[:-1]))
     with pytest.raises(ValueError, match="query different training volumes"):
-        assess.run(assess.Settings(), paths["synthetic_to_train"], paths["train_to_synthetic"],
-                   paths["train_to_holdout"], paths["holdout_to_train"], paths["cases"], paths["manifest"],
-                   *(tmp_path / f"out{i}" for i in range(5)))
+        assess.run(assess.Settings(), neighbour_tables, outputs_in(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_figures_are_pngs(tmp_path):
     figures.plot_nn_correlations([0.9, 0.95, 0.5], [0.4, 0.6], 0.85, tmp_path / "hist.png")
     assert png_size(tmp_path / "hist.png") == (700, 450)
     volume = np.linspace(0, 1, 6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
-    figures.plot_montage([(volume, volume[None], ("s0", "t0"), 0.97)], tmp_path / "montage.png")
+    figures.plot_montage([(volume, volume[None], ("s0", "t0"), 0.97, True)], tmp_path / "montage.png")
     assert png_size(tmp_path / "montage.png") == (1200, 260)
     assert (tmp_path / "montage.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="at least one"):

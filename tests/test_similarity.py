@@ -78,21 +78,25 @@ def test_read_embeddings_checks_pairing(tmp_path):
         similarity.read_embeddings(write_embeddings(tmp_path / "c.npz", ["a", "a", "b"], vectors))
 
 
-def test_run_writes_four_tables_of_the_right_sizes(tmp_path):
+def test_run_writes_five_tables_of_the_right_sizes(tmp_path):
     rng = np.random.default_rng(3)
     train = rng.standard_normal((6, 16))
     holdout = rng.standard_normal((4, 16))
     synthetic = np.concatenate([train[:2] + 0.01 * rng.standard_normal((2, 16)), rng.standard_normal((3, 16))])
     train_ids, holdout_ids = [f"t{i}" for i in range(6)], [f"h{i}" for i in range(4)]
     synthetic_ids = [f"s{i}" for i in range(5)]
+    controls, controls_ids = np.concatenate([train[3:4], holdout[:1]]), ["probe-exact-t3", "probe-holdout-h0"]
     npz = {name: write_embeddings(tmp_path / f"{name}.npz", ids, vectors) for name, ids, vectors in (
-        ("train", train_ids, train), ("holdout", holdout_ids, holdout), ("synthetic", synthetic_ids, synthetic))}
+        ("train", train_ids, train), ("holdout", holdout_ids, holdout), ("synthetic", synthetic_ids, synthetic),
+        ("controls", controls_ids, controls))}
     outputs = {name: tmp_path / "similarity" / f"{name}.csv" for name in
-               ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train")}
-    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], *outputs.values(), k=2)
+               ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                "controls_to_train")}
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], *outputs.values(), k=2)
     tables = {name: pd.read_csv(path, dtype={"query_id": str, "neighbour_id": str}) for name, path in outputs.items()}
     expected = {"synthetic_to_train": (synthetic_ids, train_ids), "train_to_synthetic": (train_ids, synthetic_ids),
-                "train_to_holdout": (train_ids, holdout_ids), "holdout_to_train": (holdout_ids, train_ids)}
+                "train_to_holdout": (train_ids, holdout_ids), "holdout_to_train": (holdout_ids, train_ids),
+                "controls_to_train": (controls_ids, train_ids)}
     for name, (query_ids, database_ids) in expected.items():
         table = tables[name]
         assert len(table) == 2 * len(query_ids), name
@@ -101,6 +105,8 @@ def test_run_writes_four_tables_of_the_right_sizes(tmp_path):
     nearest = tables["synthetic_to_train"].query("rank == 1").set_index("query_id")
     assert nearest.loc[["s0", "s1"], "neighbour_id"].tolist() == ["t0", "t1"]
     assert (nearest.loc[["s0", "s1"], "correlation"] > 0.99).all()
+    probe = tables["controls_to_train"].query("rank == 1").set_index("query_id").loc["probe-exact-t3"]
+    assert probe["neighbour_id"] == "t3" and probe["correlation"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_run_refuses_a_patient_in_train_and_holdout(tmp_path):
@@ -108,4 +114,4 @@ def test_run_refuses_a_patient_in_train_and_holdout(tmp_path):
     train = write_embeddings(tmp_path / "train.npz", ["a", "b", "c"], vectors)
     holdout = write_embeddings(tmp_path / "holdout.npz", ["c", "d", "e"], vectors)
     with pytest.raises(ValueError, match=r"share ids \['c'\]"):
-        similarity.run(train, holdout, train, *(tmp_path / f"{i}.csv" for i in range(4)))
+        similarity.run(train, holdout, train, train, *(tmp_path / f"{i}.csv" for i in range(5)))

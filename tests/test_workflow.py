@@ -1,5 +1,6 @@
 """The workflow as a user runs it: dry-run plans, and a tiny end-to-end `snakemake` run."""
 
+import json
 import os
 import re
 import subprocess
@@ -67,9 +68,10 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     jobs = planned_jobs(tmp_path)
     # Two experiments, differing only in diffusion epochs, share ingest, split, autoencoder, detector
     # and the detector's train/holdout embeddings.
-    assert jobs == {"all": 1, "ingest": 1, "split": 1, "train_autoencoder": 1, "train_detector": 1,
-                    "train_diffusion": 2, "sample": 2, "embed": 4, "similarity": 2, "assess": 2,
-                    "report": 1, "total": 18}
+    # The planted controls and their embedding are shared too.
+    assert jobs == {"all": 1, "ingest": 1, "split": 1, "plant_controls": 1, "train_autoencoder": 1,
+                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5, "similarity": 2,
+                    "baselines": 2, "assess": 2, "quality": 2, "release": 2, "report": 1, "total": 26}
 
 
 def test_a_config_error_stops_the_plan_before_any_job(tmp_path):
@@ -168,5 +170,94 @@ def test_rerun_plans_nothing_and_a_changed_experiment_replans_only_its_branch(ti
         jobs = planned_jobs(tiny_run)
     finally:
         write_config(tiny_run, tiny_config())
-    assert jobs == {"all": 1, "train_diffusion": 1, "sample": 1, "embed": 1, "similarity": 1,
-                    "assess": 1, "report": 1, "total": 7}
+    assert jobs == {"all": 1, "train_diffusion": 1, "sample": 1, "embed": 1, "similarity": 1, "baselines": 1,
+                    "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 10}
+
+
+def test_controls_are_planted_found_and_calibrated(tiny_run):
+    """Every assessment plants copies and held-out negatives; exact copies are always found, and held-out
+    patients exceed τ no more often than a calibrated 5% rate explains."""
+    from medmem import calibration
+
+    results = tiny_run / "results"
+    for name in ("baseline", "long_training"):
+        folder = results / "experiments" / name
+        memorization = pd.read_csv(folder / "memorization.csv").iloc[0]
+        controls = pd.read_csv(folder / "controls.csv")
+        comparison = pd.read_csv(folder / "comparison.csv").set_index("method")
+        contrastive = controls[controls["method"] == "contrastive"].set_index("strength")
+        assert contrastive.at["exact", "recall"] == 1.0
+        assert contrastive.at["exact", "n_probes"] == 21  # every training volume is copied once per strength
+        assert set(comparison.index) == {"contrastive", "pixel_pearson", "ssim", "carlini", "meehan", "authenticity"}
+        # Exact copies are found by every per-volume method. Meehan's test is a set-level test: its
+        # per-volume share of U saturates at 1 for calibration volumes too, so its threshold is 1 and no
+        # probe exceeds it; its C_T on the exact copies is what shows them.
+        assert (comparison.drop(index="meehan")["recall_exact"] == 1.0).all(), comparison["recall_exact"]
+        assert comparison.at["meehan", "C_T_exact"] < -2
+        n_holdout = int(memorization["n_holdout"])
+        false_positives = round(memorization["holdout_fpr"] * n_holdout)
+        assert false_positives <= calibration.allowed_false_positives(n_holdout, memorization["nominal_fpr"])
+        assert memorization["verdict"].split(":")[0] in ("conclusive", "inconclusive")
+        assert memorization["tau_low"] <= memorization["tau"] <= memorization["tau_high"]
+        # Probes never count: N_copies is over the synthetic set only.
+        assert memorization["n_synthetic"] == 12
+        quality = pd.read_csv(folder / "quality.csv").iloc[0]
+        assert 0 < quality["ms_ssim_synthetic"] <= 1 and quality["frechet_detector"] >= 0
+        statement = json.loads((folder / "release" / "release.json").read_text())
+        released = pd.read_csv(folder / "release" / "manifest.csv")
+        assert statement["n_released"] == len(released) == 12 - statement["n_removed"]
+        assert len(list((folder / "release" / "volumes").glob("*.nii.gz"))) == len(released)
+    summary = pd.read_csv(results / "report" / "summary.csv")
+    assert {"verdict", "pct_copies_low", "quality_frechet_detector", "n_released"} <= set(summary.columns)
+
+
+def outside_audit_config(workdir: Path) -> dict:
+    """A folder of 28 patients and a folder of 13 synthetic volumes made elsewhere: exact copies of patients
+    0-4 (patient 4's saved as NRRD in LPS storage) and 8 new volumes."""
+    import SimpleITK as sitk
+    from procedural_cohort import ellipsoid_volumes
+
+    from medmem import artefacts
+
+    cohort, others = ellipsoid_volumes(28, 16, seed=11), ellipsoid_volumes(8, 16, seed=12)
+    for index, volume in enumerate(cohort):
+        artefacts.save_nifti(workdir / "cohort" / f"patient_{index:02d}.nii.gz", volume, np.diag([8.0, 8, 8, 1]))
+    for index in range(4):
+        artefacts.save_nifti(workdir / "synthetic" / f"copy_of_patient_{index:02d}.nii.gz", cohort[index],
+                             np.diag([8.0, 8, 8, 1]))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(cohort[4].transpose(2, 1, 0)))
+    image.SetSpacing((8.0, 8.0, 8.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # LPS storage of the same RAS volume
+    sitk.WriteImage(image, str(workdir / "synthetic" / "copy_of_patient_04.nrrd"))
+    for index, volume in enumerate(others):
+        artefacts.save_nifti(workdir / "synthetic" / f"new_{index:02d}.nii.gz", volume, np.diag([8.0, 8, 8, 1]))
+    config = tiny_config()
+    config["data"].update(source="folder", folder={**config["data"]["folder"], "path": str(workdir / "cohort")})
+    config["synthetic"] = {"source": "folder", "folder": str(workdir / "synthetic")}
+    config["experiments"] = {"outside": {}}
+    return config
+
+
+def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
+    write_config(tmp_path, outside_audit_config(tmp_path))
+    jobs = planned_jobs(tmp_path)
+    assert jobs == {"all": 1, "ingest": 1, "ingest_synthetic": 1, "split": 1, "plant_controls": 1,
+                    "train_detector": 1, "embed": 4, "similarity": 1, "baselines": 1, "assess": 1, "quality": 1,
+                    "release": 1, "report": 1, "total": 16}
+    inputs_before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir())
+    snakemake(tmp_path, "--cores", "2")
+    results = tmp_path / "results"
+    split = pd.read_csv(next((results / "split").glob("*/split.csv"))).set_index("id")["split"]
+    per_sample = pd.read_csv(tmp_path / "results" / "experiments" / "outside" / "per_sample.csv").set_index(
+        "synthetic_id")
+    assert len(per_sample) == 13
+    assert sum(split[f"patient_{i:02d}"] == "train" for i in range(5)) >= 2  # the split is seeded
+    for index in range(5):
+        source = f"patient_{index:02d}"
+        if split[source] == "train":  # a copy of a training patient is found, and named
+            assert per_sample.at[f"copy_of_{source}", "nearest_train_id"] == source
+            assert per_sample.at[f"copy_of_{source}", "is_copy"]
+    statement = json.loads((results / "experiments" / "outside" / "release" / "release.json").read_text())
+    removed = {r["id"] for r in statement["removed"]}
+    assert {f"copy_of_patient_{i:02d}" for i in range(5) if split[f"patient_{i:02d}"] == "train"} <= removed
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir()) == inputs_before

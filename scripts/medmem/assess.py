@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from medmem import artefacts, figures, volume_sets
+from medmem.settings_checks import check_float, check_int
+from medmem import artefacts, calibration, figures, volume_sets
 
 logger = logging.getLogger("medmem.assess")
 
@@ -27,8 +28,24 @@ logger = logging.getLogger("medmem.assess")
 class Settings:
     percentile: float = 95.0  # τ = this percentile of train → nearest-holdout correlations
     montage_pairs: int = 6  # most similar synthetic/training pairs shown in the montage
+    min_mild_recall: float = 0.9  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
+    bootstrap_resamples: int = 1000  # confidence intervals for τ, N_mem and N_copies
+    confidence: float = 0.95
+    training_images: bool = False  # show training volumes in figures (patient images on real data)
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        check_float("assess.min_mild_recall", self.min_mild_recall, positive=False)
+        if self.min_mild_recall > 1:
+            raise ValueError(f"assess.min_mild_recall={self.min_mild_recall!r} must be a recall in [0, 1]")
+        check_int("assess.bootstrap_resamples", self.bootstrap_resamples, 1)
+        check_float("assess.confidence", self.confidence)
+        if not self.confidence < 1:
+            raise ValueError(f"assess.confidence={self.confidence!r} must lie strictly between 0 and 1, e.g. 0.95")
+        check_int("assess.seed", self.seed, 0)
+        if not isinstance(self.training_images, bool):
+            raise ValueError(f"assess.training_images = {self.training_images!r}: expected true or false "
+                             "(auto is resolved from data.source before the assessment runs)")
         if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
                 or not 0 < self.percentile < 100:
             raise ValueError(f"assess.percentile = {self.percentile!r}: expected a number strictly between 0 and "
@@ -100,65 +117,212 @@ def read_nearest(neighbours_csv: str | os.PathLike) -> pd.DataFrame:
     return nearest
 
 
-def run(settings: Settings, synthetic_to_train_csv: str | os.PathLike, train_to_synthetic_csv: str | os.PathLike,
-        train_to_holdout_csv: str | os.PathLike, holdout_to_train_csv: str | os.PathLike,
-        cases_csv: str | os.PathLike, manifest_csv: str | os.PathLike, memorization_csv: str | os.PathLike,
-        per_sample_csv: str | os.PathLike, per_training_csv: str | os.PathLike,
-        histogram_png: str | os.PathLike, montage_png: str | os.PathLike) -> None:
-    """Fit τ, count memorized training volumes and copies, write the tables and figures + sidecars."""
-    synthetic_to_train = read_nearest(synthetic_to_train_csv)
-    train_to_synthetic = read_nearest(train_to_synthetic_csv)
-    train_to_holdout = read_nearest(train_to_holdout_csv)
-    holdout_to_train = read_nearest(holdout_to_train_csv)
+CONTRASTIVE = "contrastive"  # the published detector; every other method is a baseline beside it
+# The contrastive detector's neighbour tables as sets of the unified score table (see baselines.py).
+CONTRASTIVE_SETS = {"calibration": "train_to_holdout", "memorization": "train_to_synthetic",
+                    "synthetic": "synthetic_to_train", "holdout": "holdout_to_train", "controls": "controls_to_train"}
+SCORE_COLUMNS = ["method", "set", "query_id", "neighbour_id", "score"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    synthetic_to_train: str | os.PathLike
+    train_to_synthetic: str | os.PathLike
+    train_to_holdout: str | os.PathLike
+    holdout_to_train: str | os.PathLike
+    controls_to_train: str | os.PathLike
+    baseline_scores: str | os.PathLike      # unified score table of the baseline detectors
+    baseline_statistics: str | os.PathLike  # their set-level statistics (Meehan's C_T, authenticity)
+    cases: str | os.PathLike
+    synthetic_manifest: str | os.PathLike
+    controls_manifest: str | os.PathLike
+    volumes: str | os.PathLike | None = None            # folders the tables point into (rule dependencies)
+    synthetic_volumes: str | os.PathLike | None = None
+    controls_volumes: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    memorization: str | os.PathLike
+    per_sample: str | os.PathLike
+    per_training: str | os.PathLike
+    scores: str | os.PathLike
+    per_sample_methods: str | os.PathLike
+    controls: str | os.PathLike
+    comparison: str | os.PathLike
+    histogram: str | os.PathLike
+    roc: str | os.PathLike
+    montage: str | os.PathLike
+
+
+def contrastive_scores(inputs: Inputs) -> pd.DataFrame:
+    """The contrastive detector's nearest-neighbour tables as rows of the unified score table."""
+    parts = []
+    for score_set, table in CONTRASTIVE_SETS.items():
+        nearest = read_nearest(getattr(inputs, table))
+        parts.append(pd.DataFrame({"method": CONTRASTIVE, "set": score_set, "query_id": nearest["query_id"],
+                                   "neighbour_id": nearest["neighbour_id"], "score": nearest["correlation"]}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def read_scores(scores_csv: str | os.PathLike) -> pd.DataFrame:
+    table = pd.read_csv(scores_csv, dtype={"query_id": str, "neighbour_id": str, "method": str, "set": str})
+    missing = [c for c in SCORE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{scores_csv}: missing columns {missing} (columns: {list(table.columns)})")
+    return table[SCORE_COLUMNS]
+
+
+def assess_method(scores: pd.DataFrame, method: str, probes: pd.DataFrame, settings: Settings) -> dict:
+    """One method's threshold, counts with confidence intervals, p-values and control metrics."""
+    sets = {name: part for name, part in scores[scores["method"] == method].groupby("set")}
+    missing = sorted(set(CONTRASTIVE_SETS) - set(sets))
+    if missing:
+        raise ValueError(f"method {method!r} has no scores for the sets {missing}")
+    tau = threshold(sets["calibration"]["score"], settings.percentile)
+    counts = memorization(sets["memorization"]["score"], sets["synthetic"]["score"], tau)
+    intervals = calibration.bootstrap_memorization(
+        sets["calibration"]["score"].to_numpy(), sets["memorization"]["score"].to_numpy(),
+        sets["synthetic"]["score"].to_numpy(), settings.percentile, settings.bootstrap_resamples,
+        settings.confidence, settings.seed)
+    controls = probes.merge(sets["controls"][["query_id", "neighbour_id", "score"]].rename(
+        columns={"query_id": "id"}), on="id", how="left", validate="one_to_one")
+    unscored = controls.loc[controls["score"].isna(), "id"].tolist()
+    if unscored:
+        raise ValueError(f"method {method!r} has no scores for the probes {unscored[:5]} (of {len(unscored)})")
+    metrics = calibration.control_metrics(controls, tau)
+    synthetic = sets["synthetic"].assign(
+        threshold=tau, flagged=sets["synthetic"]["score"] > tau,
+        p_value=calibration.empirical_p_values(sets["synthetic"]["score"].to_numpy(), sets["holdout"]["score"].to_numpy()))
+    return {"method": method, "tau": tau, "counts": counts, "intervals": intervals, "metrics": metrics,
+            "synthetic": synthetic, "controls": controls}
+
+
+def comparison_row(result: dict, statistics: pd.DataFrame) -> dict:
+    """One line of the comparison table: what a method finds, at which strength, at what false-positive rate."""
+    counts, intervals, metrics = result["counts"], result["intervals"], result["metrics"].set_index("strength")
+    row = {"method": result["method"], "threshold": result["tau"],
+           "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
+           "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
+           "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
+           "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
+           "holdout_fpr": metrics["fpr"].iloc[0], "holdout_fpr_low": metrics["fpr_low"].iloc[0],
+           "holdout_fpr_high": metrics["fpr_high"].iloc[0], "auc": metrics.at["all", "auc"],
+           "precision_at_95_recall": metrics.at["all", "precision_at_95_recall"],
+           "mild_recall": calibration.mild_recall(result["metrics"].reset_index(drop=True))}
+    for strength in metrics.index.drop("all"):
+        row[f"recall_{strength}"] = metrics.at[strength, "recall"]
+    for strength in metrics.index.drop("all"):
+        row[f"auc_{strength}"] = metrics.at[strength, "auc"]
+    # Set-level statistics (Meehan's C_T, the authentic fraction): of the synthetic set, and of each strength's copies.
+    for statistic in statistics[statistics["method"] == result["method"]].itertuples():
+        where = statistic.set.removeprefix("controls:")
+        row[f"{statistic.statistic}_{where}"] = statistic.value
+    return row
+
+
+def verdict(mild_recall: float, min_mild_recall: float) -> str:
+    """Whether the headline numbers can be trusted: the detector must find mild known copies."""
+    if mild_recall < min_mild_recall:
+        return (f"inconclusive: the detector misses known copies (recall {mild_recall:.2f} on exact, flip and "
+                f"±5° copies, below {min_mild_recall:.2f})")
+    return f"conclusive: the detector finds known copies (recall {mild_recall:.2f} on exact, flip and ±5° copies)"
+
+
+def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
+    """Score every method, fit thresholds, count copies with intervals, check the controls, write it all."""
+    train_to_synthetic = read_nearest(inputs.train_to_synthetic)
+    train_to_holdout = read_nearest(inputs.train_to_holdout)
     if set(train_to_synthetic["query_id"]) != set(train_to_holdout["query_id"]):
-        raise ValueError(f"{train_to_synthetic_csv} and {train_to_holdout_csv} query different training volumes; "
-                         "re-run similarity on one set of embeddings")
+        raise ValueError(f"{inputs.train_to_synthetic} and {inputs.train_to_holdout} query different training "
+                         "volumes; re-run similarity on one set of embeddings")
+    scores = pd.concat([contrastive_scores(inputs), read_scores(inputs.baseline_scores)], ignore_index=True)
+    statistics = pd.read_csv(inputs.baseline_statistics, dtype={"method": str, "set": str, "statistic": str})
+    probes = pd.read_csv(inputs.controls_manifest, dtype={"id": str, "source_id": str})[
+        ["id", "kind", "strength", "source_id"]]
+    methods = list(dict.fromkeys(scores["method"]))
+    results = {method: assess_method(scores, method, probes, settings) for method in methods}
 
-    tau = threshold(train_to_holdout["correlation"], settings.percentile)
-    counts = memorization(train_to_synthetic["correlation"], synthetic_to_train["correlation"], tau)
-    summary = {"tau": tau, "percentile": float(settings.percentile), "n_train": counts.n_train,
-               "n_holdout": len(holdout_to_train), "n_synthetic": counts.n_synthetic, "n_mem": counts.n_mem,
-               "pct_mem": counts.pct_mem, "n_copies": counts.n_copies, "pct_copies": counts.pct_copies}
-    logger.info("τ = %.4f (%g percentile of %d train → holdout correlations); memorized %d/%d training volumes "
-                "(%.1f%%), %d/%d synthetic copies (%.1f%%)", tau, settings.percentile, counts.n_train, counts.n_mem,
-                counts.n_train, counts.pct_mem, counts.n_copies, counts.n_synthetic, counts.pct_copies)
+    published = results[CONTRASTIVE]
+    counts, intervals, metrics = published["counts"], published["intervals"], published["metrics"]
+    holdout_to_train = read_nearest(inputs.holdout_to_train)
+    mild = calibration.mild_recall(metrics)
+    summary = {"tau": published["tau"], "tau_low": intervals["tau"][0], "tau_high": intervals["tau"][1],
+               "percentile": float(settings.percentile), "n_train": counts.n_train,
+               "n_holdout": len(holdout_to_train), "n_synthetic": counts.n_synthetic,
+               "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
+               "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
+               "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
+               "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
+               "nominal_fpr": (100.0 - settings.percentile) / 100.0,
+               "holdout_fpr": metrics["fpr"].iloc[0], "holdout_fpr_low": metrics["fpr_low"].iloc[0],
+               "holdout_fpr_high": metrics["fpr_high"].iloc[0],
+               "controls_auc": float(metrics.set_index("strength").at["all", "auc"]), "mild_recall": mild,
+               "confidence": settings.confidence, "verdict": verdict(mild, settings.min_mild_recall)}
+    log = logger.warning if summary["verdict"].startswith("inconclusive") else logger.info
+    log("%s", summary["verdict"].upper() if summary["verdict"].startswith("inconclusive") else summary["verdict"])
+    logger.info("τ = %.4f [%.4f, %.4f]; memorized %d/%d training volumes (%.1f%% [%.1f, %.1f]), %d/%d synthetic "
+                "copies (%.1f%% [%.1f, %.1f]); held-out probes above τ: %.1f%% (nominal %.1f%%)",
+                summary["tau"], summary["tau_low"], summary["tau_high"], counts.n_mem, counts.n_train,
+                counts.pct_mem, summary["pct_mem_low"], summary["pct_mem_high"], counts.n_copies,
+                counts.n_synthetic, counts.pct_copies, summary["pct_copies_low"], summary["pct_copies_high"],
+                100 * summary["holdout_fpr"], 100 * summary["nominal_fpr"])
 
-    per_sample = synthetic_to_train.rename(columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"})
-    per_sample["is_copy"] = per_sample["correlation"] > tau
+    flagged_by = pd.concat([r["synthetic"].loc[r["synthetic"]["flagged"], ["query_id", "method"]]
+                            for r in results.values()]).groupby("query_id")["method"].agg(";".join)
+    per_sample = published["synthetic"].rename(columns={"query_id": "synthetic_id",
+                                                        "neighbour_id": "nearest_train_id", "score": "correlation"})
+    per_sample = per_sample.assign(is_copy=per_sample["flagged"],
+                                   flagged_by=per_sample["synthetic_id"].map(flagged_by).fillna(""))
+    per_sample = per_sample[["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value", "flagged_by"]]
     per_sample = per_sample.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
-    per_training = train_to_synthetic.rename(columns={
-        "query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
-    per_training["memorized"] = per_training["correlation"] > tau
+    per_training = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
+    per_training["memorized"] = per_training["correlation"] > published["tau"]
     per_training = per_training.merge(train_to_holdout.rename(columns={
         "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation"}),
         on="train_id", how="left", validate="one_to_one")
     per_training = per_training.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
+    per_sample_methods = pd.concat([r["synthetic"] for r in results.values()], ignore_index=True).rename(
+        columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"}).drop(columns="set")
+    controls = pd.concat([r["metrics"].assign(method=m) for m, r in results.items()], ignore_index=True)
+    controls = controls[["method", *[c for c in controls.columns if c != "method"]]]
+    comparison = pd.DataFrame([comparison_row(r, statistics) for r in results.values()])
 
-    artefacts.write_csv(memorization_csv, pd.DataFrame([summary]))
-    artefacts.write_csv(per_sample_csv, per_sample)
-    artefacts.write_csv(per_training_csv, per_training)
+    artefacts.write_csv(outputs.memorization, pd.DataFrame([summary]))
+    artefacts.write_csv(outputs.per_sample, per_sample)
+    artefacts.write_csv(outputs.per_training, per_training)
+    artefacts.write_csv(outputs.scores, scores)
+    artefacts.write_csv(outputs.per_sample_methods, per_sample_methods)
+    artefacts.write_csv(outputs.controls, controls)
+    artefacts.write_csv(outputs.comparison, comparison)
 
-    figures.plot_nn_correlations(synthetic_to_train["correlation"], holdout_to_train["correlation"], tau, histogram_png)
-    training_paths = volume_sets.read_volume_table(cases_csv).set_index("id")["path"]
-    synthetic_paths = volume_sets.read_volume_table(manifest_csv).set_index("id")["path"]
-    shown = per_sample.head(settings.montage_pairs)
-    for table, ids, column in ((manifest_csv, synthetic_paths, "synthetic_id"),
-                               (cases_csv, training_paths, "nearest_train_id")):
+    figures.plot_nn_correlations(per_sample["correlation"], holdout_to_train["correlation"], published["tau"],
+                                 outputs.histogram)
+    figures.plot_controls_roc({m: r["controls"] for m, r in results.items()}, CONTRASTIVE, outputs.roc)
+    write_montage(settings, per_sample.head(settings.montage_pairs), inputs, outputs.montage)
+
+    recorded = {name: value for name, value in asdict(inputs).items() if value is not None}
+    for output in asdict(outputs).values():
+        artefacts.write_sidecar(output, settings=asdict(settings), inputs=recorded, seed=settings.seed,
+                                tau=published["tau"], verdict=summary["verdict"])
+    return summary
+
+
+def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, montage_png: str | os.PathLike) -> None:
+    """The most similar synthetic/training pairs; training volumes only where settings allow patient images."""
+    training_paths = volume_sets.read_volume_table(inputs.cases).set_index("id")["path"]
+    synthetic_paths = volume_sets.read_volume_table(inputs.synthetic_manifest).set_index("id")["path"]
+    for table, ids, column in ((inputs.synthetic_manifest, synthetic_paths, "synthetic_id"),
+                               (inputs.cases, training_paths, "nearest_train_id")):
         unknown = sorted(set(shown[column]) - set(ids.index))
         if unknown:
-            raise ValueError(f"{table}: no volumes for ids {unknown} of {synthetic_to_train_csv}; "
+            raise ValueError(f"{table}: no volumes for ids {unknown} of {inputs.synthetic_to_train}; "
                              "were the embeddings made from these tables?")
     pairs = [(artefacts.load_nifti(synthetic_paths[row.synthetic_id])[0],
-              artefacts.load_nifti(training_paths[row.nearest_train_id])[0],
-              (row.synthetic_id, row.nearest_train_id), float(row.correlation))
+              artefacts.load_nifti(training_paths[row.nearest_train_id])[0] if settings.training_images else None,
+              (row.synthetic_id, row.nearest_train_id), float(row.correlation), bool(row.is_copy))
              for row in shown.itertuples()]
     figures.plot_montage(pairs, montage_png)
-
-    inputs = {"synthetic_to_train": synthetic_to_train_csv, "train_to_synthetic": train_to_synthetic_csv,
-              "train_to_holdout": train_to_holdout_csv, "holdout_to_train": holdout_to_train_csv,
-              "cases": cases_csv, "manifest": manifest_csv}
-    for output in (memorization_csv, per_sample_csv, per_training_csv, histogram_png, montage_png):
-        artefacts.write_sidecar(output, settings=asdict(settings), inputs=inputs, tau=tau)
 
 
 def _ordinal(percentile: float) -> str:

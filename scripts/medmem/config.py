@@ -19,16 +19,40 @@ from typing import Any
 import jsonschema
 import yaml
 
-# Each stage, the config section that holds its settings, and the stages whose outputs it reads.
-STAGES: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "ingest": ("data", ()),
-    "split": ("split", ("ingest",)),
-    "autoencoder": ("autoencoder", ("split",)),
-    "diffusion": ("diffusion", ("autoencoder",)),
-    "sample": ("sample", ("diffusion",)),
-    "detector": ("detector", ("split",)),
-    "similarity": (None, ("detector", "sample")),
-}
+# The stages of an audit and the stages whose outputs each reads. The synthetic set comes either from
+# the latent diffusion model (autoencoder → diffusion → sample) or from a folder made elsewhere
+# (ingest_synthetic); SYNTHETIC_STAGES names the stage that supplies it.
+SYNTHETIC_STAGES = {"generate": "sample", "folder": "ingest_synthetic"}
+
+
+def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """Each stage one experiment runs, in order: its settings and the stages whose outputs it reads."""
+    synthetic = SYNTHETIC_STAGES[effective["synthetic"]["source"]]
+    stages: dict[str, tuple[dict, tuple[str, ...]]] = {
+        "ingest": (effective["data"], ()),
+        "split": (effective["split"], ("ingest",)),
+    }
+    if synthetic == "sample":
+        stages["autoencoder"] = (effective["autoencoder"], ("split",))
+        stages["diffusion"] = (effective["diffusion"], ("autoencoder",))
+        stages["sample"] = (effective["sample"], ("diffusion",))
+    else:
+        # The outside volumes go through the training data's ingest: same grid, same intensity scaling.
+        stages["ingest_synthetic"] = (
+            deep_merge(effective["data"], {"source": "folder", "folder": {"path": effective["synthetic"]["folder"]}}),
+            ())
+    stages["controls"] = (effective["controls"], ("split",))
+    stages["detector"] = (effective["detector"], ("split",))
+    stages["similarity"] = ({}, ("detector", synthetic, "controls"))
+    stages["baselines"] = (effective["baselines"], ("split", synthetic, "controls"))
+    return stages
+
+
+def synthetic_stage(keys: dict[str, str]) -> str:
+    """Which stage supplies an experiment's (or a stage's inputs') synthetic volumes."""
+    return "sample" if "sample" in keys else "ingest_synthetic"
+
+
 # Sections that are settings of the run, not of any stage.
 RUN_KEYS = ("results", "device", "experiments")
 
@@ -106,21 +130,34 @@ def check_schema(config: dict, schema: dict, where: str) -> None:
 def check_settings(effective: dict, name: str) -> None:
     """Build every stage's typed settings and run the checks that span stages."""
     # Imported here: the stage modules pull in torch and MONAI, which only validation needs.
-    from medmem import assess, autoencoder, detector, diffusion, ingest, sample, split
+    from medmem import (assess, autoencoder, baselines, controls, detector, diffusion, ingest, quality, release,
+                        sample, split)
 
     try:
         data = ingest.Settings(**effective["data"])
         split_settings = split.Settings(**effective["split"])
-        ae = autoencoder.Settings(**effective["autoencoder"])
-        diff = diffusion.Settings(**effective["diffusion"])
-        sample.Settings(**effective["sample"])
+        if effective["synthetic"]["source"] == "generate":
+            ae = autoencoder.Settings(**effective["autoencoder"])
+            diff = diffusion.Settings(**effective["diffusion"])
+            sample.Settings(**effective["sample"])
+            autoencoder.check_shape(data.shape, ae)
+            downsampling = 2 ** (len(ae.channels) - 1)
+            diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
+        elif effective["synthetic"]["folder"] is None:
+            raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
+                             "the directory of synthetic volumes to audit")
+        controls.Settings(**effective["controls"])
         detector.Settings(**effective["detector"])
+        baseline_settings = baselines.Settings(**effective["baselines"])
+        quality.Settings(**effective["quality"])
         assess_settings = assess.Settings(**effective["assess"])
-        autoencoder.check_shape(data.shape, ae)
-        downsampling = 2 ** (len(ae.channels) - 1)
-        diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
+        release.Settings(**effective["release"]).check_methods(("contrastive", *baseline_settings.methods))
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None
+    if effective["release"]["percentile"] > assess_settings.percentile:
+        raise ValueError(f"experiment {name!r}: release.percentile={effective['release']['percentile']} is looser "
+                         f"than assess.percentile={assess_settings.percentile}: the release would keep volumes "
+                         f"the audit flags; use at most {assess_settings.percentile}")
 
     if data.source == "phantom":
         n_patients = data.phantom.n_patients
@@ -136,6 +173,11 @@ def check_settings(effective: dict, name: str) -> None:
                 f"experiment {name!r}: τ at assess.percentile={assess_settings.percentile} needs at least "
                 f"{needed} training volumes, the split leaves {n_patients - n_holdout}: add patients or "
                 f"lower assess.percentile")
+        n_per_strength = effective["controls"]["n_per_strength"]
+        if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
+            raise ValueError(
+                f"experiment {name!r}: controls.n_per_strength={n_per_strength} copies more training volumes "
+                f"per strength than the split leaves ({n_patients - n_holdout}): lower it or set it to null")
 
 
 def make_plan(config: dict, schema_path: str | Path) -> Plan:
@@ -154,11 +196,13 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         effective = deep_merge(defaults, overrides)
         check_schema({**effective, **{k: config[k] for k in RUN_KEYS if k in config}}, schema,
                      f"experiments.{name}")
+        # Training-patient images appear in figures only where the data is not patient data, or on request.
+        show = effective["assess"]["training_images"]
+        effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
         check_settings(effective, name)
         plan.effective[name] = effective
         keys: dict[str, str] = {}
-        for stage, (section, inputs) in STAGES.items():
-            settings = effective[section] if section else {}
+        for stage, (settings, inputs) in stage_graph(effective).items():
             input_keys = {s: keys[s] for s in inputs}
             keys[stage] = stage_key(stage, settings, input_keys)
             plan.runs.setdefault(stage, {})[keys[stage]] = StageRun(stage, keys[stage], settings, input_keys)

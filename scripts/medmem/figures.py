@@ -10,16 +10,18 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medmem import artefacts
+from medmem import artefacts, calibration
 
 DPI = 100
 # Canonical volumes are RAS+: array axes 0, 1, 2 run left→right, posterior→anterior, inferior→superior.
 VIEWS = (("sagittal", 0), ("coronal", 1), ("axial", 2))
 
-MontagePair = tuple[np.ndarray, np.ndarray, tuple[str, str], float]
+# (synthetic volume, training volume or None when patient images may not be shown, ids, correlation, flagged)
+MontagePair = tuple[np.ndarray, np.ndarray | None, tuple[str, str], float, bool]
 
 
 def save_png(figure: Figure, path: str | os.PathLike) -> None:
@@ -58,17 +60,29 @@ def plot_nn_correlations(synthetic_to_train: Sequence[float], holdout_to_train: 
 
 
 def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
-    """One row per (synthetic volume, training volume, (synthetic id, training id), correlation).
+    """One row per (synthetic volume, training volume, (synthetic id, training id), correlation, flagged).
 
     Each row shows the centre sagittal, coronal and axial slices of the synthetic volume, then the
-    same three of its nearest training volume, on a shared [0, 1] grey scale.
+    same three of its nearest training volume, on a shared [0, 1] grey scale. A training volume of
+    None (patient images not allowed in figures) leaves its panels blank but for its id.
     """
     if not pairs:
         raise ValueError("plot_montage needs at least one (synthetic, training, labels, correlation) pair")
     figure = Figure(figsize=(12, 2.2 * len(pairs) + 0.4))
     grid = figure.subplots(len(pairs), 6, squeeze=False)
-    for row, (synthetic, training, (synthetic_id, training_id), correlation) in enumerate(pairs):
+    for row, (synthetic, training, (synthetic_id, training_id), correlation, flagged) in enumerate(pairs):
         for half, (volume, name) in enumerate(((synthetic, synthetic_id), (training, training_id))):
+            if volume is None:
+                for column in range(3):
+                    axes = grid[row, 3 + column]
+                    axes.set_xticks([])
+                    axes.set_yticks([])
+                    if row == 0:
+                        axes.set_title(f"training: {VIEWS[column][0]}", fontsize=9)
+                grid[row, 3].set_ylabel(name, fontsize=8)
+                grid[row, 4].text(0.5, 0.5, "patient image not shown\n(assess.training_images)",
+                                  ha="center", va="center", fontsize=8, transform=grid[row, 4].transAxes)
+                continue
             volume = np.asarray(volume, dtype=np.float32)
             volume = volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
             if volume.ndim != 3:
@@ -83,8 +97,43 @@ def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
                 if row == 0:
                     axes.set_title(f"{'synthetic' if half == 0 else 'training'}: {view}", fontsize=9)
                 if column == 0:
-                    label = f"{name}\nr = {correlation:.4f}" if half == 0 else name
-                    axes.set_ylabel(label, fontsize=8)
+                    label = f"{name}\nr = {correlation:.4f}{' FLAGGED' if flagged else ''}" if half == 0 else name
+                    axes.set_ylabel(label, fontsize=8, color="tab:red" if flagged and half == 0 else "black")
     figure.suptitle("Most similar synthetic / training pairs (nearest neighbours by Pearson correlation)")
+    figure.tight_layout()
+    save_png(figure, path)
+
+
+def plot_controls_roc(controls: dict[str, pd.DataFrame], highlight: str, path: str | os.PathLike) -> None:
+    """ROC curves of the planted controls: copies (positives) against held-out patients (negatives).
+
+    ``controls`` maps each method to its probe table (kind, strength, score). Left: every method on
+    all copies pooled; right: ``highlight`` (the published detector) per copy strength.
+    """
+    figure = Figure(figsize=(11, 4.8))
+    pooled, per_strength = figure.subplots(1, 2)
+    for method, table in controls.items():
+        positive = table.loc[table["kind"] == "copy", "score"].to_numpy(float)
+        negative = table.loc[table["kind"] == "holdout", "score"].to_numpy(float)
+        fpr, tpr, _ = calibration.roc_curve(positive, negative)
+        auc = calibration.roc_auc(positive, negative)
+        pooled.plot(fpr, tpr, drawstyle="steps-post", linewidth=2.2 if method == highlight else 1.2,
+                    label=f"{method} (AUC {auc:.3f})")
+    table = controls[highlight]
+    negative = table.loc[table["kind"] == "holdout", "score"].to_numpy(float)
+    for strength, part in table[table["kind"] == "copy"].groupby("strength", sort=False):
+        positive = part["score"].to_numpy(float)
+        fpr, tpr, _ = calibration.roc_curve(positive, negative)
+        per_strength.plot(fpr, tpr, drawstyle="steps-post",
+                          label=f"{strength} (AUC {calibration.roc_auc(positive, negative):.3f})")
+    for axes, title in ((pooled, "all planted copies, per method"), (per_strength, f"{highlight}, per strength")):
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axes.set_xlabel("false-positive rate (held-out patients flagged)")
+        axes.set_ylabel("recall (planted copies found)")
+        axes.set_xlim(-0.02, 1.02)
+        axes.set_ylim(-0.02, 1.02)
+        axes.set_title(title, fontsize=10)
+        axes.legend(loc="lower right", fontsize=7)
+    figure.suptitle("Controls: planted copies vs held-out patients")
     figure.tight_layout()
     save_png(figure, path)

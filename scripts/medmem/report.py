@@ -1,62 +1,77 @@
-"""The cross-experiment summary: one row of memorization figures per experiment, and a figure."""
+"""The cross-experiment summary: memorization with intervals, verdict, quality and release per experiment."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import pandas as pd  # noqa: E402
-
-from medmem.artefacts import atomic_path, write_csv, write_sidecar  # noqa: E402
+from medmem import artefacts, figures
 
 
-def summarise(memorization_csvs: dict[str, str | os.PathLike]) -> pd.DataFrame:
-    """Stack each experiment's one-row memorization.csv under its experiment name."""
+def summarise(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str, str | os.PathLike],
+              release_jsons: dict[str, str | os.PathLike]) -> pd.DataFrame:
+    """One row per experiment: its memorization.csv row, its quality.csv row and its release counts."""
     rows = []
     for name, path in memorization_csvs.items():
         table = pd.read_csv(path)
         if len(table) != 1:
             raise ValueError(f"{path}: expected one row of memorization figures, found {len(table)}")
-        rows.append(table.assign(experiment=name))
-    summary = pd.concat(rows, ignore_index=True)
-    return summary[["experiment", *[c for c in summary.columns if c != "experiment"]]]
+        quality = pd.read_csv(quality_csvs[name])
+        if len(quality) != 1:
+            raise ValueError(f"{quality_csvs[name]}: expected one row of quality figures, found {len(quality)}")
+        release = artefacts.read_json(release_jsons[name])
+        row = {"experiment": name, **table.iloc[0].to_dict(),
+               **{f"quality_{k}": v for k, v in quality.iloc[0].items() if not k.startswith("n_")},
+               "release_percentile": release["percentile"], "n_released": release["n_released"],
+               "n_removed": release["n_removed"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Grouped bars: % of training volumes memorized (N_mem) and % of synthetic copies (N_copies)."""
-    long = summary.melt(id_vars="experiment", value_vars=["pct_mem", "pct_copies"],
-                        var_name="measure", value_name="percent")
-    long["measure"] = long["measure"].map({"pct_mem": "N_mem (% of training set)",
-                                           "pct_copies": "N_copies (% of synthetic set)"})
-    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(summary), 3.6))
-    measures = list(long["measure"].unique())
+    """Grouped bars with confidence intervals: % memorized (N_mem) and % copies (N_copies) per experiment.
+
+    An experiment whose controls failed is marked INCONCLUSIVE under its name.
+    """
+    measures = (("pct_mem", "N_mem (% of training set)"), ("pct_copies", "N_copies (% of synthetic set)"))
+    figure = Figure(figsize=(1.8 + 1.8 * len(summary), 4.0))
+    axes = figure.add_subplot()
     width = 0.8 / len(measures)
-    for offset, measure in enumerate(measures):
-        part = long[long["measure"] == measure]
-        positions = [i + (offset - (len(measures) - 1) / 2) * width for i in range(len(part))]
-        bars = axis.bar(positions, part["percent"], width=width, label=measure)
-        axis.bar_label(bars, fmt="%.1f", fontsize=8)
-    axis.set_xticks(range(len(summary)), summary["experiment"])
-    axis.set_ylabel("% above τ")
-    axis.set_ylim(0, max(100.0, float(long["percent"].max()) * 1.1))
-    axis.legend(fontsize=8, loc="upper left")
-    axis.set_title("Memorization per experiment")
+    positions = np.arange(len(summary))
+    for offset, (column, label) in enumerate(measures):
+        values = summary[column].to_numpy(float)
+        errors = np.vstack([values - summary[f"{column}_low"], summary[f"{column}_high"] - values])
+        bars = axes.bar(positions + (offset - (len(measures) - 1) / 2) * width, values, width=width, label=label,
+                        yerr=np.clip(errors, 0, None), capsize=3)
+        axes.bar_label(bars, fmt="%.1f", fontsize=8, padding=6)
+    labels = [name + ("\nINCONCLUSIVE" if str(verdict).startswith("inconclusive") else "")
+              for name, verdict in zip(summary["experiment"], summary["verdict"])]
+    axes.set_xticks(positions, labels)
+    for tick, verdict in zip(axes.get_xticklabels(), summary["verdict"]):
+        if str(verdict).startswith("inconclusive"):
+            tick.set_color("tab:red")
+    axes.axhline(100 * summary["nominal_fpr"].iloc[0], color="grey", linestyle=":", linewidth=1,
+                 label="false-positive floor of τ")
+    axes.set_ylabel("% above τ")
+    axes.set_ylim(0, 105)
+    axes.legend(fontsize=8, loc="upper left")
+    axes.set_title(f"Memorization per experiment ({100 * summary['confidence'].iloc[0]:g}% bootstrap intervals)")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    figures.save_png(figure, path)
 
 
-def run(memorization_csvs: dict[str, str | os.PathLike], index_rows: list[dict], summary_csv: str | os.PathLike,
+def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str, str | os.PathLike],
+        release_jsons: dict[str, str | os.PathLike], index_rows: list[dict], summary_csv: str | os.PathLike,
         index_csv: str | os.PathLike, figure_png: str | os.PathLike) -> pd.DataFrame:
-    summary = summarise(memorization_csvs)
-    write_csv(index_csv, pd.DataFrame(index_rows))
+    summary = summarise(memorization_csvs, quality_csvs, release_jsons)
+    artefacts.write_csv(index_csv, pd.DataFrame(index_rows))
     plot_summary(summary, figure_png)
-    write_csv(summary_csv, summary)
-    write_sidecar(summary_csv, settings={"experiments": list(memorization_csvs)},
-                  inputs={name: Path(p) for name, p in memorization_csvs.items()})
+    artefacts.write_csv(summary_csv, summary)
+    inputs = {f"{kind}:{name}": Path(p) for kind, paths in (("memorization", memorization_csvs),
+              ("quality", quality_csvs), ("release", release_jsons)) for name, p in paths.items()}
+    artefacts.write_sidecar(summary_csv, settings={"experiments": list(memorization_csvs)}, inputs=inputs)
     return summary

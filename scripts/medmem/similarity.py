@@ -80,12 +80,18 @@ def read_embeddings(npz: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
-        synthetic_to_train_csv: str | os.PathLike, train_to_synthetic_csv: str | os.PathLike,
-        train_to_holdout_csv: str | os.PathLike, holdout_to_train_csv: str | os.PathLike, k: int = 1) -> None:
-    """Write the four nearest-neighbour tables (query_id, neighbour_id, rank, correlation) + sidecars."""
+        controls_npz: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
+        train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
+        holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1) -> None:
+    """Write the five nearest-neighbour tables (query_id, neighbour_id, rank, correlation) + sidecars.
+
+    The controls (planted probes) are searched against the training set like synthetic volumes are,
+    but in a table of their own, so they never mix with the synthetic set's counts.
+    """
     train_ids, train = read_embeddings(train_npz)
     holdout_ids, holdout = read_embeddings(holdout_npz)
     synthetic_ids, synthetic = read_embeddings(synthetic_npz)
+    controls_ids, controls = read_embeddings(controls_npz)
     leaked = sorted(set(train_ids) & set(holdout_ids))
     if leaked:
         raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
@@ -95,12 +101,13 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         (train_to_synthetic_csv, train_ids, train, synthetic_ids, synthetic),
         (train_to_holdout_csv, train_ids, train, holdout_ids, holdout),
         (holdout_to_train_csv, holdout_ids, holdout, train_ids, train),
+        (controls_to_train_csv, controls_ids, controls, train_ids, train),
     ]
-    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz}
+    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz}
     for output, query_ids, queries, database_ids, database in searches:
         table = nearest_neighbours(query_ids, queries, database_ids, database, k)
         artefacts.write_csv(output, table)
         artefacts.write_sidecar(output, settings={"k": k}, inputs=inputs, n_queries=len(query_ids),
                                 n_database=len(database_ids))
-    logger.info("nearest neighbours: %d train, %d holdout, %d synthetic embeddings, k = %d",
-                len(train_ids), len(holdout_ids), len(synthetic_ids), k)
+    logger.info("nearest neighbours: %d train, %d holdout, %d synthetic, %d control embeddings, k = %d",
+                len(train_ids), len(holdout_ids), len(synthetic_ids), len(controls_ids), k)

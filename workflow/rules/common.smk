@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
-from medmem.config import make_plan
+from medmem.config import make_plan, synthetic_stage
 
 
 PLAN = make_plan(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
@@ -13,6 +13,9 @@ EXPERIMENTS = list(PLAN.experiments)
 ENV = "../../envs/medmem.yaml"
 
 KEY = "[0-9a-f]{10}"
+# The similarity stage's nearest-neighbour tables (query set → database set), one CSV each.
+NEIGHBOUR_TABLES = ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                    "controls_to_train")
 
 
 wildcard_constraints:
@@ -21,9 +24,12 @@ wildcard_constraints:
     autoencoder=KEY,
     diffusion=KEY,
     sample=KEY,
+    ingest_synthetic=KEY,
+    controls=KEY,
     detector=KEY,
     similarity=KEY,
-    volume_set=f"train|holdout|synthetic-{KEY}",
+    baselines=KEY,
+    volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}",
     experiment="|".join(EXPERIMENTS),
 
 
@@ -53,37 +59,101 @@ def ingest_source(wildcards):
     return [settings["folder"]["path"]] if settings["source"] == "folder" else []
 
 
+def synthetic_set(stage, key):
+    """The manifest and volume folder of the synthetic set that `stage` at `key` reads."""
+    inputs = PLAN.run(stage, key).inputs
+    source = synthetic_stage(inputs)
+    return {
+        "synthetic_manifest": f"{RESULTS}/{source}/{inputs[source]}/manifest.csv",
+        "synthetic_volumes": f"{RESULTS}/{source}/{inputs[source]}/volumes",
+    }
+
+
+def controls_set(stage, key):
+    """The probe manifest and volume folder that `stage` at `key` reads."""
+    controls = f"{RESULTS}/controls/{PLAN.run(stage, key).inputs['controls']}"
+    return {"controls_manifest": f"{controls}/manifest.csv", "controls_volumes": f"{controls}/volumes"}
+
+
 def embed_inputs(wildcards):
     inputs = {"detector": f"{RESULTS}/detector/{wildcards.detector}/detector.pt"}
-    if wildcards.volume_set.startswith("synthetic-"):
-        sample_key = wildcards.volume_set.removeprefix("synthetic-")
-        inputs["manifest"] = f"{RESULTS}/sample/{sample_key}/manifest.csv"
-        inputs["volumes"] = f"{RESULTS}/sample/{sample_key}/volumes"
+    name, _, key = wildcards.volume_set.partition("-")
+    if name == "synthetic":
+        stage = "sample" if key in PLAN.runs.get("sample", {}) else "ingest_synthetic"
+        inputs["manifest"] = f"{RESULTS}/{stage}/{key}/manifest.csv"
+        inputs["volumes"] = f"{RESULTS}/{stage}/{key}/volumes"
+    elif name == "controls":
+        inputs["manifest"] = f"{RESULTS}/controls/{key}/manifest.csv"
+        inputs["volumes"] = f"{RESULTS}/controls/{key}/volumes"
     else:
         inputs.update(cohort_inputs("detector")(wildcards))
     return inputs
 
 
 def similarity_inputs(wildcards):
-    keys = PLAN.run("similarity", wildcards.similarity).inputs
+    return embedding_files(wildcards.similarity)
+
+
+def embedding_files(similarity_key):
+    """The four embedding sets that the similarity stage at `similarity_key` searches."""
+    keys = PLAN.run("similarity", similarity_key).inputs
     embeddings = f"{RESULTS}/embeddings/{keys['detector']}"
     return {
         "train": f"{embeddings}/train.npz",
         "holdout": f"{embeddings}/holdout.npz",
-        "synthetic": f"{embeddings}/synthetic-{keys['sample']}.npz",
+        "synthetic": f"{embeddings}/synthetic-{keys[synthetic_stage(keys)]}.npz",
+        "controls": f"{embeddings}/controls-{keys['controls']}.npz",
+    }
+
+
+def baselines_inputs(wildcards):
+    return {
+        **cohort_inputs("baselines")(wildcards),
+        **synthetic_set("baselines", wildcards.baselines),
+        **controls_set("baselines", wildcards.baselines),
+    }
+
+
+def experiment_files(name):
+    """The stage outputs that experiment `name`'s assessment, quality and release read."""
+    keys = PLAN.experiments[name]
+    similarity = f"{RESULTS}/similarity/{keys['similarity']}"
+    return {
+        **{table: f"{similarity}/{table}.csv" for table in NEIGHBOUR_TABLES},
+        "baseline_scores": f"{RESULTS}/baselines/{keys['baselines']}/scores.csv",
+        "baseline_statistics": f"{RESULTS}/baselines/{keys['baselines']}/statistics.csv",
+        "cases": f"{RESULTS}/ingest/{keys['ingest']}/cases.csv",
+        "volumes": f"{RESULTS}/ingest/{keys['ingest']}/volumes",
+        "split": f"{RESULTS}/split/{keys['split']}/split.csv",
+        **synthetic_set("similarity", keys["similarity"]),
+        **controls_set("similarity", keys["similarity"]),
+        "synthetic_embeddings": embedding_files(keys["similarity"])["synthetic"],
+        "holdout_embeddings": embedding_files(keys["similarity"])["holdout"],
     }
 
 
 def assess_inputs(wildcards):
-    keys = PLAN.experiments[wildcards.experiment]
-    similarity = f"{RESULTS}/similarity/{keys['similarity']}"
+    files = experiment_files(wildcards.experiment)
+    names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "cases", "volumes",
+             "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
+    return {name: files[name] for name in names}
+
+
+def quality_inputs(wildcards):
+    files = experiment_files(wildcards.experiment)
+    names = ["cases", "volumes", "split", "synthetic_manifest", "synthetic_volumes", "synthetic_embeddings",
+             "holdout_embeddings"]
+    inputs = {name: files[name] for name in names}
+    weights = PLAN.effective[wildcards.experiment]["quality"]["fid_weights"]
+    if weights:  # a changed weights file re-runs the quality rule
+        inputs["fid_weights"] = weights
+    return inputs
+
+
+def release_inputs(wildcards):
+    files = experiment_files(wildcards.experiment)
     return {
-        "synthetic_to_train": f"{similarity}/synthetic_to_train.csv",
-        "train_to_synthetic": f"{similarity}/train_to_synthetic.csv",
-        "train_to_holdout": f"{similarity}/train_to_holdout.csv",
-        "holdout_to_train": f"{similarity}/holdout_to_train.csv",
-        "cases": f"{RESULTS}/ingest/{keys['ingest']}/cases.csv",
-        "volumes": f"{RESULTS}/ingest/{keys['ingest']}/volumes",
-        "manifest": f"{RESULTS}/sample/{keys['sample']}/manifest.csv",
-        "samples": f"{RESULTS}/sample/{keys['sample']}/volumes",
+        "scores": f"{RESULTS}/experiments/{wildcards.experiment}/scores.csv",
+        "synthetic_manifest": files["synthetic_manifest"],
+        "synthetic_volumes": files["synthetic_volumes"],
     }

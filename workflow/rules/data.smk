@@ -31,3 +31,21 @@ rule split:
         mem_mb=1000,
     script:
         "../../scripts/split.py"
+
+
+rule ingest_synthetic:
+    input:
+        lambda wildcards: PLAN.run("ingest_synthetic", wildcards.ingest_synthetic).settings["folder"]["path"],
+    output:
+        manifest=f"{RESULTS}/ingest_synthetic/{{ingest_synthetic}}/manifest.csv",
+        volumes=directory(f"{RESULTS}/ingest_synthetic/{{ingest_synthetic}}/volumes"),
+    params:
+        settings=settings_of("ingest_synthetic"),
+    log:
+        f"{RESULTS}/logs/ingest_synthetic/{{ingest_synthetic}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/ingest_synthetic.py"

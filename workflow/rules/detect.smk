@@ -1,4 +1,4 @@
-# The copy detector (Dar et al.): a contrastive encoder, embeddings, nearest neighbours, verdicts.
+# The copy detector (Dar et al.): a contrastive encoder, embeddings, nearest neighbours.
 
 
 rule train_detector:
@@ -53,6 +53,7 @@ rule similarity:
         train_to_synthetic=f"{RESULTS}/similarity/{{similarity}}/train_to_synthetic.csv",
         train_to_holdout=f"{RESULTS}/similarity/{{similarity}}/train_to_holdout.csv",
         holdout_to_train=f"{RESULTS}/similarity/{{similarity}}/holdout_to_train.csv",
+        controls_to_train=f"{RESULTS}/similarity/{{similarity}}/controls_to_train.csv",
     log:
         f"{RESULTS}/logs/similarity/{{similarity}}.log",
     conda:
@@ -61,39 +62,3 @@ rule similarity:
         mem_mb=2000,
     script:
         "../../scripts/similarity.py"
-
-
-rule assess:
-    input:
-        unpack(assess_inputs),
-    output:
-        memorization=report(
-            f"{RESULTS}/experiments/{{experiment}}/memorization.csv",
-            caption="../report/memorization.rst",
-            category="Experiments",
-            subcategory="{experiment}",
-        ),
-        per_sample=f"{RESULTS}/experiments/{{experiment}}/per_sample.csv",
-        per_training=f"{RESULTS}/experiments/{{experiment}}/per_training.csv",
-        histogram=report(
-            f"{RESULTS}/experiments/{{experiment}}/nn_correlation.png",
-            caption="../report/nn_correlation.rst",
-            category="Experiments",
-            subcategory="{experiment}",
-        ),
-        montage=report(
-            f"{RESULTS}/experiments/{{experiment}}/montage.png",
-            caption="../report/montage.rst",
-            category="Experiments",
-            subcategory="{experiment}",
-        ),
-    params:
-        settings=lambda wildcards: PLAN.effective[wildcards.experiment]["assess"],
-    log:
-        f"{RESULTS}/logs/assess/{{experiment}}.log",
-    conda:
-        ENV
-    resources:
-        mem_mb=4000,
-    script:
-        "../../scripts/assess.py"

@@ -1,6 +1,8 @@
 rule report:
     input:
         memorization=expand(f"{RESULTS}/experiments/{{experiment}}/memorization.csv", experiment=EXPERIMENTS),
+        quality=expand(f"{RESULTS}/experiments/{{experiment}}/quality.csv", experiment=EXPERIMENTS),
+        release=expand(f"{RESULTS}/experiments/{{experiment}}/release/release.json", experiment=EXPERIMENTS),
     output:
         summary=report(
             f"{RESULTS}/report/summary.csv",

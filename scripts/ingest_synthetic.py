@@ -1,0 +1,9 @@
+"""Rule ingest_synthetic: synthetic volumes made elsewhere → the training data's canonical grid + manifest."""
+from medmem import ingest, runtime
+
+runtime.setup_job(snakemake.log[0], snakemake.threads)
+ingest.run(
+    ingest.Settings(**snakemake.params.settings),
+    cases_csv=snakemake.output.manifest,
+    volumes_dir=snakemake.output.volumes,
+)

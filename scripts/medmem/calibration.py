@@ -1,0 +1,244 @@
+"""The statistics that make a memorization verdict trustworthy: p-values, intervals, control metrics.
+
+Every score follows the shared convention: higher = more copy-like. The null distribution is the
+holdout volumes scored against the training set: patients the model never saw, so any closeness is
+chance. Against it a query's empirical p-value is valid whenever the query and the holdout scores are
+exchangeable (conformal inference), with no assumption about the shape of the scores. Counts of
+flagged volumes get exact binomial (Clopper–Pearson) intervals and bootstrap intervals, so a
+reported 0% or 5% comes with the uncertainty a small cohort leaves. Pure numpy/pandas on purpose:
+the workflow takes no scipy dependency for a handful of formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from medmem.settings_checks import is_int, is_number
+
+CONTROL_METRIC_COLUMNS = ["strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
+                          "n_negatives", "false_positives", "fpr", "fpr_low", "fpr_high"]
+MILD_STRENGTHS = ("exact", "flip", "rotate_5")
+
+
+def empirical_p_values(scores: Sequence[float], null_scores: Sequence[float]) -> np.ndarray:
+    """(N,) scores against (M,) null scores -> (N,) p = (1 + #{null >= score}) / (1 + M).
+
+    The +1s count the query itself among the null, which keeps p >= 1 / (1 + M) and makes
+    P(p <= a) <= a exactly for an exchangeable query; p = 0 would claim more than M null draws can show.
+    """
+    scores = _scores("scores", scores, allow_empty=True)
+    null = np.sort(_scores("null_scores", null_scores))
+    at_least = null.size - np.searchsorted(null, scores, side="left")
+    return (1 + at_least) / (1 + null.size)
+
+
+def leave_one_out_p_values(null_scores: Sequence[float]) -> np.ndarray:
+    """(M,) null scores -> (M,) p-value of each against the other M - 1: (1 + #{others >= s}) / M.
+
+    Under the null these p-values are (super-)uniform, so their histogram checks the calibration itself.
+    """
+    null = _scores("null_scores", null_scores)
+    if null.size < 2:
+        raise ValueError(f"leave-one-out p-values need at least 2 null scores, got {null.size}")
+    ordered = np.sort(null)
+    # #{all >= s} counts s itself once, which is exactly the +1 of (1 + #{others >= s}).
+    return (null.size - np.searchsorted(ordered, null, side="left")) / null.size
+
+
+def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper–Pearson exact interval for a proportion k / n at two-sided ``confidence``.
+
+    lower: the p with P(X >= k | p) = (1 - confidence) / 2 (0 when k = 0); upper: the p with
+    P(X <= k | p) = (1 - confidence) / 2 (1 when k = n); X ~ Binomial(n, p). These are the beta
+    quantiles of the textbook form, found by bisection on the binomial CDF, which falls monotonically in p.
+    """
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n = {n!r}: expected an integer >= 1 (the number of trials)")
+    if not is_int(k) or not 0 <= k <= n:
+        raise ValueError(f"k = {k!r}: expected an integer between 0 and n = {n}")
+    _check_open_unit("confidence", confidence)
+    tail = (1 - confidence) / 2
+    # Each tail is summed directly (not as 1 - the other) so tiny tails keep their precision.
+    lower = 0.0 if k == 0 else _bisect(lambda p: _binomial_pmf(n, p)[k:].sum() - tail, increasing=True)
+    upper = 1.0 if k == n else _bisect(lambda p: _binomial_pmf(n, p)[:k + 1].sum() - tail, increasing=False)
+    return lower, upper
+
+
+def allowed_false_positives(n: int, rate: float, alpha: float = 0.01) -> int:
+    """The most false positives out of n that a calibrated ``rate`` explains at level ``alpha``.
+
+    The smallest k with P(Binomial(n, rate) > k) <= alpha: seeing more than k flagged holdout volumes
+    would happen with probability <= alpha if the threshold really had false-positive rate ``rate``.
+    """
+    if not is_int(n) or n < 0:
+        raise ValueError(f"n = {n!r}: expected an integer >= 0")
+    if not is_number(rate) or not 0 <= rate <= 1:
+        raise ValueError(f"rate = {rate!r}: expected a false-positive rate between 0 and 1")
+    _check_open_unit("alpha", alpha)
+    pmf = _binomial_pmf(n, float(rate))
+    # above[k] = P(X > k); summed from the top so small tails keep their precision.
+    above = np.concatenate([np.cumsum(pmf[::-1])[::-1][1:], [0.0]])
+    return int(np.flatnonzero(above <= alpha)[0])
+
+
+def bootstrap_memorization(calibration: Sequence[float], memorization: Sequence[float], synthetic: Sequence[float],
+                           percentile: float, n_resamples: int = 1000, confidence: float = 0.95,
+                           seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap intervals for τ, % memorized training volumes and % synthetic copies.
+
+    calibration: (Nc,) train → nearest-holdout scores (τ = their ``percentile``); memorization: (Nt,)
+    train → nearest-synthetic scores; synthetic: (Ns,) synthetic → nearest-train scores. Each array is
+    resampled with replacement independently (they come from different draws: the holdout patients,
+    the training patients, the samples), τ refitted, and both percentages recounted (strictly above τ).
+    Returns {"tau": (lo, hi), "pct_mem": (lo, hi), "pct_copies": (lo, hi)}.
+    """
+    calibration = _scores("calibration", calibration)
+    memorization = _scores("memorization", memorization)
+    synthetic = _scores("synthetic", synthetic)
+    if not is_number(percentile) or not 0 < percentile < 100:
+        raise ValueError(f"percentile = {percentile!r}: expected a number strictly between 0 and 100")
+    if not is_int(n_resamples) or n_resamples < 2:
+        raise ValueError(f"n_resamples = {n_resamples!r}: expected an integer >= 2 (1000 is usual)")
+    _check_open_unit("confidence", confidence)
+    rng = np.random.default_rng(seed)
+    statistics = np.empty((n_resamples, 3))
+    for i in range(n_resamples):
+        tau = np.percentile(rng.choice(calibration, calibration.size), percentile)
+        statistics[i] = (tau, 100 * np.mean(rng.choice(memorization, memorization.size) > tau),
+                         100 * np.mean(rng.choice(synthetic, synthetic.size) > tau))
+    bounds = np.percentile(statistics, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2], axis=0)
+    return {name: (float(bounds[0, j]), float(bounds[1, j])) for j, name in enumerate(("tau", "pct_mem", "pct_copies"))}
+
+
+def roc_curve(positive: Sequence[float], negative: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC of (P,) positive against (N,) negative scores, a score >= threshold counted as positive.
+
+    Returns fpr, tpr, thresholds, each (U + 1,) for U distinct scores: thresholds descend from +inf
+    (nothing flagged, the point (0, 0)) to the lowest score (everything flagged, the point (1, 1)).
+    """
+    positive = np.sort(_scores("positive", positive))
+    negative = np.sort(_scores("negative", negative))
+    thresholds = np.concatenate([[np.inf], np.unique(np.concatenate([positive, negative]))[::-1]])
+    true_positives = positive.size - np.searchsorted(positive, thresholds, side="left")
+    false_positives = negative.size - np.searchsorted(negative, thresholds, side="left")
+    return false_positives / negative.size, true_positives / positive.size, thresholds
+
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Area under the ROC: P(positive > negative) + 0.5 P(tie) over all pairs (Mann–Whitney U / (P N))."""
+    positive = _scores("positive", positive)
+    negative = np.sort(_scores("negative", negative))
+    below = np.searchsorted(negative, positive, side="left")
+    tied = np.searchsorted(negative, positive, side="right") - below
+    return float((below.sum() + 0.5 * tied.sum()) / (positive.size * negative.size))
+
+
+def precision_at_recall(positive: Sequence[float], negative: Sequence[float], recall: float = 0.95) -> float:
+    """The best precision among thresholds that find at least ``recall`` of the positives (score >= threshold)."""
+    _check_open_unit("recall", recall, closed_above=True)
+    fpr, tpr, _ = roc_curve(positive, negative)
+    n_positive, n_negative = np.size(positive), np.size(negative)
+    true_positives, false_positives = np.rint(tpr * n_positive), np.rint(fpr * n_negative)
+    # Compare counts, not fractions: 19 / 20 must meet a 0.95 recall whatever the rounding of 0.95.
+    enough = true_positives >= recall * n_positive - 1e-9
+    return float(np.max(true_positives[enough] / (true_positives[enough] + false_positives[enough])))
+
+
+def control_metrics(controls: pd.DataFrame, threshold: float, confidence: float = 0.95) -> pd.DataFrame:
+    """How well a method, with its threshold, finds planted copies and passes over unseen patients.
+
+    controls: one row per probe with columns kind ("copy" | "holdout"), strength and score (higher =
+    more copy-like). Returns one row per copy strength (in order of appearance) and a last row "all",
+    with columns CONTROL_METRIC_COLUMNS: n_probes, n_found (score > threshold), recall, auc and
+    precision_at_95_recall (each strength's copies against every holdout probe), and, repeated on every
+    row since the negatives are shared, n_negatives, false_positives (holdout score > threshold), fpr
+    and its Clopper–Pearson interval fpr_low, fpr_high at ``confidence``.
+    """
+    missing = [c for c in ("kind", "strength", "score") if c not in controls.columns]
+    if missing:
+        raise ValueError(f"controls table lacks columns {missing} (columns: {list(controls.columns)})")
+    unknown = sorted(set(controls["kind"].astype(str)) - {"copy", "holdout"})
+    if unknown:
+        raise ValueError(f"controls table has kinds {unknown}: expected only 'copy' and 'holdout'")
+    if not is_number(threshold):
+        raise ValueError(f"threshold = {threshold!r}: expected a number")
+    scores = _scores("controls score", controls["score"], allow_empty=True)
+    is_copy = (controls["kind"] == "copy").to_numpy()
+    negatives = scores[~is_copy]
+    if negatives.size == 0:
+        raise ValueError("controls table has no holdout probes: the false-positive rate and the AUC need unseen "
+                         "patients as negatives; add holdout probes (kind 'holdout') to the controls")
+    if not is_copy.any():
+        raise ValueError("controls table has no copy probes: recall needs planted copies of training volumes; "
+                         "add probes with kind 'copy'")
+    false_positives = int((negatives > threshold).sum())
+    fpr_low, fpr_high = proportion_interval(false_positives, negatives.size, confidence)
+    strengths = controls.loc[is_copy, "strength"].astype(str).to_numpy()
+    rows = []
+    for strength in [*pd.unique(strengths), "all"]:
+        positives = scores[is_copy][strengths == strength] if strength != "all" else scores[is_copy]
+        n_found = int((positives > threshold).sum())
+        rows.append({"strength": strength, "n_probes": positives.size, "n_found": n_found,
+                     "recall": n_found / positives.size, "auc": roc_auc(positives, negatives),
+                     "precision_at_95_recall": precision_at_recall(positives, negatives, 0.95),
+                     "n_negatives": negatives.size, "false_positives": false_positives,
+                     "fpr": false_positives / negatives.size, "fpr_low": fpr_low, "fpr_high": fpr_high})
+    return pd.DataFrame(rows, columns=CONTROL_METRIC_COLUMNS)
+
+
+def mild_recall(metrics: pd.DataFrame, mild: Sequence[str] = MILD_STRENGTHS) -> float:
+    """Recall pooled over the mild strengths present in a control_metrics table: Σ n_found / Σ n_probes.
+
+    Mild copies (exact, flipped, slightly rotated) are what any working detector must find; a method
+    that misses them cannot vouch for a low memorization count.
+    """
+    rows = metrics[metrics["strength"].isin(list(mild))]
+    if rows.empty:
+        raise ValueError(f"no control probes of the mild strengths {list(mild)} (strengths present: "
+                         f"{metrics['strength'].tolist()}); generate controls with at least one of them")
+    return float(rows["n_found"].sum() / rows["n_probes"].sum())
+
+
+def _scores(name: str, values: Sequence[float], allow_empty: bool = False) -> np.ndarray:
+    """A 1-D float64 copy of ``values``, refused if empty (unless allowed) or holding NaN."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of scores, got shape {array.shape}")
+    if array.size == 0 and not allow_empty:
+        raise ValueError(f"{name}: no scores")
+    if np.isnan(array).any():
+        raise ValueError(f"{name}: {int(np.isnan(array).sum())} scores are NaN; re-run the scoring step")
+    return array
+
+
+def _check_open_unit(name: str, value: float, closed_above: bool = False) -> None:
+    if not is_number(value) or not (0 < value < 1 or (closed_above and value == 1)):
+        raise ValueError(f"{name} = {value!r}: expected a number strictly between 0 and 1"
+                         + (" (or 1)" if closed_above else ""))
+
+
+def _binomial_pmf(n: int, p: float) -> np.ndarray:
+    """(n + 1,) P(X = i) for X ~ Binomial(n, p), through log-factorials so large n does not overflow."""
+    if p <= 0 or p >= 1:
+        pmf = np.zeros(n + 1)
+        pmf[0 if p <= 0 else n] = 1.0
+        return pmf
+    log_factorials = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    i = np.arange(n + 1)
+    log_pmf = log_factorials[n] - log_factorials[i] - log_factorials[n - i] + i * np.log(p) + (n - i) * np.log1p(-p)
+    return np.exp(log_pmf)
+
+
+def _bisect(function, increasing: bool) -> float:
+    """The root in [0, 1] of a monotone ``function`` by bisection; 60 halvings reach double precision."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if (function(middle) < 0) == increasing:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2

@@ -1,0 +1,116 @@
+"""A filtered release: the synthetic volumes that no copy detector flags, ready to share.
+
+Each method's release threshold is the ``release.percentile`` of its calibration scores (training
+volumes scored against the holdout set, as τ is for the published method). At the assessment's own
+percentile this is τ; a lower percentile is stricter and also removes near-misses. A synthetic volume
+is released only when its score is at or below the threshold of every listed method. ``release.json``
+says which threshold, which methods, and what was removed and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medmem import artefacts, volume_sets
+
+logger = logging.getLogger("medmem.release")
+
+
+@dataclass(frozen=True)
+class Settings:
+    percentile: float = 95.0  # per method: flag scores above this percentile of its calibration scores
+    methods: tuple[str, ...] = ("contrastive", "pixel_pearson", "ssim", "carlini", "meehan", "authenticity")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
+                or not 0 < self.percentile < 100:
+            raise ValueError(f"release.percentile = {self.percentile!r}: expected a number strictly between 0 "
+                             "and 100; the assessment's percentile (95) releases what τ does not flag")
+        methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else ()
+        if not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"release.methods = {self.methods!r}: expected a non-empty list of distinct methods")
+        object.__setattr__(self, "methods", methods)
+
+    def check_methods(self, available: Sequence[str]) -> None:
+        """Every listed method must be one the assessment runs."""
+        unknown = [m for m in self.methods if m not in available]
+        if unknown:
+            raise ValueError(f"release.methods lists {unknown}, which this experiment does not run (it runs "
+                             f"{list(available)}); add them to baselines.methods or remove them from release.methods")
+
+
+def release_thresholds(scores: pd.DataFrame, methods: Sequence[str], percentile: float) -> dict[str, float]:
+    """Per method, the ``percentile`` of its calibration scores (unified score table, see baselines)."""
+    thresholds = {}
+    for method in methods:
+        calibration = scores.loc[(scores["method"] == method) & (scores["set"] == "calibration"), "score"]
+        if calibration.empty:
+            raise ValueError(f"no calibration scores for method {method!r}; was it assessed?")
+        thresholds[method] = float(np.percentile(calibration.to_numpy(np.float64), percentile))
+    return thresholds
+
+
+def flag_synthetic(scores: pd.DataFrame, thresholds: dict[str, float]) -> pd.DataFrame:
+    """One row per synthetic volume: its score and nearest training volume per method, and who flags it."""
+    synthetic = scores[(scores["set"] == "synthetic") & scores["method"].isin(list(thresholds))]
+    synthetic = synthetic.assign(flagged=synthetic["score"] > synthetic["method"].map(thresholds))
+    rows = []
+    for synthetic_id, group in synthetic.groupby("query_id", sort=False):
+        rows.append({"id": synthetic_id,
+                     "flagged_by": [m for m in thresholds if group.loc[group["method"] == m, "flagged"].any()],
+                     "scores": dict(zip(group["method"], group["score"].astype(float))),
+                     "nearest_train": dict(zip(group["method"], group["neighbour_id"].astype(str)))})
+    return pd.DataFrame(rows, columns=["id", "flagged_by", "scores", "nearest_train"])
+
+
+def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_csv: str | os.PathLike,
+        manifest_csv: str | os.PathLike, release_json: str | os.PathLike,
+        volumes_dir: str | os.PathLike) -> dict:
+    """Copy the unflagged synthetic volumes into ``volumes_dir``; write their manifest and release.json."""
+    scores = pd.read_csv(scores_csv, dtype={"query_id": str, "neighbour_id": str})
+    settings.check_methods(sorted(scores["method"].unique()))
+    thresholds = release_thresholds(scores, settings.methods, settings.percentile)
+    verdicts = flag_synthetic(scores, thresholds)
+    synthetic = volume_sets.read_volume_table(synthetic_manifest_csv).set_index("id")
+    unscored = sorted(set(synthetic.index) - set(verdicts["id"]))
+    if unscored:
+        raise ValueError(f"{scores_csv} has no scores for synthetic volumes {unscored} of {synthetic_manifest_csv}; "
+                         "re-run the assessment on this synthetic set")
+    removed = verdicts[verdicts["flagged_by"].map(len) > 0]
+    kept = [i for i in synthetic.index if i not in set(removed["id"])]
+
+    manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
+    rows = []
+    with artefacts.atomic_directory(volumes_dir) as staging:
+        for volume_id in kept:
+            source = Path(synthetic.at[volume_id, "path"])
+            shutil.copyfile(source, staging / source.name)
+            rows.append({"id": volume_id, "path": Path(os.path.relpath(volumes_dir / source.name,
+                                                                          manifest_csv.parent)).as_posix()})
+    artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path"]))
+    statement = {
+        "percentile": float(settings.percentile),
+        "methods": list(settings.methods),
+        "thresholds": thresholds,
+        "rule": "a synthetic volume is released only when, for every method, its score against the training "
+                "set is at or below that method's threshold (higher score = more copy-like)",
+        "n_synthetic": len(synthetic),
+        "n_released": len(kept),
+        "n_removed": len(removed),
+        "removed": removed.to_dict(orient="records"),
+    }
+    artefacts.write_json(release_json, statement)
+    for output in (manifest_csv, release_json):
+        artefacts.write_sidecar(output, settings=asdict(settings),
+                                inputs={"scores": scores_csv, "synthetic_manifest": synthetic_manifest_csv})
+    logger.info("release at the %g percentile of %s: %d of %d synthetic volumes kept, %d removed",
+                settings.percentile, ", ".join(settings.methods), len(kept), len(synthetic), len(removed))
+    return statement

@@ -1,0 +1,273 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medmem import artefacts, baselines
+from procedural_cohort import ellipsoid_volumes, write_cohort
+
+SHAPE = (12, 12, 12)
+POINT = (1, 1, 2)  # hand-made examples: 2-voxel "volumes" are points in the plane
+
+
+def flat(volumes):
+    return np.ascontiguousarray(np.asarray(volumes, dtype=np.float32).reshape(len(volumes), -1))
+
+
+def points(*xy):
+    return np.array(xy, dtype=np.float32)
+
+
+def test_settings_refuse_bad_values():
+    assert baselines.Settings(methods=["ssim", "carlini"]).methods == ("ssim", "carlini")
+    for kwargs, key in [({"methods": ()}, "baselines.methods"), ({"methods": ("ssim", "lpips")}, "baselines.methods"),
+                        ({"methods": ("ssim", "ssim")}, "baselines.methods"),
+                        ({"ssim_candidates": 0}, "baselines.ssim_candidates"),
+                        ({"carlini_alpha": 0.0}, "baselines.carlini_alpha"),
+                        ({"carlini_alpha": "0.5"}, "baselines.carlini_alpha"),
+                        ({"carlini_neighbours": 2.5}, "baselines.carlini_neighbours"),
+                        ({"meehan_cells": 0}, "baselines.meehan_cells"), ({"seed": -1}, "baselines.seed")]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            baselines.Settings(**kwargs)
+
+
+def test_pixel_pearson_agrees_with_corrcoef():
+    volumes = flat(ellipsoid_volumes(14, 12, seed=1))
+    queries, reference = volumes[:5], volumes[5:]
+    neighbours, scores = baselines.score("pixel_pearson", baselines.Settings(), queries, reference, reference,
+                                         False, SHAPE)
+    correlations = np.corrcoef(volumes.astype(np.float64))[:5, 5:]
+    np.testing.assert_array_equal(neighbours, correlations.argmax(axis=1))
+    np.testing.assert_allclose(scores, correlations.max(axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_an_exact_copy_gets_the_top_score_and_its_source(method):
+    volumes = flat(ellipsoid_volumes(18, 12, seed=2))
+    reference, test, fresh = volumes[:8], volumes[8:14], volumes[14:]
+    queries = np.concatenate([fresh[:2], reference[3:4], fresh[2:]])
+    settings = baselines.Settings(ssim_candidates=3, carlini_neighbours=5, meehan_cells=2)
+    neighbours, scores = baselines.score(method, settings, queries, reference, test, False, SHAPE)
+    assert neighbours.shape == scores.shape == (5,)
+    assert neighbours[2] == 3
+    others = np.delete(scores, 2)
+    if method == "meehan":
+        # Every test volume lies farther from the reference than a copy; a fresh query may tie the maximum.
+        assert scores[2] == 1.0 and (others <= 1.0).all()
+    else:
+        assert (scores[2] > others).all()
+    if method in ("pixel_pearson", "ssim"):
+        assert scores[2] == pytest.approx(1.0, abs=1e-6)
+    if method in ("carlini", "authenticity"):
+        assert scores[2] > 1e3 and np.isfinite(scores[2])  # a copy is flagged natively (> 1), finitely
+
+
+def test_ssim_of_identical_volumes_is_one_and_window_shrinks_on_small_volumes():
+    volumes = flat(ellipsoid_volumes(6, 12, seed=3))
+    neighbours, scores = baselines.score("ssim", baselines.Settings(ssim_candidates=2), volumes, volumes, volumes,
+                                         False, SHAPE)
+    np.testing.assert_array_equal(neighbours, np.arange(6))
+    np.testing.assert_allclose(scores, 1.0, atol=1e-6)
+    assert baselines.ssim_window((32, 32, 32)) == (11, 1.5)
+    assert baselines.ssim_window((22, 40, 40)) == (11, 1.5)
+    assert baselines.ssim_window((12, 12, 12)) == (5, pytest.approx(1.5 * 5 / 11))
+    assert baselines.ssim_window((40, 16, 40)) == (7, pytest.approx(1.5 * 7 / 11))
+    with pytest.raises(ValueError, match="too small for SSIM"):
+        baselines.ssim_window((5, 12, 12))
+
+
+def test_carlini_pinned_by_hand():
+    # Reference points at distances 1, 2 and √17 from the query (1, 0).
+    reference = points((0, 0), (3, 0), (0, 4))
+    query = points((1, 0), (0.1, 0))
+
+    def carlini(**kwargs):
+        return baselines.score("carlini", baselines.Settings(**kwargs), query, reference, reference, False, POINT)
+
+    neighbours, scores = carlini(carlini_neighbours=2)
+    # ℓ = 1 / (0.5 · mean(1, 2)) = 4/3, score = 1/ℓ = 0.75: not a copy (ℓ ≥ 1).
+    assert neighbours[0] == 0 and scores[0] == pytest.approx(0.75, abs=1e-6)
+    assert carlini(carlini_neighbours=2, carlini_alpha=0.25)[1][0] == pytest.approx(0.375, abs=1e-6)
+    # n = 50 is clipped to the 3 reference points: score = 0.5 · (1 + 2 + √17) / 3 / 1.
+    neighbours, scores = carlini()
+    assert scores[0] == pytest.approx((3 + math.sqrt(17)) / 6, abs=1e-6)
+    # (0.1, 0) is a copy natively: ℓ = 0.1 / (0.5 · (0.1 + 2.9 + √16.01) / 3) < 1.
+    assert neighbours[1] == 0
+    assert scores[1] == pytest.approx(0.5 * (0.1 + 2.9 + math.sqrt(16.01)) / 3 / 0.1, rel=1e-5)
+    assert scores[1] > 1
+
+
+def test_authenticity_pinned_by_hand():
+    # Each reference point's nearest other: (0,0) and (4,0) are 4 apart, (0,10) is 10 from (0,0).
+    reference = points((0, 0), (4, 0), (0, 10))
+    queries = points((1, 0), (0, 7), (-6, 0), (0, -4))
+    neighbours, scores = baselines.score("authenticity", baselines.Settings(), queries, reference, reference,
+                                         False, POINT)
+    np.testing.assert_array_equal(neighbours, [0, 2, 0, 0])
+    np.testing.assert_allclose(scores, [4 / 1, 10 / 3, 4 / 6, 4 / 4], rtol=1e-6)
+    # Unauthentic only when strictly closer: (0, -4) is exactly as far as (4, 0) is from (0, 0).
+    assert baselines.authenticity_fraction(queries, reference) == 0.5
+    assert baselines.authenticity_fraction(reference + 0.01, reference) == 0.0
+
+
+def test_meehan_pinned_by_hand():
+    # Two reference points far apart make two cells; a point (x, d) lies at distance d from its cell's centre.
+    reference = points((0, 0), (100, 0))
+    settings = baselines.Settings(meehan_cells=2)
+    cell_a_test, cell_a_generated = [0.2, 0.5, 1.0, 2.0], [0.1, 0.3, 0.5, 1.5, 3.0]
+    cell_b_test, cell_b_generated = [1.0, 2.0], [0.1, 0.2, 0.3, 0.4, 0.6]
+    test = points(*[(0, d) for d in cell_a_test], *[(100, d) for d in cell_b_test])
+    generated = points(*[(0, d) for d in cell_a_generated], *[(100, d) for d in cell_b_generated])
+
+    neighbours, scores = baselines.score("meehan", settings, generated, reference, test, False, POINT)
+    np.testing.assert_array_equal(neighbours, [0] * 5 + [1] * 5)
+    # Share of the cell's test points farther from the reference than the query (ties ½):
+    # 0.5 in cell A is beaten by 1.0 and 2.0 and ties 0.5 → (2 + ½) / 4.
+    np.testing.assert_allclose(scores, [1, 3 / 4, 2.5 / 4, 1 / 4, 0] + [1] * 5)
+
+    # Cell A: U = 0 + 1 + 1.5 + 3 + 4 = 9.5, m = 5, n = 4; cell B: U = 0, m = 5, n = 2.
+    z_a = (9.5 - 10) / math.sqrt(5 * 4 * 10 / 12)
+    z_b = (0 - 5) / math.sqrt(5 * 2 * 8 / 12)
+    assert baselines.mann_whitney_z(cell_a_generated, cell_a_test) == pytest.approx(z_a)
+    # C_T weighs each cell by its share of the test set: 4/6 and 2/6.
+    c_t = baselines.meehan_ct(settings, generated, reference, test)
+    assert c_t == pytest.approx((4 * z_a + 2 * z_b) / 6, abs=1e-9)
+    # A cell with too few generated samples drops out of C_T; with none left, C_T is undefined.
+    assert baselines.meehan_ct(settings, generated[1:], reference, test) == pytest.approx(z_b, abs=1e-9)
+    assert math.isnan(baselines.meehan_ct(settings, generated, reference, test, min_generated_per_cell=6))
+
+
+def test_meehan_ct_detects_copying_and_not_fresh_samples():
+    rng = np.random.default_rng(0)
+    train, test, fresh = (rng.standard_normal((60, 64)).astype(np.float32) for _ in range(3))
+    copies = train[:40] + np.float32(0.01) * rng.standard_normal((40, 64)).astype(np.float32)
+    settings = baselines.Settings(meehan_cells=3)
+    assert baselines.meehan_ct(settings, copies, train, test) < -4
+    assert abs(baselines.meehan_ct(settings, fresh[:40], train, test)) < 2
+    _, copy_scores = baselines.score("meehan", settings, copies, train, test, False, (4, 4, 4))
+    assert (copy_scores == 1.0).all()
+
+
+def test_leave_one_out_excludes_the_query_itself():
+    reference = points((0, 0))
+    test = points((0, 0.5), (0, 1.0), (0, 2.0))
+    settings = baselines.Settings(meehan_cells=1)
+    _, left_out = baselines.score("meehan", settings, test, reference, test, True, POINT)
+    # Query 0 (d = 0.5) against the others {1, 2}: 1.0; query 2 (d = 2) against {0.5, 1}: 0.
+    np.testing.assert_allclose(left_out, [1.0, 0.5, 0.0])
+    _, kept_in = baselines.score("meehan", settings, test, reference, test, False, POINT)
+    np.testing.assert_allclose(kept_in, [2.5 / 3, 1.5 / 3, 0.5 / 3])  # each ties itself
+    # A holdout probe is a test volume under another name: leave_out names it.
+    _, probe = baselines.score("meehan", settings, test[:1].copy(), reference, test, False, POINT,
+                               leave_out=np.array([0]))
+    assert probe[0] == 1.0
+    with pytest.raises(ValueError, match="query_is_test but"):
+        baselines.score("meehan", settings, test[:2], reference, test, True, POINT)
+    with pytest.raises(ValueError, match="volume_shape"):
+        baselines.score("carlini", settings, test, reference, test, False, (1, 1, 3))
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.score("lpips", settings, test, reference, test, False, POINT)
+
+
+def write_volumes(folder, name, volumes, extra):
+    rows = []
+    for i, volume in enumerate(volumes):
+        volume_id = extra[i].pop("id")
+        artefacts.save_nifti(folder / name / f"{volume_id}.nii.gz", volume, np.diag([4.0, 4.0, 4.0, 1.0]))
+        rows.append({"id": volume_id, "path": f"{name}/{volume_id}.nii.gz", **extra[i]})
+    artefacts.write_csv(folder / f"{name}.csv", pd.DataFrame(rows))
+    return folder / f"{name}.csv"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("baselines")
+    volumes = ellipsoid_volumes(20, 12, seed=5)
+    cases, split = write_cohort(folder, volumes, n_train=12)
+    fresh = ellipsoid_volumes(7, 12, seed=6)
+    synthetic = write_volumes(folder, "synthetic", np.concatenate([volumes[:3], fresh]),
+                              [{"id": f"synthetic_{i:04d}"} for i in range(10)])
+    probes = np.concatenate([volumes[:6], np.flip(volumes[6:12], axis=1), volumes[12:16]])
+    labels = ([{"kind": "copy", "strength": "exact", "source_id": f"patient_{i:03d}"} for i in range(6)]
+              + [{"kind": "copy", "strength": "flip", "source_id": f"patient_{i:03d}"} for i in range(6, 12)]
+              + [{"kind": "holdout", "strength": "none", "source_id": f"patient_{i:03d}"} for i in range(12, 16)])
+    for label in labels:
+        label["id"] = f"probe-{label['strength'] if label['kind'] == 'copy' else 'holdout'}-{label['source_id']}"
+    controls = write_volumes(folder, "controls", probes, [dict(label) for label in labels])
+    return folder, cases, split, synthetic, controls
+
+
+def test_run_writes_every_set_for_every_method(cohort):
+    folder, cases, split, synthetic, controls = cohort
+    settings = baselines.Settings(ssim_candidates=3, carlini_neighbours=5, meehan_cells=1)
+    baselines.run(settings, cases, split, synthetic, controls, folder / "scores.csv", folder / "statistics.csv")
+    scores = pd.read_csv(folder / "scores.csv", dtype={"query_id": str, "neighbour_id": str})
+    assert list(scores.columns) == baselines.SCORE_COLUMNS
+    assert list(dict.fromkeys(scores["method"])) == list(baselines.METHODS)
+    train = [f"patient_{i:03d}" for i in range(12)]
+    holdout = [f"patient_{i:03d}" for i in range(12, 20)]
+    synthetic_ids = [f"synthetic_{i:04d}" for i in range(10)]
+    probe_ids = pd.read_csv(controls)["id"].tolist()
+    expected = {"calibration": (train, holdout), "memorization": (train, synthetic_ids),
+                "synthetic": (synthetic_ids, train), "holdout": (holdout, train), "controls": (probe_ids, train)}
+    for method in baselines.METHODS:
+        rows = scores[scores["method"] == method]
+        assert list(dict.fromkeys(rows["set"])) == list(expected)
+        for set_name, (queries, reference) in expected.items():
+            in_set = rows[rows["set"] == set_name].set_index("query_id")
+            assert in_set.index.tolist() == queries
+            assert set(in_set["neighbour_id"]) <= set(reference)
+            assert np.isfinite(in_set["score"]).all()
+        # The planted copies find their sources, both ways.
+        synthetic_rows = rows[rows["set"] == "synthetic"].set_index("query_id")["neighbour_id"]
+        assert [synthetic_rows[f"synthetic_{i:04d}"] for i in range(3)] == train[:3]
+        memorization = rows[rows["set"] == "memorization"].set_index("query_id")["neighbour_id"]
+        assert [memorization[t] for t in train[:3]] == synthetic_ids[:3]
+        probes = rows[rows["set"] == "controls"].set_index("query_id")["neighbour_id"]
+        assert [probes[f"probe-exact-{t}"] for t in train[:6]] == train[:6]
+        # A negative probe is its holdout patient, left out of the test set like in the holdout set.
+        negatives = rows[rows["set"] == "controls"].set_index("query_id").loc[
+            [f"probe-holdout-{h}" for h in holdout[:4]], ["neighbour_id", "score"]]
+        same = rows[rows["set"] == "holdout"].set_index("query_id").loc[holdout[:4], ["neighbour_id", "score"]]
+        np.testing.assert_array_equal(negatives.to_numpy(), same.to_numpy())
+
+    statistics = pd.read_csv(folder / "statistics.csv")
+    assert list(statistics.columns) == baselines.STATISTIC_COLUMNS
+    table = statistics.set_index(["method", "set", "statistic"])["value"]
+    assert sorted(table.index) == sorted(
+        [("meehan", s, "C_T") for s in ("synthetic", "controls:exact", "controls:flip")]
+        + [("authenticity", s, "authentic_fraction") for s in ("synthetic", "controls:exact", "controls:flip")])
+    assert table[("meehan", "controls:exact", "C_T")] < -2  # exact copies: far closer than fresh patients
+    assert table[("authenticity", "controls:exact", "authentic_fraction")] == 0.0
+    # The three planted copies are unauthentic (some fresh volumes may be too, in voxel space).
+    assert table[("authenticity", "synthetic", "authentic_fraction")] <= 0.7
+    authenticity = scores[(scores["method"] == "authenticity") & (scores["set"] == "synthetic")]
+    assert (authenticity["score"].to_numpy()[:3] > 1).all()
+    sidecar = json.loads((folder / "scores.csv.json").read_text())
+    assert sidecar["settings"]["meehan_cells"] == 1 and sidecar["volume_shape"] == [12, 12, 12]
+
+    baselines.run(baselines.Settings(methods=("carlini",)), cases, split, synthetic, controls,
+                  folder / "carlini.csv", folder / "carlini_statistics.csv")
+    assert set(pd.read_csv(folder / "carlini.csv")["method"]) == {"carlini"}
+    assert pd.read_csv(folder / "carlini_statistics.csv").empty
+
+
+def test_run_refuses_a_probe_of_the_wrong_split(cohort):
+    folder, cases, split, synthetic, controls = cohort
+    table = pd.read_csv(controls, dtype=str)
+    table.loc[0, "source_id"] = "patient_015"  # a 'copy' of a holdout patient
+    table.to_csv(folder / "bad_controls.csv", index=False)
+    with pytest.raises(ValueError, match=r"copy probes of \['patient_015'\], which are not training patients"):
+        baselines.run(baselines.Settings(methods=("carlini",)), cases, split, synthetic, folder / "bad_controls.csv",
+                      folder / "bad.csv", folder / "bad_statistics.csv")
+
+
+def test_kmeans_finds_separated_clusters_even_after_simpleitk_is_imported():
+    import SimpleITK  # noqa: F401  (faiss.Kmeans breaks after this import; our k-means must not)
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (20, 3)), rng.normal(5, 0.1, (15, 3))]).astype(np.float32)
+    centroids = baselines.kmeans(points, 2, np.random.default_rng(1))
+    np.testing.assert_allclose(sorted(centroids[:, 0]), [points[:20, 0].mean(), points[20:, 0].mean()], atol=1e-5)

@@ -1,0 +1,136 @@
+# The audit around the detector: planted controls, baseline detectors, calibrated verdicts, image
+# quality and the filtered release.
+
+
+rule plant_controls:
+    input:
+        unpack(cohort_inputs("controls")),
+    output:
+        manifest=f"{RESULTS}/controls/{{controls}}/manifest.csv",
+        volumes=directory(f"{RESULTS}/controls/{{controls}}/volumes"),
+    params:
+        settings=settings_of("controls"),
+    log:
+        f"{RESULTS}/logs/plant_controls/{{controls}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/plant_controls.py"
+
+
+rule baselines:
+    input:
+        unpack(baselines_inputs),
+    output:
+        scores=f"{RESULTS}/baselines/{{baselines}}/scores.csv",
+        statistics=f"{RESULTS}/baselines/{{baselines}}/statistics.csv",
+    params:
+        settings=settings_of("baselines"),
+    log:
+        f"{RESULTS}/logs/baselines/{{baselines}}.log",
+    threads: 2  # SSIM's 3D convolutions dominate; they use every thread they get
+    conda:
+        ENV
+    resources:
+        mem_mb=8000,
+    script:
+        "../../scripts/baselines.py"
+
+
+rule assess:
+    input:
+        unpack(assess_inputs),
+    output:
+        memorization=report(
+            f"{RESULTS}/experiments/{{experiment}}/memorization.csv",
+            caption="../report/memorization.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        per_sample=f"{RESULTS}/experiments/{{experiment}}/per_sample.csv",
+        per_training=f"{RESULTS}/experiments/{{experiment}}/per_training.csv",
+        scores=f"{RESULTS}/experiments/{{experiment}}/scores.csv",
+        per_sample_methods=f"{RESULTS}/experiments/{{experiment}}/per_sample_methods.csv",
+        controls=f"{RESULTS}/experiments/{{experiment}}/controls.csv",
+        comparison=report(
+            f"{RESULTS}/experiments/{{experiment}}/comparison.csv",
+            caption="../report/comparison.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        histogram=report(
+            f"{RESULTS}/experiments/{{experiment}}/nn_correlation.png",
+            caption="../report/nn_correlation.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        roc=report(
+            f"{RESULTS}/experiments/{{experiment}}/controls_roc.png",
+            caption="../report/controls_roc.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        montage=report(
+            f"{RESULTS}/experiments/{{experiment}}/montage.png",
+            caption="../report/montage.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+    params:
+        settings=lambda wildcards: PLAN.effective[wildcards.experiment]["assess"],
+    log:
+        f"{RESULTS}/logs/assess/{{experiment}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/assess.py"
+
+
+rule quality:
+    input:
+        unpack(quality_inputs),
+    output:
+        quality=report(
+            f"{RESULTS}/experiments/{{experiment}}/quality.csv",
+            caption="../report/quality.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+    params:
+        settings=lambda wildcards: PLAN.effective[wildcards.experiment]["quality"],
+    log:
+        f"{RESULTS}/logs/quality/{{experiment}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    script:
+        "../../scripts/quality.py"
+
+
+rule release:
+    input:
+        unpack(release_inputs),
+    output:
+        manifest=f"{RESULTS}/experiments/{{experiment}}/release/manifest.csv",
+        statement=report(
+            f"{RESULTS}/experiments/{{experiment}}/release/release.json",
+            caption="../report/release.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        volumes=directory(f"{RESULTS}/experiments/{{experiment}}/release/volumes"),
+    params:
+        settings=lambda wildcards: PLAN.effective[wildcards.experiment]["release"],
+    log:
+        f"{RESULTS}/logs/release/{{experiment}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+    script:
+        "../../scripts/release.py"
