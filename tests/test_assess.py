@@ -110,8 +110,15 @@ def neighbour_tables(tmp_path):
         pd.DataFrame({"method": "pixel_pearson", "set": "controls", "query_id": [p[0] for p in PROBES],
                       "neighbour_id": [p[3] for p in PROBES], "score": [0.9, 0.9, 0.9] + [0.3] * 10}),
     ])
+    # The two baseline rules: the synthetic side, and the calibration, holdout and control sets.
+    synthetic_side = baseline["set"].isin(["memorization", "synthetic"])
     paths["baseline_scores"] = tmp_path / "baselines" / "scores.csv"
-    artefacts.write_csv(paths["baseline_scores"], baseline)
+    artefacts.write_csv(paths["baseline_scores"], baseline[synthetic_side])
+    paths["control_baseline_scores"] = tmp_path / "baselines_controls" / "scores.csv"
+    artefacts.write_csv(paths["control_baseline_scores"], baseline[~synthetic_side])
+    paths["control_baseline_statistics"] = tmp_path / "baselines_controls" / "statistics.csv"
+    artefacts.write_csv(paths["control_baseline_statistics"], pd.DataFrame(
+        {"method": ["pixel_pearson"], "set": ["controls:exact"], "statistic": ["example"], "value": [-3.0]}))
     paths["baseline_statistics"] = tmp_path / "baselines" / "statistics.csv"
     artefacts.write_csv(paths["baseline_statistics"], pd.DataFrame(
         {"method": ["pixel_pearson"], "set": ["synthetic"], "statistic": ["example"], "value": [1.5]}))
@@ -178,6 +185,7 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     assert comparison.at["contrastive", "recall_exact"] == 1.0 and comparison.at["contrastive", "recall_rotate_5"] == 0
     assert comparison.at["pixel_pearson", "mild_recall"] == 1.0 and comparison.at["pixel_pearson", "n_copies"] == 1
     assert comparison.at["pixel_pearson", "example_synthetic"] == 1.5
+    assert comparison.at["pixel_pearson", "example_exact"] == -3.0
     assert comparison.at["pixel_pearson", "auc"] == 1.0
     controls = pd.read_csv(outputs.controls)
     assert set(controls["method"]) == {"contrastive", "pixel_pearson"}

@@ -199,11 +199,22 @@ def cohort(tmp_path_factory):
     return folder, cases, split, synthetic, controls
 
 
+def run_both_sides(settings, cases, split, synthetic, controls, folder, name):
+    """The two rules: baselines on the controls (shared) and on one synthetic set; both tables stacked."""
+    for side, manifest in (("controls", {"controls_manifest_csv": controls}),
+                           ("synthetic", {"synthetic_manifest_csv": synthetic})):
+        baselines.run(settings, cases, split, folder / f"{name}_{side}.csv", folder / f"{name}_{side}_statistics.csv",
+                      **manifest)
+    read = lambda suffix: pd.concat([pd.read_csv(folder / f"{name}_{side}{suffix}.csv",  # noqa: E731
+                                                 dtype={"query_id": str, "neighbour_id": str})
+                                     for side in ("controls", "synthetic")], ignore_index=True)
+    return read(""), read("_statistics")
+
+
 def test_run_writes_every_set_for_every_method(cohort):
     folder, cases, split, synthetic, controls = cohort
     settings = baselines.Settings(ssim_candidates=3, carlini_neighbours=5, meehan_cells=1)
-    baselines.run(settings, cases, split, synthetic, controls, folder / "scores.csv", folder / "statistics.csv")
-    scores = pd.read_csv(folder / "scores.csv", dtype={"query_id": str, "neighbour_id": str})
+    scores, statistics = run_both_sides(settings, cases, split, synthetic, controls, folder, "scores")
     assert list(scores.columns) == baselines.SCORE_COLUMNS
     assert list(dict.fromkeys(scores["method"])) == list(baselines.METHODS)
     train = [f"patient_{i:03d}" for i in range(12)]
@@ -214,7 +225,7 @@ def test_run_writes_every_set_for_every_method(cohort):
                 "synthetic": (synthetic_ids, train), "holdout": (holdout, train), "controls": (probe_ids, train)}
     for method in baselines.METHODS:
         rows = scores[scores["method"] == method]
-        assert list(dict.fromkeys(rows["set"])) == list(expected)
+        assert set(rows["set"]) == set(expected)
         for set_name, (queries, reference) in expected.items():
             in_set = rows[rows["set"] == set_name].set_index("query_id")
             assert in_set.index.tolist() == queries
@@ -233,7 +244,6 @@ def test_run_writes_every_set_for_every_method(cohort):
         same = rows[rows["set"] == "holdout"].set_index("query_id").loc[holdout[:4], ["neighbour_id", "score"]]
         np.testing.assert_array_equal(negatives.to_numpy(), same.to_numpy())
 
-    statistics = pd.read_csv(folder / "statistics.csv")
     assert list(statistics.columns) == baselines.STATISTIC_COLUMNS
     table = statistics.set_index(["method", "set", "statistic"])["value"]
     assert sorted(table.index) == sorted(
@@ -245,13 +255,17 @@ def test_run_writes_every_set_for_every_method(cohort):
     assert table[("authenticity", "synthetic", "authentic_fraction")] <= 0.7
     authenticity = scores[(scores["method"] == "authenticity") & (scores["set"] == "synthetic")]
     assert (authenticity["score"].to_numpy()[:3] > 1).all()
-    sidecar = json.loads((folder / "scores.csv.json").read_text())
+    sidecar = json.loads((folder / "scores_synthetic.csv.json").read_text())
     assert sidecar["settings"]["meehan_cells"] == 1 and sidecar["volume_shape"] == [12, 12, 12]
+    assert sidecar["n_synthetic"] == 10 and "controls_manifest" not in sidecar["inputs"]
 
-    baselines.run(baselines.Settings(methods=("carlini",)), cases, split, synthetic, controls,
-                  folder / "carlini.csv", folder / "carlini_statistics.csv")
-    assert set(pd.read_csv(folder / "carlini.csv")["method"]) == {"carlini"}
-    assert pd.read_csv(folder / "carlini_statistics.csv").empty
+    carlini, carlini_statistics = run_both_sides(baselines.Settings(methods=("carlini",)), cases, split, synthetic,
+                                                 controls, folder, "carlini")
+    assert set(carlini["method"]) == {"carlini"}
+    assert carlini_statistics.empty
+    with pytest.raises(ValueError, match="exactly one manifest"):
+        baselines.run(settings, cases, split, folder / "x.csv", folder / "y.csv", synthetic_manifest_csv=synthetic,
+                      controls_manifest_csv=controls)
 
 
 def test_run_refuses_a_probe_of_the_wrong_split(cohort):
@@ -260,8 +274,8 @@ def test_run_refuses_a_probe_of_the_wrong_split(cohort):
     table.loc[0, "source_id"] = "patient_015"  # a 'copy' of a holdout patient
     table.to_csv(folder / "bad_controls.csv", index=False)
     with pytest.raises(ValueError, match=r"copy probes of \['patient_015'\], which are not training patients"):
-        baselines.run(baselines.Settings(methods=("carlini",)), cases, split, synthetic, folder / "bad_controls.csv",
-                      folder / "bad.csv", folder / "bad_statistics.csv")
+        baselines.run(baselines.Settings(methods=("carlini",)), cases, split, folder / "bad.csv",
+                      folder / "bad_statistics.csv", controls_manifest_csv=folder / "bad_controls.csv")
 
 
 def test_kmeans_finds_separated_clusters_even_after_simpleitk_is_imported():

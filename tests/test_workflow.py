@@ -71,7 +71,8 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     # The planted controls and their embedding are shared too.
     assert jobs == {"all": 1, "ingest": 1, "split": 1, "plant_controls": 1, "train_autoencoder": 1,
                     "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5, "similarity": 2,
-                    "baselines": 2, "assess": 2, "quality": 2, "release": 2, "report": 1, "total": 26}
+                    "baselines": 2, "baselines_controls": 1, "assess": 2, "quality": 2, "release": 2, "report": 1,
+                    "total": 27}
 
 
 def test_a_config_error_stops_the_plan_before_any_job(tmp_path):
@@ -242,8 +243,8 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
     write_config(tmp_path, outside_audit_config(tmp_path))
     jobs = planned_jobs(tmp_path)
     assert jobs == {"all": 1, "ingest": 1, "ingest_synthetic": 1, "split": 1, "plant_controls": 1,
-                    "train_detector": 1, "embed": 4, "similarity": 1, "baselines": 1, "assess": 1, "quality": 1,
-                    "release": 1, "report": 1, "total": 16}
+                    "train_detector": 1, "embed": 4, "similarity": 1, "baselines": 1, "baselines_controls": 1,
+                    "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 17}
     inputs_before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir())
     snakemake(tmp_path, "--cores", "2")
     results = tmp_path / "results"

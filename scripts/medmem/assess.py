@@ -131,8 +131,10 @@ class Inputs:
     train_to_holdout: str | os.PathLike
     holdout_to_train: str | os.PathLike
     controls_to_train: str | os.PathLike
-    baseline_scores: str | os.PathLike      # unified score table of the baseline detectors
+    baseline_scores: str | os.PathLike      # unified score table of the baseline detectors: synthetic side
     baseline_statistics: str | os.PathLike  # their set-level statistics (Meehan's C_T, authenticity)
+    control_baseline_scores: str | os.PathLike      # the same on the calibration, holdout and control sets
+    control_baseline_statistics: str | os.PathLike
     cases: str | os.PathLike
     synthetic_manifest: str | os.PathLike
     controls_manifest: str | os.PathLike
@@ -236,8 +238,10 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     if set(train_to_synthetic["query_id"]) != set(train_to_holdout["query_id"]):
         raise ValueError(f"{inputs.train_to_synthetic} and {inputs.train_to_holdout} query different training "
                          "volumes; re-run similarity on one set of embeddings")
-    scores = pd.concat([contrastive_scores(inputs), read_scores(inputs.baseline_scores)], ignore_index=True)
-    statistics = pd.read_csv(inputs.baseline_statistics, dtype={"method": str, "set": str, "statistic": str})
+    scores = pd.concat([contrastive_scores(inputs), read_scores(inputs.control_baseline_scores),
+                        read_scores(inputs.baseline_scores)], ignore_index=True)
+    statistics = pd.concat([pd.read_csv(path, dtype={"method": str, "set": str, "statistic": str}) for path in
+                            (inputs.control_baseline_statistics, inputs.baseline_statistics)], ignore_index=True)
     probes = pd.read_csv(inputs.controls_manifest, dtype={"id": str, "source_id": str})[
         ["id", "kind", "strength", "source_id"]]
     methods = list(dict.fromkeys(scores["method"]))

@@ -229,43 +229,62 @@ def authenticity_fraction(generated: np.ndarray, reference: np.ndarray) -> float
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
-        synthetic_manifest_csv: str | os.PathLike, controls_manifest_csv: str | os.PathLike,
-        scores_csv: str | os.PathLike, statistics_csv: str | os.PathLike) -> None:
-    """Score the five sets with every method (the unified score table) and write the set-level statistics."""
+        scores_csv: str | os.PathLike, statistics_csv: str | os.PathLike, *,
+        synthetic_manifest_csv: str | os.PathLike | None = None,
+        controls_manifest_csv: str | os.PathLike | None = None) -> None:
+    """Score one side of the audit with every method (unified score table) and write set-level statistics.
+
+    With ``controls_manifest_csv``: the sets that do not depend on the synthetic volumes (calibration,
+    holdout, controls), computed once and shared by every experiment on the same split. With
+    ``synthetic_manifest_csv``: the synthetic set and memorization. Exactly one of the two.
+    """
+    if (synthetic_manifest_csv is None) == (controls_manifest_csv is None):
+        raise ValueError("baselines.run scores either a synthetic set or the controls: pass exactly one manifest")
     train_ids, train_paths = volume_sets.split_paths(cases_csv, split_csv, "train")
     holdout_ids, holdout_paths = volume_sets.split_paths(cases_csv, split_csv, "holdout")
-    synthetic_table = volume_sets.read_volume_table(synthetic_manifest_csv)
-    controls = _read_controls(controls_manifest_csv, train_ids, holdout_ids)
+    named_paths = [("train", train_paths, split_csv), ("holdout", holdout_paths, split_csv)]
+    if synthetic_manifest_csv is not None:
+        synthetic_table = volume_sets.read_volume_table(synthetic_manifest_csv)
+        named_paths.append(("synthetic", synthetic_table["path"].tolist(), synthetic_manifest_csv))
+    else:
+        controls = _read_controls(controls_manifest_csv, train_ids, holdout_ids)
+        named_paths.append(("controls", controls["path"].tolist(), controls_manifest_csv))
 
     volume_shape, vectors = None, {}
-    for name, paths, table in (("train", train_paths, split_csv), ("holdout", holdout_paths, split_csv),
-                               ("synthetic", synthetic_table["path"].tolist(), synthetic_manifest_csv),
-                               ("controls", controls["path"].tolist(), controls_manifest_csv)):
+    for name, paths, table in named_paths:
         volumes, _ = volume_sets.load_volumes(paths)
         if volume_shape is not None and volumes.shape[2:] != volume_shape:
             raise ValueError(f"{table}: {name} volumes have shape {volumes.shape[2:]} but train volumes "
                              f"{volume_shape}; all sets must be canonical volumes of one shape")
         volume_shape = volumes.shape[2:]
         vectors[name] = np.ascontiguousarray(volumes.reshape(len(volumes), -1), dtype=np.float32)
-    train, holdout, synthetic, probes = (vectors[n] for n in ("train", "holdout", "synthetic", "controls"))
-    synthetic_ids, probe_ids = synthetic_table["id"].tolist(), controls["id"].tolist()
-    logger.info("baselines on %d train, %d holdout, %d synthetic, %d probe volumes of shape %s",
-                len(train), len(holdout), len(synthetic), len(probes), volume_shape)
+    train, holdout = vectors["train"], vectors["holdout"]
+    logger.info("baselines on %s volumes of shape %s",
+                ", ".join(f"{len(v)} {name}" for name, v in vectors.items()), volume_shape)
 
-    # Negative probes are holdout patients: leave each out of the holdout test set it is scored against.
-    holdout_index = {patient: i for i, patient in enumerate(holdout_ids)}
-    probe_leave_out = np.array([holdout_index[s] if k == "holdout" else -1
-                                for k, s in zip(controls["kind"], controls["source_id"])], dtype=np.int64)
     # (set, query ids, queries, reference ids, reference, test, query_is_test, leave_out)
-    sets = [
-        ("calibration", train_ids, train, holdout_ids, holdout, train, True, None),
-        ("memorization", train_ids, train, synthetic_ids, synthetic, holdout, False, None),
-        ("synthetic", synthetic_ids, synthetic, train_ids, train, holdout, False, None),
-        ("holdout", holdout_ids, holdout, train_ids, train, holdout, True, None),
-        ("controls", probe_ids, probes, train_ids, train, holdout, False, probe_leave_out),
-    ]
+    if synthetic_manifest_csv is not None:
+        synthetic, synthetic_ids = vectors["synthetic"], synthetic_table["id"].tolist()
+        sets = [
+            ("memorization", train_ids, train, synthetic_ids, synthetic, holdout, False, None),
+            ("synthetic", synthetic_ids, synthetic, train_ids, train, holdout, False, None),
+        ]
+        generated_sets = [("synthetic", synthetic)]
+    else:
+        probes, probe_ids = vectors["controls"], controls["id"].tolist()
+        # Negative probes are holdout patients: leave each out of the holdout test set it is scored against.
+        holdout_index = {patient: i for i, patient in enumerate(holdout_ids)}
+        probe_leave_out = np.array([holdout_index[s] if k == "holdout" else -1
+                                    for k, s in zip(controls["kind"], controls["source_id"])], dtype=np.int64)
+        sets = [
+            ("calibration", train_ids, train, holdout_ids, holdout, train, True, None),
+            ("holdout", holdout_ids, holdout, train_ids, train, holdout, True, None),
+            ("controls", probe_ids, probes, train_ids, train, holdout, False, probe_leave_out),
+        ]
+        generated_sets = [
+            (f"controls:{s}", probes[((controls["kind"] == "copy") & (controls["strength"] == s)).to_numpy()])
+            for s in dict.fromkeys(controls.loc[controls["kind"] == "copy", "strength"])]
     score_tables, statistics = [], []
-    copy_strengths = list(dict.fromkeys(controls.loc[controls["kind"] == "copy", "strength"]))
     for method in settings.methods:
         start = time.perf_counter()
         for set_name, query_ids, queries, reference_ids, reference, test, query_is_test, leave_out in sets:
@@ -274,15 +293,11 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             score_tables.append(pd.DataFrame({"method": method, "set": set_name, "query_id": query_ids,
                                               "neighbour_id": np.asarray(reference_ids, dtype=object)[neighbours],
                                               "score": scores}, columns=SCORE_COLUMNS))
-        if method in ("meehan", "authenticity"):
-            generated_sets = [("synthetic", synthetic)] + [
-                (f"controls:{s}", probes[((controls["kind"] == "copy") & (controls["strength"] == s)).to_numpy()])
-                for s in copy_strengths]
-            for set_name, generated in generated_sets:
-                if method == "meehan":
-                    statistics.append((method, set_name, "C_T", meehan_ct(settings, generated, train, holdout)))
-                else:
-                    statistics.append((method, set_name, "authentic_fraction", authenticity_fraction(generated, train)))
+        for set_name, generated in generated_sets:
+            if method == "meehan":
+                statistics.append((method, set_name, "C_T", meehan_ct(settings, generated, train, holdout)))
+            elif method == "authenticity":
+                statistics.append((method, set_name, "authentic_fraction", authenticity_fraction(generated, train)))
         logger.info("%s: %d scores in %.1f s", method, sum(len(s[1]) for s in sets), time.perf_counter() - start)
     for method, set_name, statistic, value in statistics:
         logger.info("%s %s: %s = %.4f", method, set_name, statistic, value)
@@ -291,9 +306,10 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     artefacts.write_csv(statistics_csv, pd.DataFrame(statistics, columns=STATISTIC_COLUMNS))
     inputs = {"cases": cases_csv, "split": split_csv, "synthetic_manifest": synthetic_manifest_csv,
               "controls_manifest": controls_manifest_csv}
-    counts = {"n_train": len(train), "n_holdout": len(holdout), "n_synthetic": len(synthetic), "n_probes": len(probes)}
+    counts = {f"n_{name}": len(v) for name, v in vectors.items()}
     for output in (scores_csv, statistics_csv):
-        artefacts.write_sidecar(output, settings=asdict(settings), inputs=inputs, seed=settings.seed,
+        artefacts.write_sidecar(output, settings=asdict(settings),
+                                inputs={k: v for k, v in inputs.items() if v is not None}, seed=settings.seed,
                                 volume_shape=list(volume_shape), **counts)
 
 

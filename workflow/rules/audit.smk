@@ -20,6 +20,25 @@ rule plant_controls:
         "../../scripts/plant_controls.py"
 
 
+rule baselines_controls:
+    input:
+        unpack(baselines_controls_inputs),
+    output:
+        scores=f"{RESULTS}/baselines_controls/{{baselines_controls}}/scores.csv",
+        statistics=f"{RESULTS}/baselines_controls/{{baselines_controls}}/statistics.csv",
+    params:
+        settings=settings_of("baselines_controls"),
+    log:
+        f"{RESULTS}/logs/baselines_controls/{{baselines_controls}}.log",
+    threads: 2  # SSIM's 3D convolutions dominate; they use every thread they get
+    conda:
+        ENV
+    resources:
+        mem_mb=8000,
+    script:
+        "../../scripts/baselines.py"
+
+
 rule baselines:
     input:
         unpack(baselines_inputs),
@@ -30,7 +49,7 @@ rule baselines:
         settings=settings_of("baselines"),
     log:
         f"{RESULTS}/logs/baselines/{{baselines}}.log",
-    threads: 2  # SSIM's 3D convolutions dominate; they use every thread they get
+    threads: 2
     conda:
         ENV
     resources:

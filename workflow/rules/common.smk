@@ -29,6 +29,7 @@ wildcard_constraints:
     detector=KEY,
     similarity=KEY,
     baselines=KEY,
+    baselines_controls=KEY,
     volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}",
     experiment="|".join(EXPERIMENTS),
 
@@ -107,10 +108,13 @@ def embedding_files(similarity_key):
 
 
 def baselines_inputs(wildcards):
+    return {**cohort_inputs("baselines")(wildcards), **synthetic_set("baselines", wildcards.baselines)}
+
+
+def baselines_controls_inputs(wildcards):
     return {
-        **cohort_inputs("baselines")(wildcards),
-        **synthetic_set("baselines", wildcards.baselines),
-        **controls_set("baselines", wildcards.baselines),
+        **cohort_inputs("baselines_controls")(wildcards),
+        **controls_set("baselines_controls", wildcards.baselines_controls),
     }
 
 
@@ -122,6 +126,8 @@ def experiment_files(name):
         **{table: f"{similarity}/{table}.csv" for table in NEIGHBOUR_TABLES},
         "baseline_scores": f"{RESULTS}/baselines/{keys['baselines']}/scores.csv",
         "baseline_statistics": f"{RESULTS}/baselines/{keys['baselines']}/statistics.csv",
+        "control_baseline_scores": f"{RESULTS}/baselines_controls/{keys['baselines_controls']}/scores.csv",
+        "control_baseline_statistics": f"{RESULTS}/baselines_controls/{keys['baselines_controls']}/statistics.csv",
         "cases": f"{RESULTS}/ingest/{keys['ingest']}/cases.csv",
         "volumes": f"{RESULTS}/ingest/{keys['ingest']}/volumes",
         "split": f"{RESULTS}/split/{keys['split']}/split.csv",
@@ -134,7 +140,8 @@ def experiment_files(name):
 
 def assess_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
-    names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "cases", "volumes",
+    names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "control_baseline_scores",
+             "control_baseline_statistics", "cases", "volumes",
              "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
     return {name: files[name] for name in names}
 
