@@ -62,9 +62,45 @@ def test_deep_merge_leaves_defaults_alone():
     (lambda c: c["data"]["phantom"].update(n_patients=12), "split.min_holdout"),
     (lambda c: c["assess"].update(percentile=99.0), "needs at least 100 training volumes"),
     (lambda c: c.update(experiments={}), "experiments is empty"),
+    (lambda c: c["synthetic"].update(source="folder"), "synthetic.folder is null: set synthetic.folder"),
+    (lambda c: c["release"].update(percentile=99.0), "release.percentile=99.0 is looser than assess.percentile"),
+    (lambda c: c["controls"].update(n_per_strength=31), "controls.n_per_strength=31 copies more training volumes"),
+    (lambda c: c["controls"].update(strengths=["exact", "blur"]), "controls.strengths.1: 'blur' is not one of"),
+    (lambda c: c.update(baselines={**c["baselines"], "methods": ["ssim"]}, release={**c["release"], "methods": [
+        "contrastive", "carlini"]}), "release.methods lists ['carlini'], which this experiment does not run"),
+    (lambda c: c["assess"].update(training_images="yes"), "assess.training_images: 'yes' is not one of"),
 ])
 def test_config_errors_name_the_key_and_the_fix(config, mutate, message):
     mutate(config)
     with pytest.raises(ValueError) as error:
         make_plan(config, SCHEMA)
     assert message in str(error.value)
+
+
+def test_an_outside_synthetic_folder_replaces_the_generator(config, tmp_path):
+    config["synthetic"] = {"source": "folder", "folder": str(tmp_path)}
+    plan = make_plan(config, SCHEMA)
+    keys = plan.experiments["baseline"]
+    assert "ingest_synthetic" in keys and not {"autoencoder", "diffusion", "sample"} & set(keys)
+    outside = plan.run("ingest_synthetic", keys["ingest_synthetic"]).settings
+    # The synthetic folder goes through the training data's ingest: same grid, same scaling.
+    assert outside["source"] == "folder" and outside["folder"]["path"] == str(tmp_path)
+    assert outside["shape"] == config["data"]["shape"] and outside["spacing"] == config["data"]["spacing"]
+    assert plan.run("similarity", keys["similarity"]).inputs["ingest_synthetic"] == keys["ingest_synthetic"]
+    # Experiments that only change the generator now share every stage.
+    assert plan.experiments["long_training"] == keys
+
+
+def test_controls_and_control_baselines_are_shared_by_experiments(config):
+    plan = make_plan(config, SCHEMA)
+    baseline, long = plan.experiments["baseline"], plan.experiments["long_training"]
+    assert baseline["controls"] == long["controls"] and baseline["baselines_controls"] == long["baselines_controls"]
+    assert baseline["baselines"] != long["baselines"]
+
+
+def test_training_images_auto_follows_the_data_source(config, tmp_path):
+    assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is True
+    config["data"].update(source="folder", folder={**config["data"]["folder"], "path": str(tmp_path)})
+    assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is False
+    config["assess"]["training_images"] = True
+    assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is True

@@ -77,3 +77,9 @@ def test_release_settings_are_checked(tmp_path, audit):
     with pytest.raises(ValueError, match=r"release.methods lists \['ssim'\].*add them to baselines.methods"):
         run_release(tmp_path, audit, release.Settings(methods=("contrastive", "ssim")))
     assert not (tmp_path / "release").exists()
+
+
+def test_all_methods_decide_by_default(tmp_path, audit):
+    _, statement = run_release(tmp_path, audit, release.Settings())
+    assert statement["methods"] == ["contrastive", "pixel_pearson"]
+    assert statement["n_released"] == 2

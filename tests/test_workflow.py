@@ -47,9 +47,9 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def planned_jobs(workdir: Path) -> dict[str, int]:
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     """Rule → job count of a dry run, read from Snakemake's job-stats table."""
-    output = snakemake(workdir, "-n")
+    output = snakemake(workdir, "-n", *args)
     text = output.stdout + output.stderr
     if "Nothing to be done" in text:
         return {}
@@ -262,3 +262,11 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
     removed = {r["id"] for r in statement["removed"]}
     assert {f"copy_of_patient_{i:02d}" for i in range(5) if split[f"patient_{i:02d}"] == "train"} <= removed
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir()) == inputs_before
+
+
+def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
+    write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"experiments": {"mine": {"diffusion": {"epochs": 7}}}}))
+    jobs = planned_jobs(tmp_path, "--configfile", str(tmp_path / "mine.yaml"))
+    # Only `mine` is planned: not the defaults' baseline and long_training beside it.
+    assert jobs["assess"] == 1 and jobs["train_diffusion"] == 1

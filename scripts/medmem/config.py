@@ -154,7 +154,7 @@ def check_settings(effective: dict, name: str) -> None:
         baseline_settings = baselines.Settings(**effective["baselines"])
         quality.Settings(**effective["quality"])
         assess_settings = assess.Settings(**effective["assess"])
-        release.Settings(**effective["release"]).check_methods(("contrastive", *baseline_settings.methods))
+        release.Settings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None
     if effective["release"]["percentile"] > assess_settings.percentile:

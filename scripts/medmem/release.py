@@ -27,24 +27,29 @@ logger = logging.getLogger("medmem.release")
 @dataclass(frozen=True)
 class Settings:
     percentile: float = 95.0  # per method: flag scores above this percentile of its calibration scores
-    methods: tuple[str, ...] = ("contrastive", "pixel_pearson", "ssim", "carlini", "meehan", "authenticity")
+    methods: tuple[str, ...] | str = "all"  # "all": every method the experiment ran
 
     def __post_init__(self) -> None:
         if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
                 or not 0 < self.percentile < 100:
             raise ValueError(f"release.percentile = {self.percentile!r}: expected a number strictly between 0 "
                              "and 100; the assessment's percentile (95) releases what τ does not flag")
+        if self.methods == "all":
+            return
         methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else ()
         if not methods or len(set(methods)) != len(methods):
             raise ValueError(f"release.methods = {self.methods!r}: expected a non-empty list of distinct methods")
         object.__setattr__(self, "methods", methods)
 
-    def check_methods(self, available: Sequence[str]) -> None:
-        """Every listed method must be one the assessment runs."""
+    def methods_of(self, available: Sequence[str]) -> tuple[str, ...]:
+        """The methods that decide, out of those the assessment ran; every listed one must be among them."""
+        if self.methods == "all":
+            return tuple(available)
         unknown = [m for m in self.methods if m not in available]
         if unknown:
             raise ValueError(f"release.methods lists {unknown}, which this experiment does not run (it runs "
                              f"{list(available)}); add them to baselines.methods or remove them from release.methods")
+        return self.methods
 
 
 def release_thresholds(scores: pd.DataFrame, methods: Sequence[str], percentile: float) -> dict[str, float]:
@@ -76,8 +81,8 @@ def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_cs
         volumes_dir: str | os.PathLike) -> dict:
     """Copy the unflagged synthetic volumes into ``volumes_dir``; write their manifest and release.json."""
     scores = pd.read_csv(scores_csv, dtype={"query_id": str, "neighbour_id": str})
-    settings.check_methods(sorted(scores["method"].unique()))
-    thresholds = release_thresholds(scores, settings.methods, settings.percentile)
+    methods = settings.methods_of(list(dict.fromkeys(scores["method"])))
+    thresholds = release_thresholds(scores, methods, settings.percentile)
     verdicts = flag_synthetic(scores, thresholds)
     synthetic = volume_sets.read_volume_table(synthetic_manifest_csv).set_index("id")
     unscored = sorted(set(synthetic.index) - set(verdicts["id"]))
@@ -98,7 +103,7 @@ def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_cs
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path"]))
     statement = {
         "percentile": float(settings.percentile),
-        "methods": list(settings.methods),
+        "methods": list(methods),
         "thresholds": thresholds,
         "rule": "a synthetic volume is released only when, for every method, its score against the training "
                 "set is at or below that method's threshold (higher score = more copy-like)",
@@ -112,5 +117,5 @@ def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_cs
         artefacts.write_sidecar(output, settings=asdict(settings),
                                 inputs={"scores": scores_csv, "synthetic_manifest": synthetic_manifest_csv})
     logger.info("release at the %g percentile of %s: %d of %d synthetic volumes kept, %d removed",
-                settings.percentile, ", ".join(settings.methods), len(kept), len(synthetic), len(removed))
+                settings.percentile, ", ".join(methods), len(kept), len(synthetic), len(removed))
     return statement

@@ -7,6 +7,12 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from medmem.config import make_plan, synthetic_stage
 
 
+# Experiments given on the command line (--configfile my.yaml, --config) replace the default ones, so
+# an audit of your own data does not also run the demo's experiments; every other section merges
+# over config/config.yaml.
+if "experiments" in workflow.config_settings.overwrite_config:
+    config["experiments"] = workflow.config_settings.overwrite_config["experiments"]
+
 PLAN = make_plan(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
 RESULTS = config["results"]
 EXPERIMENTS = list(PLAN.experiments)
