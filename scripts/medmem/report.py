@@ -38,7 +38,7 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
     An experiment whose controls failed is marked INCONCLUSIVE under its name.
     """
     measures = (("pct_mem", "N_mem (% of training set)"), ("pct_copies", "N_copies (% of synthetic set)"))
-    figure = Figure(figsize=(1.8 + 1.8 * len(summary), 4.0))
+    figure = Figure(figsize=(2.6 + 1.8 * len(summary), 4.6))
     axes = figure.add_subplot()
     width = 0.8 / len(measures)
     positions = np.arange(len(summary))
@@ -55,10 +55,13 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
         if str(verdict).startswith("inconclusive"):
             tick.set_color("tab:red")
     axes.axhline(100 * summary["nominal_fpr"].iloc[0], color="grey", linestyle=":", linewidth=1,
-                 label="false-positive floor of τ")
+                 label="nominal false-positive rate of τ")
+    # The rate τ actually achieved on held-out patients: N_copies near it is no evidence of memorization.
+    axes.hlines(100 * summary["holdout_fpr"], positions - 0.45, positions + 0.45, color="black", linestyle="--",
+                linewidth=1, label="held-out patients above τ")
     axes.set_ylabel("% above τ")
     axes.set_ylim(0, 105)
-    axes.legend(fontsize=8, loc="upper left")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axes.set_title(f"Memorization per experiment ({100 * summary['confidence'].iloc[0]:g}% bootstrap intervals)")
     figure.tight_layout()
     figures.save_png(figure, path)
