@@ -11,4 +11,8 @@ report.run(
     summary_csv=snakemake.output.summary,
     index_csv=snakemake.output.index,
     figure_png=snakemake.output.figure,
+    study=snakemake.params.study,
+    study_png=snakemake.output.study_png,
+    study_csv=snakemake.output.study_csv,
+    privacy_utility_png=snakemake.output.privacy_utility,
 )

@@ -1,11 +1,16 @@
 """Rule sample: diffusion + autoencoder → synthetic NIfTI volumes (one seed each) + manifest."""
-from medmem import runtime, sample
+from pathlib import Path
+
+from medmem import diffusion, runtime, sample
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
+settings = sample.Settings(**snakemake.params.settings)
 sample.run(
-    sample.Settings(**snakemake.params.settings),
+    settings,
     autoencoder_path=snakemake.input.autoencoder,
-    diffusion_path=snakemake.input.diffusion,
+    # A training-length study samples one of a longer run's checkpoints (input: the checkpoints folder).
+    diffusion_path=(snakemake.input.diffusion if settings.diffusion_epoch is None
+                    else Path(snakemake.input.diffusion) / diffusion.checkpoint_name(settings.diffusion_epoch)),
     split_csv=snakemake.input.split,
     manifest_csv=snakemake.output.manifest,
     volumes_dir=snakemake.output.volumes,

@@ -9,5 +9,6 @@ diffusion.run(
     split_csv=snakemake.input.split,
     model_path=snakemake.output.model,
     curve_csv=snakemake.output.curve,
+    checkpoints_dir=snakemake.output.checkpoints,
     device=runtime.select_device(snakemake.params.device),
 )

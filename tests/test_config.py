@@ -104,3 +104,37 @@ def test_training_images_auto_follows_the_data_source(config, tmp_path):
     assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is False
     config["assess"]["training_images"] = True
     assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is True
+
+
+@pytest.mark.parametrize("study", ["training_length", "augmentation", "model_size"])
+def test_changing_one_factor_rekeys_only_its_branch(config, study):
+    overrides = yaml.safe_load((ROOT / "config" / "experiments" / f"{study}.yaml").read_text())
+    merged = deep_merge(config, {k: v for k, v in overrides.items() if k != "experiments"})
+    merged["experiments"] = overrides["experiments"]
+    before = make_plan(merged, SCHEMA).experiments
+    changed = copy.deepcopy(merged)
+    first = next(iter(changed["experiments"]))
+    changed["experiments"][first] = deep_merge(changed["experiments"][first], {"sample": {"seed": 9}})
+    after = make_plan(changed, SCHEMA).experiments
+    for name in before:
+        moved = {stage for stage in before[name] if before[name][stage] != after[name][stage]}
+        if name == first:  # its samples and everything downstream of them
+            assert moved == {"sample", "similarity", "baselines"}, moved
+        else:
+            assert not moved, (name, moved)
+
+
+def test_a_training_length_study_shares_one_diffusion_run(config):
+    overrides = yaml.safe_load((ROOT / "config" / "experiments" / "training_length.yaml").read_text())
+    merged = deep_merge(config, {k: v for k, v in overrides.items() if k != "experiments"})
+    merged["experiments"] = overrides["experiments"]
+    plan = make_plan(merged, SCHEMA)
+    assert len({keys["diffusion"] for keys in plan.experiments.values()}) == 1
+    assert len({keys["sample"] for keys in plan.experiments.values()}) == 4
+    merged["experiments"]["epochs_075"] = {"sample": {"diffusion_epoch": 75}}
+    with pytest.raises(ValueError, match=r"sample.diffusion_epoch=75 is not one of diffusion.checkpoint_epochs"):
+        make_plan(merged, SCHEMA)
+    merged["experiments"].pop("epochs_075")
+    merged["study"]["values"]["epochs_999"] = 999
+    with pytest.raises(ValueError, match=r"study.values names \['epochs_999'\], which are not experiments"):
+        make_plan(merged, SCHEMA)

@@ -216,3 +216,37 @@ def test_a_cohort_the_autoencoder_was_not_trained_on_is_refused(cohort, tmp_path
     with pytest.raises(ValueError, match=r"volumes of shape \[24, 24, 24\], but .* was trained on \[16, 16, 16\]"):
         diffusion.run(TINY, cohort / "autoencoder.pt", cases, split, tmp_path / "d.pt", tmp_path / "c.csv",
                       torch.device("cpu"))
+
+
+def test_checkpoints_of_one_run_equal_shorter_runs_even_across_a_kill(cohort, tmp_path, monkeypatch):
+    """A training-length study samples checkpoints of one run: epoch k of it is a k-epoch training."""
+    long = replace(TINY, epochs=3, checkpoint_epochs=(1, 2))
+    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+    save = artefacts.save_torch
+
+    def killed_at_the_end(path, obj):
+        if Path(path).name == "diffusion.pt":
+            raise KeyboardInterrupt("killed")
+        save(path, obj)
+    monkeypatch.setattr(artefacts, "save_torch", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        train(cohort, tmp_path / "long", long)
+    assert not (tmp_path / "long" / "checkpoints").exists()  # nothing declared appears before the end
+    monkeypatch.setattr(artefacts, "save_torch", save)
+    train(cohort, tmp_path / "long", long)
+    checkpoints = tmp_path / "long" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert not (tmp_path / "long" / "checkpoints.partial").exists()
+    for epochs in (1, 2):
+        short = train(cohort, tmp_path / f"short{epochs}", replace(TINY, epochs=epochs))
+        kept = artefacts.load_torch(checkpoints / diffusion.checkpoint_name(epochs))
+        assert kept["epochs"] == epochs and kept["steps"] == short["steps"]
+        assert all(torch.equal(short["ema_state_dict"][k], kept["ema_state_dict"][k]) for k in kept["ema_state_dict"])
+        model, _ = diffusion.load(checkpoints / diffusion.checkpoint_name(epochs), torch.device("cpu"))
+        assert isinstance(model, torch.nn.Module)
+
+
+def test_checkpoint_epochs_are_checked():
+    with pytest.raises(ValueError, match=r"diffusion.checkpoint_epochs=\[50, 80\] must be distinct epochs before "
+                                         r"diffusion.epochs=80"):
+        replace(TINY, checkpoint_epochs=[50, 80])

@@ -1,17 +1,21 @@
+import numpy as np
 import pandas as pd
 import pytest
 
 from medmem import artefacts, report
 
 
-def write_experiment(folder, verdict, pct_copies):
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_experiment(folder, verdict, pct_copies, pct_mem=10.0, frechet_detector=0.4, holdout_fpr=0.1):
     memorization = {"tau": 0.9, "percentile": 95.0, "n_copies": 3, "pct_copies": pct_copies,
-                    "pct_copies_low": pct_copies - 5, "pct_copies_high": pct_copies + 5, "n_mem": 2, "pct_mem": 10.0,
-                    "pct_mem_low": 5.0, "pct_mem_high": 15.0, "nominal_fpr": 0.05, "holdout_fpr": 0.1,
-                    "confidence": 0.95, "verdict": verdict}
+                    "pct_copies_low": pct_copies - 5, "pct_copies_high": pct_copies + 5, "n_mem": 2,
+                    "pct_mem": pct_mem, "pct_mem_low": pct_mem - 5, "pct_mem_high": pct_mem + 5,
+                    "nominal_fpr": 0.05, "holdout_fpr": holdout_fpr, "confidence": 0.95, "verdict": verdict}
     artefacts.write_csv(folder / "memorization.csv", pd.DataFrame([memorization]))
     artefacts.write_csv(folder / "quality.csv", pd.DataFrame([{"n_synthetic": 20, "ms_ssim_synthetic": 0.8,
-                                                               "frechet_detector": 0.4}]))
+                                                               "frechet_detector": frechet_detector}]))
     artefacts.write_json(folder / "release" / "release.json",
                          {"percentile": 95.0, "n_released": 17, "n_removed": 3, "removed": []})
     return folder
@@ -31,7 +35,7 @@ def test_summary_joins_memorization_quality_and_release(tmp_path):
     assert written.at[1, "verdict"].startswith("inconclusive")
     assert written.at[0, "quality_frechet_detector"] == pytest.approx(0.4) and "quality_n_synthetic" not in written
     assert written["n_released"].tolist() == [17, 17] and summary["pct_copies"].tolist() == [15.0, 30.0]
-    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "summary.png").read_bytes()[:8] == PNG
     assert pd.read_csv(tmp_path / "index.csv", dtype=str).at[0, "key"] == "0123456789"
 
 
@@ -41,3 +45,88 @@ def test_summary_refuses_a_table_of_several_rows(tmp_path):
     with pytest.raises(ValueError, match="expected one row of quality figures, found 2"):
         report.summarise({"a": folder / "memorization.csv"}, {"a": folder / "quality.csv"},
                          {"a": folder / "release" / "release.json"})
+
+
+def run_report(tmp_path, folders, study):
+    return report.run({n: f / "memorization.csv" for n, f in folders.items()},
+                      {n: f / "quality.csv" for n, f in folders.items()},
+                      {n: f / "release" / "release.json" for n, f in folders.items()},
+                      index_rows=[], summary_csv=tmp_path / "summary.csv", index_csv=tmp_path / "index.csv",
+                      figure_png=tmp_path / "summary.png", study=study, study_png=tmp_path / "study.png",
+                      study_csv=tmp_path / "study.csv", privacy_utility_png=tmp_path / "privacy_utility.png")
+
+
+def summary_of(names):
+    """A summary table without files: one row per experiment, enough for study_table."""
+    return pd.DataFrame({"experiment": names, "pct_mem": np.arange(len(names), dtype=float)})
+
+
+def test_study_of_a_numeric_factor_is_sorted_and_drawn_with_an_inconclusive_experiment(tmp_path):
+    folders = {"epochs_400": write_experiment(tmp_path / "e400", "inconclusive: the detector misses copies", 30.0,
+                                              pct_mem=25.0, frechet_detector=0.2, holdout_fpr=0.08),
+               "epochs_050": write_experiment(tmp_path / "e050", "conclusive", 5.0, pct_mem=6.0,
+                                              frechet_detector=0.9),
+               "epochs_100": write_experiment(tmp_path / "e100", "conclusive", 12.0, pct_mem=8.0,
+                                              frechet_detector=0.5)}
+    study = {"factor": "diffusion epochs", "values": {"epochs_400": 400, "epochs_050": 50, "epochs_100": 100}}
+    run_report(tmp_path, folders, study)
+    table = pd.read_csv(tmp_path / "study.csv")
+    assert table["experiment"].tolist() == ["epochs_050", "epochs_100", "epochs_400"]
+    assert table["factor"].tolist() == [50, 100, 400] and table.columns[:2].tolist() == ["experiment", "factor"]
+    assert table["pct_copies"].tolist() == [5.0, 12.0, 30.0] and table.at[2, "verdict"].startswith("inconclusive")
+    for name in ("study.png", "privacy_utility.png", "summary.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert artefacts.read_json(tmp_path / "study.csv.json")["settings"]["study"] == study
+
+
+def test_study_of_categories_keeps_their_order_and_leaves_out_experiments_without_a_value():
+    study = {"factor": "training set", "values": {"large": "1000 patients", "small": "100 patients"}}
+    table = report.study_table(summary_of(["small", "unrelated", "large"]), study)
+    assert table["experiment"].tolist() == ["large", "small"]
+    assert table["factor"].tolist() == ["1000 patients", "100 patients"]
+    assert table["pct_mem"].tolist() == [2.0, 0.0]
+
+
+def test_study_of_numbers_keeps_the_given_order_of_ties_and_ignores_experiments_not_run():
+    study = {"factor": "epochs", "values": {"c": 2, "ghost": 1, "b": 1, "a": 1.5}}
+    table = report.study_table(summary_of(["a", "b", "c"]), study)
+    assert table["experiment"].tolist() == ["b", "a", "c"] and table["factor"].tolist() == [1, 1.5, 2]
+
+
+def test_study_without_a_run_experiment_names_both_sides():
+    study = {"factor": "epochs", "values": {"epochs_050": 50, "epochs_100": 100}}
+    with pytest.raises(ValueError, match=r"\['epochs_050', 'epochs_100'\].*none of them was run.*\['baseline'\]"):
+        report.study_table(summary_of(["baseline"]), study)
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"factor": "epochs", "values": {"a": 50, "b": "long"}}, "all numbers .* or all strings"),
+    ({"factor": "epochs", "values": {}}, "study must be"),
+    ({"values": {"a": 50}}, "study must be"),
+])
+def test_study_refuses_a_malformed_study(study, message):
+    with pytest.raises(ValueError, match=message):
+        report.study_table(summary_of(["a", "b"]), study)
+
+
+def test_no_study_plots_every_experiment_in_order(tmp_path):
+    folders = {"zeta": write_experiment(tmp_path / "z", "conclusive", 15.0, holdout_fpr=0.05),
+               "alpha": write_experiment(tmp_path / "a", "inconclusive: holdout set too small", 25.0),
+               "mid": write_experiment(tmp_path / "m", "conclusive", 10.0, frechet_detector=float("nan"))}
+    run_report(tmp_path, folders, study=None)
+    table = pd.read_csv(tmp_path / "study.csv")
+    assert table["experiment"].tolist() == ["zeta", "alpha", "mid"] == table["factor"].tolist()
+    assert (tmp_path / "study.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "privacy_utility.png").read_bytes()[:8] == PNG
+
+
+def test_report_refuses_an_unmatched_study_before_writing_anything(tmp_path):
+    folders = {"a": write_experiment(tmp_path / "a", "conclusive", 15.0)}
+    with pytest.raises(ValueError, match="none of them was run"):
+        run_report(tmp_path, folders, study={"factor": "epochs", "values": {"b": 1}})
+    assert not any((tmp_path / name).exists() for name in ("index.csv", "summary.png", "summary.csv"))
+
+
+def test_privacy_utility_needs_a_quality_column(tmp_path):
+    with pytest.raises(ValueError, match="no quality column 'quality_fid'"):
+        report.plot_privacy_utility(summary_of(["a"]), tmp_path / "privacy_utility.png", quality="quality_fid")

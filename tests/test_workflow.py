@@ -270,3 +270,21 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
     jobs = planned_jobs(tmp_path, "--configfile", str(tmp_path / "mine.yaml"))
     # Only `mine` is planned: not the defaults' baseline and long_training beside it.
     assert jobs["assess"] == 1 and jobs["train_diffusion"] == 1
+
+
+@pytest.mark.parametrize("study, expected", [
+    # One 400-epoch diffusion run, four checkpoints sampled.
+    ("training_length", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 1, "sample": 4,
+                         "embed": 7, "assess": 4, "total": 40}),
+    ("augmentation", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5,
+                      "assess": 2, "total": 27}),
+    # Model size changes the autoencoder too; the detector is shared.
+    ("model_size", {"train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3, "sample": 3, "embed": 6,
+                    "assess": 3, "total": 37}),
+])
+def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
+    write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "experiments" / f"{study}.yaml"))
+    for shared in ("ingest", "split", "plant_controls", "baselines_controls", "report"):
+        assert jobs[shared] == 1, shared
+    assert {rule: jobs[rule] for rule in expected} == expected

@@ -57,7 +57,7 @@ def synthetic_stage(keys: dict[str, str]) -> str:
 
 
 # Sections that are settings of the run, not of any stage.
-RUN_KEYS = ("results", "device", "experiments")
+RUN_KEYS = ("results", "device", "experiments", "study")
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,11 @@ def check_settings(effective: dict, name: str) -> None:
         if effective["synthetic"]["source"] == "generate":
             ae = autoencoder.Settings(**effective["autoencoder"])
             diff = diffusion.Settings(**effective["diffusion"])
-            sample.Settings(**effective["sample"])
+            sample_settings = sample.Settings(**effective["sample"])
+            if sample_settings.diffusion_epoch not in (None, *diff.checkpoint_epochs):
+                raise ValueError(f"sample.diffusion_epoch={sample_settings.diffusion_epoch} is not one of "
+                                 f"diffusion.checkpoint_epochs={list(diff.checkpoint_epochs)}: add it there, or "
+                                 "set it to null to sample the final weights")
             autoencoder.check_shape(data.shape, ae)
             downsampling = 2 ** (len(ae.channels) - 1)
             diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
@@ -190,6 +194,11 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
     experiments = config.get("experiments") or {}
     if not experiments:
         raise ValueError("config: experiments is empty; name at least one, e.g. `experiments: {baseline: {}}`")
+    study = config.get("study") or {}
+    unknown = sorted(set(study.get("values", {})) - set(experiments))
+    if unknown:
+        raise ValueError(f"config: study.values names {unknown}, which are not experiments ({sorted(experiments)}); "
+                         "name each study value after one of the experiments")
     defaults = {k: v for k, v in config.items() if k not in RUN_KEYS}
     plan = Plan()
     for name, overrides in experiments.items():

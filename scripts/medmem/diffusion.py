@@ -62,6 +62,8 @@ class Settings:
     augmentation: bool = False
     seed: int = 0
     prediction_type: PredictionType = "v_prediction"  # what the UNet learns to output; see the module docstring
+    # Epochs at which the EMA weights are also kept, so one run gives every training length of a study.
+    checkpoint_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("channels", "attention_levels"):
@@ -99,6 +101,15 @@ class Settings:
                              f"{list(get_args(PredictionType))}")
         if not isinstance(self.augmentation, bool):
             raise ValueError(f"diffusion.augmentation={self.augmentation!r} must be true or false")
+        if not isinstance(self.checkpoint_epochs, (list, tuple)):
+            raise ValueError(f"diffusion.checkpoint_epochs={self.checkpoint_epochs!r} must be a list of epochs")
+        object.__setattr__(self, "checkpoint_epochs", tuple(self.checkpoint_epochs))
+        for epoch in self.checkpoint_epochs:
+            check_int("diffusion.checkpoint_epochs", epoch, minimum=1)
+        late = [e for e in self.checkpoint_epochs if e >= self.epochs]
+        if late or len(set(self.checkpoint_epochs)) != len(self.checkpoint_epochs):
+            raise ValueError(f"diffusion.checkpoint_epochs={list(self.checkpoint_epochs)} must be distinct epochs "
+                             f"before diffusion.epochs={self.epochs} (the last epoch is diffusion.pt itself)")
 
 
 def check_shape(latent_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
@@ -190,9 +201,14 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
         split_csv: str | os.PathLike, model_path: str | os.PathLike, curve_csv: str | os.PathLike,
-        device: torch.device) -> None:
-    """Train on the scaled latents of the training split; write the checkpoint, curve and sidecars."""
+        device: torch.device, checkpoints_dir: str | os.PathLike | None = None) -> None:
+    """Train on the scaled latents of the training split; write the checkpoint, curve and sidecars.
+
+    ``checkpoints_dir`` receives one checkpoint per ``settings.checkpoint_epochs`` (``epoch_NNNN.pt``),
+    all at once at the end; by default it is ``checkpoints`` beside ``model_path``.
+    """
     model_path, curve_csv = Path(model_path), Path(curve_csv)
+    checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else model_path.with_name("checkpoints")
     ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
     ids, volumes, _ = volume_sets.load_split_set(cases_csv, split_csv, "train")
     if list(volumes.shape[2:]) != list(ae_checkpoint["volume_shape"]):
@@ -216,6 +232,8 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
                 settings.epochs, -(-len(latents) // settings.batch_size))
 
     state_path = model_path.with_name(f"{model_path.stem}.last.pt")
+    partial = model_path.with_name(f"{Path(checkpoints_dir).name}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
     identity = {"settings": asdict(settings), "ids": ids, "scale_factor": scale_factor}
     rows: list[dict[str, float]] = []
     start_epoch, step = _resume(state_path, identity, model, ema, optimizer, generator, rows)
@@ -246,29 +264,51 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
         if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  loss %.4f  (%.2f s/epoch)", epoch + 1, settings.epochs, epoch_loss,
                         rows[-1]["seconds"])
+        if epoch + 1 in settings.checkpoint_epochs:
+            # Kept beside the resume state, outside the declared outputs, until the run completes.
+            artefacts.save_torch(partial / checkpoint_name(epoch + 1), _checkpoint(
+                args, model, ema, settings, latents, scale_factor, epoch + 1, step, len(ids)))
         if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
             _save_resume(state_path, identity, epoch + 1, step, model, ema, optimizer, generator, rows)
             last_save = time.monotonic()
 
-    checkpoint = {
-        "model_args": args,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "ema_state_dict": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-        "scheduler": scheduler_config(settings),
-        "latent_shape": [int(s) for s in latents.shape[1:]],
-        "scale_factor": scale_factor,
-        "epochs": settings.epochs,
-        "steps": step,
-        "n_train": len(ids),
-        "settings": asdict(settings),
-    }
+    checkpoint = _checkpoint(args, model, ema, settings, latents, scale_factor, settings.epochs, step, len(ids))
     inputs = {"autoencoder": autoencoder_path, "cases": cases_csv, "split": split_csv}
     artefacts.save_torch(model_path, checkpoint)
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
                             steps=step, final_loss=rows[-1]["loss"] if rows else None)
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=["epoch", "loss", "seconds"]))
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
+    missing = [e for e in settings.checkpoint_epochs if not (partial / checkpoint_name(e)).exists()]
+    if missing:
+        raise RuntimeError(f"{partial}: no checkpoints for epochs {missing}; delete {state_path} and re-run")
+    with artefacts.atomic_directory(checkpoints_dir) as staging:
+        for epoch in settings.checkpoint_epochs:
+            os.replace(partial / checkpoint_name(epoch), staging / checkpoint_name(epoch))
+    partial.rmdir()
     state_path.unlink(missing_ok=True)
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The file of the checkpoint after ``epoch`` epochs inside the ``checkpoints`` folder."""
+    return f"epoch_{epoch:04d}.pt"
+
+
+def _checkpoint(args: dict, model: torch.nn.Module, ema: torch.nn.Module, settings: Settings, latents: torch.Tensor,
+                scale_factor: float, epochs: int, step: int, n_train: int) -> dict:
+    """A self-describing checkpoint: what sampling needs to rebuild the UNet and its schedule."""
+    return {
+        "model_args": args,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ema_state_dict": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+        "scheduler": scheduler_config(settings),
+        "latent_shape": [int(s) for s in latents.shape[1:]],
+        "scale_factor": scale_factor,
+        "epochs": epochs,
+        "steps": step,
+        "n_train": n_train,
+        "settings": asdict(settings),
+    }
 
 
 def _save_resume(state_path: Path, identity: dict, epoch: int, step: int, model: torch.nn.Module,

@@ -1,7 +1,14 @@
-"""The cross-experiment summary: memorization with intervals, verdict, quality and release per experiment."""
+"""The cross-experiment summary: memorization with intervals, verdict, quality and release per experiment.
+
+Besides the per-experiment bars, two study figures: memorization against a study factor (training length,
+data-set size, ...) named by the optional ``study`` config key, and privacy (N_copies) against utility
+(a quality distance to held-out patients).
+"""
 
 from __future__ import annotations
 
+import logging
+import numbers
 import os
 from pathlib import Path
 
@@ -10,6 +17,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medmem import artefacts, figures
+
+logger = logging.getLogger("medmem.report")
+
+MEASURES = (("pct_mem", "N_mem (% of training set)"), ("pct_copies", "N_copies (% of synthetic set)"))
+QUALITY_LABELS = {
+    "quality_frechet_detector": "Fréchet distance to held-out patients, detector features (lower = closer)",
+}
 
 
 def summarise(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str, str | os.PathLike],
@@ -37,7 +51,7 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
 
     An experiment whose controls failed is marked INCONCLUSIVE under its name.
     """
-    measures = (("pct_mem", "N_mem (% of training set)"), ("pct_copies", "N_copies (% of synthetic set)"))
+    measures = MEASURES
     figure = Figure(figsize=(2.6 + 1.8 * len(summary), 4.6))
     axes = figure.add_subplot()
     width = 0.8 / len(measures)
@@ -67,14 +81,179 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
     figures.save_png(figure, path)
 
 
+def _is_inconclusive(verdict) -> bool:
+    return str(verdict).startswith("inconclusive")
+
+
+def study_table(summary: pd.DataFrame, study: dict | None) -> pd.DataFrame:
+    """The summary rows as the study figure plots them, with the factor value of each in a ``factor`` column.
+
+    ``study`` is ``{"factor": name, "values": {experiment: value}}``. Numeric values are sorted
+    (ties keep the given order); string values are categories kept in the given order. Experiments
+    without a value are left out. ``None`` keeps every experiment in summary order, factor = its name.
+    """
+    if study is None:
+        table = summary.copy()
+        table.insert(1, "factor", table["experiment"])
+        return table.reset_index(drop=True)
+    if not isinstance(study, dict) or not isinstance(study.get("factor"), str) \
+            or not isinstance(study.get("values"), dict) or not study["values"]:
+        raise ValueError(f"study must be {{'factor': name, 'values': {{experiment: value, ...}}}}, got {study!r}")
+    values = study["values"]
+    numeric = [isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values.values()]
+    if not (all(numeric) or all(isinstance(v, str) for v in values.values())):
+        raise ValueError(f"study '{study['factor']}': values must be all numbers (a numeric axis) or all strings "
+                         f"(categories in the given order), got {values!r}; quote every value or none")
+    experiments = summary["experiment"].tolist()
+    unknown = [name for name in values if name not in experiments]
+    if len(unknown) == len(values):
+        raise ValueError(f"study '{study['factor']}' names experiments {list(values)} but none of them was run "
+                         f"(experiments: {experiments}); make study.values name experiments from 'experiments'")
+    if unknown:
+        logger.info("study '%s': experiments %s were not run and are left out", study["factor"], unknown)
+    left_out = [name for name in experiments if name not in values]
+    if left_out:
+        logger.info("study '%s': experiments %s have no factor value and are left out", study["factor"], left_out)
+    order = [name for name in values if name in experiments]
+    if all(numeric):
+        order = sorted(order, key=lambda name: values[name])  # sorted() is stable: ties keep the given order
+    table = summary.set_index("experiment", drop=False).loc[order].reset_index(drop=True)
+    table.insert(1, "factor", [values[name] for name in order])
+    return table
+
+
+def _draw_rate(axes, x: np.ndarray, rates: pd.Series, connect: bool, **style) -> None:
+    """A false-positive rate (a share) as %: one horizontal line when every experiment shares it, else per point."""
+    percent = 100 * rates.to_numpy(float)
+    if np.allclose(percent, percent[0]):
+        axes.axhline(percent[0], linewidth=1, **style)
+    else:
+        axes.plot(x, percent, marker="_", markersize=14, linewidth=1 if connect else 0, **style)
+
+
+def _mark_inconclusive(axes, x: np.ndarray, y: np.ndarray, inconclusive: np.ndarray, label: str | None) -> None:
+    if inconclusive.any():
+        axes.scatter(x[inconclusive], y[inconclusive], s=160, facecolors="none", edgecolors="tab:red",
+                     linewidths=1.5, zorder=5, label=label)
+
+
+def plot_study(summary: pd.DataFrame, study: dict | None, path: str | os.PathLike) -> None:
+    """N_mem % and N_copies % with bootstrap intervals against the study factor (see ``study_table``).
+
+    Numeric factors get a numeric axis, string factors (and, without a study, the experiments) one
+    category each. Dashed: the false-positive rate of τ achieved on held-out patients (N_copies near it
+    is no evidence of memorization); dotted: the nominal rate. Inconclusive experiments are ringed in red.
+    """
+    table = study_table(summary, study)
+    numeric = study is not None and pd.api.types.is_numeric_dtype(table["factor"])
+    if numeric:
+        x = table["factor"].to_numpy(float)
+    else:
+        categories = list(dict.fromkeys(table["factor"].astype(str)))
+        x = np.array([categories.index(str(value)) for value in table["factor"]], dtype=float)
+    factor = "experiment" if study is None else study["factor"]
+    inconclusive = table["verdict"].map(_is_inconclusive).to_numpy(bool)
+    # Constrained layout leaves room for the legend below two-line (INCONCLUSIVE) category labels.
+    figure = Figure(figsize=(max(6.0, 2.6 + (0 if numeric else 1.1 * len(set(x)))), 5.0), layout="constrained")
+    axes = figure.add_subplot()
+    # Side by side on a category axis so the intervals do not hide each other.
+    dodge = 0.0 if numeric else 0.08
+    for offset, (column, label) in zip((-dodge, dodge), MEASURES):
+        values = table[column].to_numpy(float)
+        errors = np.clip(np.vstack([values - table[f"{column}_low"], table[f"{column}_high"] - values]), 0, None)
+        # Lines only where the factor is ordered; separate experiments are not a curve.
+        axes.errorbar(x + offset, values, yerr=errors, marker="o", capsize=3, label=label,
+                      linestyle="-" if study is not None else "none")
+        _mark_inconclusive(axes, x + offset, values, inconclusive,
+                           "inconclusive (controls failed)" if column == "pct_copies" else None)
+    _draw_rate(axes, x, table["holdout_fpr"], connect=study is not None, color="black", linestyle="--",
+               label="held-out patients above τ")
+    _draw_rate(axes, x, table["nominal_fpr"], connect=study is not None, color="grey", linestyle=":",
+               label="nominal false-positive rate of τ")
+    if numeric:
+        axes.set_xticks(sorted(set(x)))
+        axes.set_xticklabels([f"{value:g}" for value in sorted(set(x))])
+    else:
+        marked = {str(value) for value, flag in zip(table["factor"], inconclusive) if flag}
+        labels = [name + ("\nINCONCLUSIVE" if name in marked else "") for name in categories]
+        axes.set_xticks(np.arange(len(categories)), labels)
+        for tick, name in zip(axes.get_xticklabels(), categories):
+            if name in marked:
+                tick.set_color("tab:red")
+        axes.set_xlim(-0.5, len(categories) - 0.5)
+    tops = [table[f"{column}_high"].max() for column, _ in MEASURES]
+    tops += [100 * table["holdout_fpr"].max(), 100 * table["nominal_fpr"].max()]
+    axes.set_ylim(0, min(105.0, 1.15 * float(np.nanmax(tops)) + 1))
+    axes.set_xlabel(factor)
+    axes.set_ylabel("% above τ")
+    figure.legend(fontsize=7, loc="outside lower center", ncol=2)
+    axes.set_title(f"Memorization against {factor} "
+                   f"({100 * table['confidence'].iloc[0]:g}% bootstrap intervals)", fontsize=10)
+    figures.save_png(figure, path)
+
+
+def plot_privacy_utility(summary: pd.DataFrame, path: str | os.PathLike,
+                         quality: str = "quality_frechet_detector") -> None:
+    """Privacy against utility: one point per experiment, x = ``quality``, y = N_copies % with its interval.
+
+    Each point is labelled with its experiment (red when inconclusive); dashed: the false-positive
+    rate of τ on held-out patients. Experiments without a quality value are listed under the axes.
+    """
+    if quality not in summary:
+        raise ValueError(f"no quality column '{quality}' in the summary; "
+                         f"quality columns: {[c for c in summary if c.startswith('quality_')]}")
+    missing = summary.loc[summary[quality].isna(), "experiment"].tolist()
+    table = summary[summary[quality].notna()].reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"no experiment has a value of '{quality}' to plot (experiments: {missing})")
+    x = table[quality].to_numpy(float)
+    y = table["pct_copies"].to_numpy(float)
+    errors = np.clip(np.vstack([y - table["pct_copies_low"], table["pct_copies_high"] - y]), 0, None)
+    inconclusive = table["verdict"].map(_is_inconclusive).to_numpy(bool)
+    figure = Figure(figsize=(7, 5))
+    axes = figure.add_subplot()
+    axes.errorbar(x, y, yerr=errors, marker="o", linestyle="none", capsize=3, color="tab:orange",
+                  label=MEASURES[1][1])
+    _mark_inconclusive(axes, x, y, inconclusive, "inconclusive (controls failed)")
+    for x_value, y_value, name, flag in zip(x, y, table["experiment"], inconclusive):
+        axes.annotate(name, (x_value, y_value), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                      color="tab:red" if flag else "black")
+    _draw_rate(axes, x, table["holdout_fpr"], connect=False, color="black", linestyle="--",
+               label="held-out patients above τ")
+    axes.set_xlabel(QUALITY_LABELS.get(quality, quality))
+    axes.set_ylabel("N_copies (% of synthetic set above τ)")
+    axes.set_ylim(0, min(105.0, 1.15 * float(max(table["pct_copies_high"].max(),
+                                                    100 * table["holdout_fpr"].max())) + 1))
+    axes.legend(fontsize=7, loc="upper right")
+    axes.set_title(f"Privacy against utility ({100 * table['confidence'].iloc[0]:g}% bootstrap intervals)",
+                   fontsize=10)
+    if missing:
+        figure.text(0.01, 0.01, f"no {quality}: {', '.join(missing)}", fontsize=7, color="grey")
+    figure.tight_layout()
+    figures.save_png(figure, path)
+
+
 def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str, str | os.PathLike],
         release_jsons: dict[str, str | os.PathLike], index_rows: list[dict], summary_csv: str | os.PathLike,
-        index_csv: str | os.PathLike, figure_png: str | os.PathLike) -> pd.DataFrame:
+        index_csv: str | os.PathLike, figure_png: str | os.PathLike, study: dict | None = None,
+        study_png: str | os.PathLike | None = None, study_csv: str | os.PathLike | None = None,
+        privacy_utility_png: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Summary table, index, figures; the study figure, its table and the privacy-utility figure when given paths."""
     summary = summarise(memorization_csvs, quality_csvs, release_jsons)
+    # Before anything is written: a study that matches no experiment is a config error.
+    table = study_table(summary, study)
     artefacts.write_csv(index_csv, pd.DataFrame(index_rows))
     plot_summary(summary, figure_png)
-    artefacts.write_csv(summary_csv, summary)
+    if study_png is not None:
+        plot_study(summary, study, study_png)
+    if privacy_utility_png is not None:
+        plot_privacy_utility(summary, privacy_utility_png)
     inputs = {f"{kind}:{name}": Path(p) for kind, paths in (("memorization", memorization_csvs),
               ("quality", quality_csvs), ("release", release_jsons)) for name, p in paths.items()}
+    if study_csv is not None:
+        artefacts.write_csv(study_csv, table)
+        artefacts.write_sidecar(study_csv, settings={"study": study, "experiments": table["experiment"].tolist()},
+                                inputs=inputs)
+    artefacts.write_csv(summary_csv, summary)
     artefacts.write_sidecar(summary_csv, settings={"experiments": list(memorization_csvs)}, inputs=inputs)
     return summary

@@ -34,6 +34,7 @@ class Settings:
     steps: int = 50
     n_samples: int | None = None
     seed: int = 0
+    diffusion_epoch: int | None = None  # null: the final weights; else one of diffusion.checkpoint_epochs
 
     def __post_init__(self) -> None:
         if self.scheduler not in get_args(SchedulerName):
@@ -42,6 +43,9 @@ class Settings:
         if self.n_samples is not None:
             check_int("sample.n_samples", self.n_samples, minimum=1, fix="or null for as many as the training set")
         check_int("sample.seed", self.seed, minimum=0)
+        if self.diffusion_epoch is not None:
+            check_int("sample.diffusion_epoch", self.diffusion_epoch, minimum=1,
+                      fix="(one of diffusion.checkpoint_epochs) or null for the final weights")
 
 
 def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMScheduler | DDPMScheduler:

@@ -66,6 +66,13 @@ def ingest_source(wildcards):
     return [settings["folder"]["path"]] if settings["source"] == "folder" else []
 
 
+def diffusion_weights(wildcards):
+    """What `sample` denoises with: the final weights, or the checkpoints of a longer run (training-length studies)."""
+    folder = f"{RESULTS}/diffusion/{PLAN.upstream('sample', wildcards.sample, 'diffusion')}"
+    epoch = PLAN.run("sample", wildcards.sample).settings["diffusion_epoch"]
+    return f"{folder}/diffusion.pt" if epoch is None else f"{folder}/checkpoints"
+
+
 def synthetic_set(stage, key):
     """The manifest and volume folder of the synthetic set that `stage` at `key` reads."""
     inputs = PLAN.run(stage, key).inputs

@@ -29,6 +29,7 @@ rule train_diffusion:
     output:
         model=f"{RESULTS}/diffusion/{{diffusion}}/diffusion.pt",
         curve=f"{RESULTS}/diffusion/{{diffusion}}/curve.csv",
+        checkpoints=directory(f"{RESULTS}/diffusion/{{diffusion}}/checkpoints"),
     params:
         settings=settings_of("diffusion"),
         device=config["device"],
@@ -48,7 +49,7 @@ rule sample:
     input:
         split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample', wildcards.sample, 'split')}/split.csv",
         autoencoder=lambda wildcards: f"{RESULTS}/autoencoder/{PLAN.upstream('sample', wildcards.sample, 'autoencoder')}/autoencoder.pt",
-        diffusion=lambda wildcards: f"{RESULTS}/diffusion/{PLAN.upstream('sample', wildcards.sample, 'diffusion')}/diffusion.pt",
+        diffusion=diffusion_weights,
     output:
         manifest=f"{RESULTS}/sample/{{sample}}/manifest.csv",
         volumes=directory(f"{RESULTS}/sample/{{sample}}/volumes"),

@@ -15,8 +15,20 @@ rule report:
             caption="../report/summary.rst",
             category="Summary",
         ),
+        study_csv=f"{RESULTS}/report/study.csv",
+        study_png=report(
+            f"{RESULTS}/report/study.png",
+            caption="../report/study.rst",
+            category="Summary",
+        ),
+        privacy_utility=report(
+            f"{RESULTS}/report/privacy_utility.png",
+            caption="../report/privacy_utility.rst",
+            category="Summary",
+        ),
     params:
         experiments=EXPERIMENTS,
+        study=config.get("study"),
         index=[{**row, "folder": f"{RESULTS}/{row['stage']}/{row['key']}"} for row in PLAN.index_rows()],
     log:
         f"{RESULTS}/logs/report.log",
