@@ -142,3 +142,23 @@ def test_the_sampler_follows_the_checkpoint_noise_schedule(prediction_type, sche
     assert sampler.prediction_type == prediction_type and sampler.clip_sample is False
     assert len(sampler.timesteps) == (DDIM.steps if scheduler == "ddim" else TINY_DIFFUSION.num_train_timesteps)
     assert int(sampler.timesteps[0]) == TINY_DIFFUSION.num_train_timesteps - 1 and int(sampler.timesteps[-1]) == 0
+
+
+def test_the_autoencoder_sampled_as_a_vae_decodes_seeded_prior_latents(models, tmp_path):
+    """The VAE family: prior latents z / scale_factor through the decoder, one seed per volume."""
+    sample.run_vae(DDIM, models / "autoencoder.pt", models / "split.csv", tmp_path / "a" / "manifest.csv",
+                   tmp_path / "a" / "volumes", CPU, batch_size=2)
+    sample.run_vae(replace(DDIM, n_samples=3), models / "autoencoder.pt", models / "split.csv",
+                   tmp_path / "b" / "manifest.csv", tmp_path / "b" / "volumes", CPU, batch_size=3)
+    first, second = (volume_sets.read_volume_table(tmp_path / f / "manifest.csv") for f in ("a", "b"))
+    assert len(first) == 5 and first["seed"].tolist() == [7, 8, 9, 10, 11]  # as many as the training set
+    volumes_a, volumes_b = load_all(first), load_all(second)
+    np.testing.assert_allclose(volumes_a[:3], volumes_b, atol=1e-5)  # independent of batching
+    assert not np.allclose(volumes_a[0], volumes_a[1])
+    assert volumes_a.min() >= 0 and volumes_a.max() <= 1
+    # Decoding exactly the documented prior: z ~ N(0, I) from seed 7, divided by the scale factor.
+    model, checkpoint = autoencoder.load(models / "autoencoder.pt", CPU)
+    z = torch.randn((1, *checkpoint["latent_shape"]), generator=torch.Generator().manual_seed(7))
+    expected = autoencoder.decode(model, z / checkpoint["scale_factor"], CPU).clamp(0, 1).numpy()[0, 0]
+    np.testing.assert_allclose(volumes_a[0, 0], expected, atol=1e-5)  # batched vs single convolutions
+    np.testing.assert_allclose(artefacts.load_nifti(first["path"][0])[1], AFFINE)

@@ -19,28 +19,36 @@ from typing import Any
 import jsonschema
 import yaml
 
-# The stages of an audit and the stages whose outputs each reads. The synthetic set comes either from
-# the latent diffusion model (autoencoder → diffusion → sample) or from a folder made elsewhere
-# (ingest_synthetic); SYNTHETIC_STAGES names the stage that supplies it.
-SYNTHETIC_STAGES = {"generate": "sample", "folder": "ingest_synthetic"}
+# The stages of an audit and the stages whose outputs each reads. The synthetic set comes from one
+# model family — the latent diffusion model (autoencoder → diffusion → sample), the autoencoder
+# sampled as a VAE, or a 3D GAN — or from a folder made elsewhere; SYNTHETIC_STAGES names the stage
+# that supplies it for each `synthetic.source`.
+SYNTHETIC_STAGES = {"ldm": "sample", "vae": "sample_vae", "gan": "sample_gan", "folder": "ingest_synthetic"}
 
 
 def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
     """Each stage one experiment runs, in order: its settings and the stages whose outputs it reads."""
-    synthetic = SYNTHETIC_STAGES[effective["synthetic"]["source"]]
+    source = effective["synthetic"]["source"]
     stages: dict[str, tuple[dict, tuple[str, ...]]] = {
         "ingest": (effective["data"], ()),
         "split": (effective["split"], ("ingest",)),
     }
-    if synthetic == "sample":
+    if source in ("ldm", "vae"):
         stages["autoencoder"] = (effective["autoencoder"], ("split",))
+    if source == "ldm":
         stages["diffusion"] = (effective["diffusion"], ("autoencoder",))
         stages["sample"] = (effective["sample"], ("diffusion",))
+    elif source == "vae":
+        stages["sample_vae"] = (effective["sample"], ("autoencoder",))
+    elif source == "gan":
+        stages["gan"] = (effective["gan"], ("split",))
+        stages["sample_gan"] = (effective["sample"], ("gan",))
     else:
         # The outside volumes go through the training data's ingest: same grid, same intensity scaling.
         stages["ingest_synthetic"] = (
             deep_merge(effective["data"], {"source": "folder", "folder": {"path": effective["synthetic"]["folder"]}}),
             ())
+    synthetic = SYNTHETIC_STAGES[source]
     stages["controls"] = (effective["controls"], ("split",))
     stages["detector"] = (effective["detector"], ("split",))
     stages["similarity"] = ({}, ("detector", synthetic, "controls"))
@@ -53,7 +61,7 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
 
 def synthetic_stage(keys: dict[str, str]) -> str:
     """Which stage supplies an experiment's (or a stage's inputs') synthetic volumes."""
-    return "sample" if "sample" in keys else "ingest_synthetic"
+    return next(stage for stage in SYNTHETIC_STAGES.values() if stage in keys)
 
 
 # Sections that are settings of the run, not of any stage.
@@ -133,13 +141,21 @@ def check_schema(config: dict, schema: dict, where: str) -> None:
 def check_settings(effective: dict, name: str) -> None:
     """Build every stage's typed settings and run the checks that span stages."""
     # Imported here: the stage modules pull in torch and MONAI, which only validation needs.
-    from medmem import (assess, autoencoder, baselines, controls, detector, diffusion, ingest, quality, release,
-                        sample, split)
+    from medmem import (assess, autoencoder, baselines, controls, detector, diffusion, gan, ingest, quality,
+                        release, sample, split)
 
     try:
         data = ingest.Settings(**effective["data"])
         split_settings = split.Settings(**effective["split"])
-        if effective["synthetic"]["source"] == "generate":
+        source = effective["synthetic"]["source"]
+        if source == "gan":
+            gan_settings = gan.Settings(**effective["gan"])
+            gan.check_shape(data.shape, gan_settings)
+            sample.Settings(**effective["sample"])
+        if source == "vae":
+            autoencoder.check_shape(data.shape, autoencoder.Settings(**effective["autoencoder"]))
+            sample.Settings(**effective["sample"])
+        if source == "ldm":
             ae = autoencoder.Settings(**effective["autoencoder"])
             diff = diffusion.Settings(**effective["diffusion"])
             sample_settings = sample.Settings(**effective["sample"])
@@ -150,7 +166,7 @@ def check_settings(effective: dict, name: str) -> None:
             autoencoder.check_shape(data.shape, ae)
             downsampling = 2 ** (len(ae.channels) - 1)
             diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
-        elif effective["synthetic"]["folder"] is None:
+        elif source == "folder" and effective["synthetic"]["folder"] is None:
             raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
                              "the directory of synthetic volumes to audit")
         controls.Settings(**effective["controls"])

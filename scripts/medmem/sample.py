@@ -87,7 +87,6 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
 
     ``batch_size`` only sets how many samples share a UNet call (memory); it does not change them.
     """
-    manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
     ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
     unet, diffusion_checkpoint = diffusion.load(diffusion_path, device)
     scale_factor = float(ae_checkpoint["scale_factor"])
@@ -97,31 +96,63 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
                          f"scaled by {diffusion_checkpoint['scale_factor']:.6g}, but {autoencoder_path} makes "
                          f"{ae_checkpoint['latent_shape']} scaled by {scale_factor:.6g}: pair the diffusion "
                          "model with the autoencoder it was trained on")
+    scheduler = make_scheduler(settings, diffusion_checkpoint["scheduler"])
+    logger.info("sampling with %s (%d steps), latents %s, volumes %s", settings.scheduler,
+                len(scheduler.timesteps), ae_checkpoint["latent_shape"], ae_checkpoint["volume_shape"])
+
+    def decode_batch(seeds: list[int]) -> np.ndarray:
+        latents = generate_latents(unet, scheduler, diffusion_checkpoint["latent_shape"], seeds, device)
+        logger.info("sampled %d  (scaled latent std %.3f)", seeds[-1] - settings.seed + 1, latents.std())
+        return autoencoder.decode(ae, latents / scale_factor, device).clamp(0.0, 1.0).numpy()
+
+    write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
+                  inputs={"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv})
+
+
+def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: str | os.PathLike,
+            manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, device: torch.device,
+            batch_size: int = 8) -> None:
+    """The autoencoder sampled as a VAE (a model family to compare with the LDM): decode prior latents.
+
+    The prior is N(0, I) matched to the scale of the training latents, z / scale_factor: with the
+    small KL weight an LDM's autoencoder is trained with, its latents are far from unit variance, and
+    N(0, I) itself would decode out of distribution. Sample i is drawn from seed + i, as for the LDM.
+    """
+    ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
+    scale_factor = float(ae_checkpoint["scale_factor"])
+    logger.info("sampling the autoencoder's prior: latents %s / scale factor %.4f, volumes %s",
+                ae_checkpoint["latent_shape"], scale_factor, ae_checkpoint["volume_shape"])
+
+    def decode_batch(seeds: list[int]) -> np.ndarray:
+        latents = torch.cat([torch.randn((1, *ae_checkpoint["latent_shape"]),
+                                         generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+        return autoencoder.decode(ae, latents.to(device) / scale_factor, device).clamp(0.0, 1.0).numpy()
+
+    write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
+                  inputs={"autoencoder": autoencoder_path, "split": split_csv})
+
+
+def write_samples(settings: Settings, decode_batch, ae_checkpoint: dict, split_csv: str | os.PathLike,
+                  manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, batch_size: int,
+                  inputs: dict) -> None:
+    """Draw n volumes in batches (``decode_batch(seeds)`` → (B, 1, D, H, W) in [0, 1]) and write them + manifest."""
+    manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
     split = volume_sets.read_split(split_csv)
     n = settings.n_samples or int((split["split"] == "train").sum())
     if n < 1:
         raise ValueError(f"{split_csv} has no training ids: set sample.n_samples or fix the split")
-    scheduler = make_scheduler(settings, diffusion_checkpoint["scheduler"])
     affine = np.asarray(ae_checkpoint["affine"], dtype=np.float64)
-    logger.info("sampling %d volumes with %s (%d steps), latents %s, volumes %s",
-                n, settings.scheduler, len(scheduler.timesteps), ae_checkpoint["latent_shape"],
-                ae_checkpoint["volume_shape"])
-
     rows = []
     with artefacts.atomic_directory(volumes_dir) as tmp_dir:
         for first in range(0, n, batch_size):
             seeds = [settings.seed + i for i in range(first, min(n, first + batch_size))]
-            latents = generate_latents(unet, scheduler, diffusion_checkpoint["latent_shape"], seeds, device)
-            volumes = autoencoder.decode(ae, latents / scale_factor, device).clamp(0.0, 1.0).numpy()
-            logger.info("sampled %d/%d  (scaled latent std %.3f)", first + len(seeds), n, latents.std())
-            for seed, volume in zip(seeds, volumes):
+            for seed, volume in zip(seeds, decode_batch(seeds)):
                 sample_id = f"synthetic_{seed - settings.seed:04d}"
                 artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", volume[0], affine)
                 rows.append({"id": sample_id,
                              "path": os.path.relpath(volumes_dir / f"{sample_id}.nii.gz", manifest_csv.parent),
                              "seed": seed})
-
-    inputs = {"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv}
+    logger.info("wrote %d synthetic volumes to %s", n, volumes_dir)
     artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path", "seed"]))
     artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
-from medmem.config import make_plan, synthetic_stage
+from medmem.config import SYNTHETIC_STAGES, make_plan, synthetic_stage
 
 
 # Experiments given on the command line (--configfile my.yaml, --config) replace the default ones, so
@@ -30,6 +30,9 @@ wildcard_constraints:
     autoencoder=KEY,
     diffusion=KEY,
     sample=KEY,
+    sample_vae=KEY,
+    gan=KEY,
+    sample_gan=KEY,
     ingest_synthetic=KEY,
     controls=KEY,
     detector=KEY,
@@ -93,7 +96,7 @@ def embed_inputs(wildcards):
     inputs = {"detector": f"{RESULTS}/detector/{wildcards.detector}/detector.pt"}
     name, _, key = wildcards.volume_set.partition("-")
     if name == "synthetic":
-        stage = "sample" if key in PLAN.runs.get("sample", {}) else "ingest_synthetic"
+        stage = next(s for s in SYNTHETIC_STAGES.values() if key in PLAN.runs.get(s, {}))
         inputs["manifest"] = f"{RESULTS}/{stage}/{key}/manifest.csv"
         inputs["volumes"] = f"{RESULTS}/{stage}/{key}/volumes"
     elif name == "controls":

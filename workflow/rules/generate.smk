@@ -1,4 +1,5 @@
-# The generative model under audit: a KL autoencoder, a latent diffusion UNet, and its samples.
+# The generative models under audit: a KL autoencoder and a latent diffusion UNet with its samples;
+# the same autoencoder sampled as a VAE; a 3D GAN.
 
 
 rule train_autoencoder:
@@ -66,3 +67,68 @@ rule sample:
         mem_mb=8000,
     script:
         "../../scripts/sample.py"
+
+
+rule sample_vae:
+    input:
+        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample_vae', wildcards.sample_vae, 'split')}/split.csv",
+        autoencoder=lambda wildcards: f"{RESULTS}/autoencoder/{PLAN.upstream('sample_vae', wildcards.sample_vae, 'autoencoder')}/autoencoder.pt",
+    output:
+        manifest=f"{RESULTS}/sample_vae/{{sample_vae}}/manifest.csv",
+        volumes=directory(f"{RESULTS}/sample_vae/{{sample_vae}}/volumes"),
+    params:
+        settings=settings_of("sample_vae"),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/sample_vae/{{sample_vae}}.log",
+    threads: 1
+    conda:
+        ENV
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    script:
+        "../../scripts/sample_vae.py"
+
+
+rule train_gan:
+    input:
+        unpack(cohort_inputs("gan")),
+    output:
+        model=f"{RESULTS}/gan/{{gan}}/gan.pt",
+        curve=f"{RESULTS}/gan/{{gan}}/curve.csv",
+    params:
+        settings=settings_of("gan"),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/train_gan/{{gan}}.log",
+    threads: 1
+    conda:
+        ENV
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    script:
+        "../../scripts/train_gan.py"
+
+
+rule sample_gan:
+    input:
+        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample_gan', wildcards.sample_gan, 'split')}/split.csv",
+        gan=lambda wildcards: f"{RESULTS}/gan/{PLAN.upstream('sample_gan', wildcards.sample_gan, 'gan')}/gan.pt",
+    output:
+        manifest=f"{RESULTS}/sample_gan/{{sample_gan}}/manifest.csv",
+        volumes=directory(f"{RESULTS}/sample_gan/{{sample_gan}}/volumes"),
+    params:
+        settings=settings_of("sample_gan"),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/sample_gan/{{sample_gan}}.log",
+    threads: 1
+    conda:
+        ENV
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    script:
+        "../../scripts/sample_gan.py"
