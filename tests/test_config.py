@@ -138,3 +138,10 @@ def test_a_training_length_study_shares_one_diffusion_run(config):
     merged["study"]["values"]["epochs_999"] = 999
     with pytest.raises(ValueError, match=r"study.values names \['epochs_999'\], which are not experiments"):
         make_plan(merged, SCHEMA)
+
+
+def test_the_release_follows_tau_unless_told_to_be_stricter(config):
+    config["assess"]["percentile"] = 90.0
+    assert make_plan(config, SCHEMA).effective["baseline"]["release"]["percentile"] == 90.0
+    config["release"]["percentile"] = 80.0
+    assert make_plan(config, SCHEMA).effective["baseline"]["release"]["percentile"] == 80.0

@@ -224,6 +224,9 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         effective = deep_merge(defaults, overrides)
         check_schema({**effective, **{k: config[k] for k in RUN_KEYS if k in config}}, schema,
                      f"experiments.{name}")
+        # The release follows τ unless told to be stricter.
+        if effective["release"]["percentile"] is None:
+            effective["release"]["percentile"] = effective["assess"]["percentile"]
         # Training-patient images appear in figures only where the data is not patient data, or on request.
         show = effective["assess"]["training_images"]
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
