@@ -1,5 +1,6 @@
 """Latent diffusion training: scaled latents, falling loss, EMA weights, self-describing, seeded."""
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,10 +192,9 @@ def test_training_is_deterministic_by_seed_and_augmentation_changes_it(cohort, t
     assert not all(torch.equal(first[k], augmented[k]) for k in first)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch):
-    settings = replace(TINY, epochs=3)
-    uninterrupted = train(cohort, tmp_path / "once", settings)
-    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+@contextlib.contextmanager
+def killed_before_the_final_save(monkeypatch):
+    """Training dies just before writing diffusion.pt (after its resume state); saving works again after."""
     save = artefacts.save_torch
 
     def killed_at_the_end(path, obj):
@@ -202,9 +202,18 @@ def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch)
             raise KeyboardInterrupt("killed")
         save(path, obj)
     monkeypatch.setattr(artefacts, "save_torch", killed_at_the_end)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(artefacts, "save_torch", save)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch):
+    settings = replace(TINY, epochs=3)
+    uninterrupted = train(cohort, tmp_path / "once", settings)
+    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+    with killed_before_the_final_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train(cohort, tmp_path / "twice", settings)
-    monkeypatch.setattr(artefacts, "save_torch", save)
     resumed = train(cohort, tmp_path / "twice", settings)
     for name in ("state_dict", "ema_state_dict"):
         assert all(torch.equal(uninterrupted[name][k], resumed[name][k]) for k in uninterrupted[name])
@@ -222,17 +231,9 @@ def test_checkpoints_of_one_run_equal_shorter_runs_even_across_a_kill(cohort, tm
     """A training-length study samples checkpoints of one run: epoch k of it is a k-epoch training."""
     long = replace(TINY, epochs=3, checkpoint_epochs=(1, 2))
     monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
-    save = artefacts.save_torch
-
-    def killed_at_the_end(path, obj):
-        if Path(path).name == "diffusion.pt":
-            raise KeyboardInterrupt("killed")
-        save(path, obj)
-    monkeypatch.setattr(artefacts, "save_torch", killed_at_the_end)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_the_final_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train(cohort, tmp_path / "long", long)
     assert not (tmp_path / "long" / "checkpoints").exists()  # nothing declared appears before the end
-    monkeypatch.setattr(artefacts, "save_torch", save)
     train(cohort, tmp_path / "long", long)
     checkpoints = tmp_path / "long" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]

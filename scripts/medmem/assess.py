@@ -157,14 +157,12 @@ class Outputs:
     montage: str | os.PathLike
 
 
-def contrastive_scores(inputs: Inputs) -> pd.DataFrame:
-    """The contrastive detector's nearest-neighbour tables as rows of the unified score table."""
-    parts = []
-    for score_set, table in CONTRASTIVE_SETS.items():
-        nearest = read_nearest(getattr(inputs, table))
-        parts.append(pd.DataFrame({"method": CONTRASTIVE, "set": score_set, "query_id": nearest["query_id"],
-                                   "neighbour_id": nearest["neighbour_id"], "score": nearest["correlation"]}))
-    return pd.concat(parts, ignore_index=True)
+def contrastive_scores(nearest: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The contrastive detector's rank-1 neighbour tables (by table name) as rows of the unified score table."""
+    return pd.concat([pd.DataFrame({"method": CONTRASTIVE, "set": score_set, "query_id": nearest[table]["query_id"],
+                                    "neighbour_id": nearest[table]["neighbour_id"],
+                                    "score": nearest[table]["correlation"]})
+                      for score_set, table in CONTRASTIVE_SETS.items()], ignore_index=True)
 
 
 def read_scores(scores_csv: str | os.PathLike) -> pd.DataFrame:
@@ -233,12 +231,12 @@ def verdict(mild_recall: float, min_mild_recall: float) -> str:
 
 def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     """Score every method, fit thresholds, count copies with intervals, check the controls, write it all."""
-    train_to_synthetic = read_nearest(inputs.train_to_synthetic)
-    train_to_holdout = read_nearest(inputs.train_to_holdout)
+    nearest = {table: read_nearest(getattr(inputs, table)) for table in CONTRASTIVE_SETS.values()}
+    train_to_synthetic, train_to_holdout = nearest["train_to_synthetic"], nearest["train_to_holdout"]
     if set(train_to_synthetic["query_id"]) != set(train_to_holdout["query_id"]):
         raise ValueError(f"{inputs.train_to_synthetic} and {inputs.train_to_holdout} query different training "
                          "volumes; re-run similarity on one set of embeddings")
-    scores = pd.concat([contrastive_scores(inputs), read_scores(inputs.control_baseline_scores),
+    scores = pd.concat([contrastive_scores(nearest), read_scores(inputs.control_baseline_scores),
                         read_scores(inputs.baseline_scores)], ignore_index=True)
     statistics = pd.concat([pd.read_csv(path, dtype={"method": str, "set": str, "statistic": str}) for path in
                             (inputs.control_baseline_statistics, inputs.baseline_statistics)], ignore_index=True)
@@ -249,7 +247,7 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
 
     published = results[CONTRASTIVE]
     counts, intervals, metrics = published["counts"], published["intervals"], published["metrics"]
-    holdout_to_train = read_nearest(inputs.holdout_to_train)
+    holdout_to_train = nearest["holdout_to_train"]
     mild = calibration.mild_recall(metrics)
     summary = {"tau": published["tau"], "tau_low": intervals["tau"][0], "tau_high": intervals["tau"][1],
                "percentile": float(settings.percentile), "n_train": counts.n_train,

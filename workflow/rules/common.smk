@@ -138,6 +138,7 @@ def experiment_files(name):
     """The stage outputs that experiment `name`'s assessment, quality and release read."""
     keys = PLAN.experiments[name]
     similarity = f"{RESULTS}/similarity/{keys['similarity']}"
+    embeddings = embedding_files(keys["similarity"])
     return {
         **{table: f"{similarity}/{table}.csv" for table in NEIGHBOUR_TABLES},
         "baseline_scores": f"{RESULTS}/baselines/{keys['baselines']}/scores.csv",
@@ -149,8 +150,8 @@ def experiment_files(name):
         "split": f"{RESULTS}/split/{keys['split']}/split.csv",
         **synthetic_set("similarity", keys["similarity"]),
         **controls_set("similarity", keys["similarity"]),
-        "synthetic_embeddings": embedding_files(keys["similarity"])["synthetic"],
-        "holdout_embeddings": embedding_files(keys["similarity"])["holdout"],
+        "synthetic_embeddings": embeddings["synthetic"],
+        "holdout_embeddings": embeddings["holdout"],
     }
 
 
