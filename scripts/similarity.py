@@ -7,6 +7,7 @@ similarity.run(
     holdout_npz=snakemake.input.holdout,
     synthetic_npz=snakemake.input.synthetic,
     controls_npz=snakemake.input.controls,
+    split_csv=snakemake.input.split,
     synthetic_to_train_csv=snakemake.output.synthetic_to_train,
     train_to_synthetic_csv=snakemake.output.train_to_synthetic,
     train_to_holdout_csv=snakemake.output.train_to_holdout,

@@ -69,6 +69,10 @@ def test_deep_merge_leaves_defaults_alone():
     (lambda c: c.update(baselines={**c["baselines"], "methods": ["ssim"]}, release={**c["release"], "methods": [
         "contrastive", "carlini"]}), "release.methods lists ['carlini'], which this experiment does not run"),
     (lambda c: c["assess"].update(training_images="yes"), "assess.training_images: 'yes' is not one of"),
+    (lambda c: c["train_subset"].update(fraction=0), "train_subset.fraction: 0 is less than or equal to the minimum"),
+    (lambda c: c.update(synthetic={"source": "folder", "folder": "/data/synthetic"},
+                        train_subset={"fraction": 0.5, "seed": 0}),
+     "train_subset.fraction=0.5 chooses a generator's training patients, but synthetic.source is 'folder'"),
 ])
 def test_config_errors_name_the_key_and_the_fix(config, mutate, message):
     mutate(config)
@@ -106,11 +110,17 @@ def test_training_images_auto_follows_the_data_source(config, tmp_path):
     assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is True
 
 
-@pytest.mark.parametrize("study", ["training_length", "augmentation", "model_size", "model_families"])
-def test_changing_one_factor_rekeys_only_its_branch(config, study):
+def load_study(config, study):
     overrides = yaml.safe_load((ROOT / "config" / "experiments" / f"{study}.yaml").read_text())
     merged = deep_merge(config, {k: v for k, v in overrides.items() if k != "experiments"})
     merged["experiments"] = overrides["experiments"]
+    return merged
+
+
+@pytest.mark.parametrize("study", ["training_length", "augmentation", "model_size", "model_families",
+                                   "training_size"])
+def test_changing_one_factor_rekeys_only_its_branch(config, study):
+    merged = load_study(config, study)
     before = make_plan(merged, SCHEMA).experiments
     changed = copy.deepcopy(merged)
     first = next(iter(changed["experiments"]))
@@ -125,9 +135,7 @@ def test_changing_one_factor_rekeys_only_its_branch(config, study):
 
 
 def test_a_training_length_study_shares_one_diffusion_run(config):
-    overrides = yaml.safe_load((ROOT / "config" / "experiments" / "training_length.yaml").read_text())
-    merged = deep_merge(config, {k: v for k, v in overrides.items() if k != "experiments"})
-    merged["experiments"] = overrides["experiments"]
+    merged = load_study(config, "training_length")
     plan = make_plan(merged, SCHEMA)
     assert len({keys["diffusion"] for keys in plan.experiments.values()}) == 1
     assert len({keys["sample"] for keys in plan.experiments.values()}) == 4
@@ -138,6 +146,24 @@ def test_a_training_length_study_shares_one_diffusion_run(config):
     merged["study"]["values"]["epochs_999"] = 999
     with pytest.raises(ValueError, match=r"study.values names \['epochs_999'\], which are not experiments"):
         make_plan(merged, SCHEMA)
+
+
+def test_a_training_size_study_shares_the_instrument_and_trains_one_generator_per_fraction(config):
+    plan = make_plan(load_study(config, "training_size"), SCHEMA)
+    keys = plan.experiments
+    # The detector, the controls and the calibration baselines read the whole split: one each.
+    for shared in ("split", "detector", "controls", "baselines_controls"):
+        assert len({k[shared] for k in keys.values()}) == 1, shared
+    assert len({k["autoencoder"] for k in keys.values()}) == 3
+    # The whole training split needs no subset stage, so it shares everything with a plain run.
+    assert "train_subset" not in keys["patients_100"]
+    assert keys["patients_100"] == make_plan(config, SCHEMA).experiments["baseline"]
+    subset = plan.run("train_subset", keys["patients_025"]["train_subset"])
+    assert subset.settings == {"fraction": 0.25, "seed": 0} and subset.inputs == {"split": keys["patients_025"]["split"]}
+    assert plan.run("autoencoder", keys["patients_025"]["autoencoder"]).inputs == {
+        "train_subset": keys["patients_025"]["train_subset"]}
+    assert plan.upstream("similarity", keys["patients_050"]["similarity"], "train_subset") == \
+        keys["patients_050"]["train_subset"]
 
 
 def test_the_release_follows_tau_unless_told_to_be_stricter(config):

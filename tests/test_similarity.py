@@ -92,7 +92,8 @@ def test_run_writes_five_tables_of_the_right_sizes(tmp_path):
     outputs = {name: tmp_path / "similarity" / f"{name}.csv" for name in
                ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
                 "controls_to_train")}
-    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], *outputs.values(), k=2)
+    split = write_split(tmp_path / "split.csv", train_ids, holdout_ids)
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(), k=2)
     tables = {name: pd.read_csv(path, dtype={"query_id": str, "neighbour_id": str}) for name, path in outputs.items()}
     expected = {"synthetic_to_train": (synthetic_ids, train_ids), "train_to_synthetic": (train_ids, synthetic_ids),
                 "train_to_holdout": (train_ids, holdout_ids), "holdout_to_train": (holdout_ids, train_ids),
@@ -109,9 +110,42 @@ def test_run_writes_five_tables_of_the_right_sizes(tmp_path):
     assert probe["neighbour_id"] == "t3" and probe["correlation"] == pytest.approx(1.0, abs=1e-6)
 
 
+def write_split(path, train_ids, holdout_ids, unused_ids=()):
+    rows = [(i, "train") for i in train_ids] + [(i, "holdout") for i in holdout_ids] + [(i, "unused") for i in unused_ids]
+    pd.DataFrame(rows, columns=["id", "split"]).to_csv(path, index=False)
+    return path
+
+
+def test_a_training_subset_narrows_the_synthetic_search_but_not_the_threshold_or_the_controls(tmp_path):
+    rng = np.random.default_rng(5)
+    train_ids, holdout_ids = [f"t{i}" for i in range(6)], [f"h{i}" for i in range(4)]
+    train, holdout = rng.standard_normal((6, 16)), rng.standard_normal((4, 16))
+    # s0 copies a patient the generator never saw (t1): against the generator's patients it is no copy.
+    synthetic = np.concatenate([train[1:2], train[2:3]])
+    npz = {name: write_embeddings(tmp_path / f"{name}.npz", ids, vectors) for name, ids, vectors in (
+        ("train", train_ids, train), ("holdout", holdout_ids, holdout), ("synthetic", ["s0", "s1"], synthetic),
+        ("controls", ["probe-exact-t1"], train[1:2]))}
+    split = write_split(tmp_path / "split.csv", ["t0", "t2", "t4"], holdout_ids, unused_ids=["t1", "t3", "t5"])
+    outputs = {name: tmp_path / f"{name}.csv" for name in
+               ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                "controls_to_train")}
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values())
+    tables = {name: pd.read_csv(path, dtype={"query_id": str, "neighbour_id": str}) for name, path in outputs.items()}
+    assert tables["train_to_synthetic"]["query_id"].tolist() == ["t0", "t2", "t4"]
+    nearest = tables["synthetic_to_train"].set_index("query_id")
+    assert nearest.at["s1", "neighbour_id"] == "t2" and nearest.at["s0", "neighbour_id"] != "t1"
+    assert tables["train_to_holdout"]["query_id"].tolist() == train_ids
+    assert set(tables["holdout_to_train"]["neighbour_id"]) <= set(train_ids)
+    assert tables["controls_to_train"].at[0, "neighbour_id"] == "t1"
+    with pytest.raises(ValueError, match=r"training ids \['t9'\] have no embedding"):
+        similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"],
+                       write_split(tmp_path / "bad.csv", ["t0", "t9"], holdout_ids), *outputs.values())
+
+
 def test_run_refuses_a_patient_in_train_and_holdout(tmp_path):
     vectors = np.random.default_rng(4).standard_normal((3, 8))
     train = write_embeddings(tmp_path / "train.npz", ["a", "b", "c"], vectors)
     holdout = write_embeddings(tmp_path / "holdout.npz", ["c", "d", "e"], vectors)
+    split = write_split(tmp_path / "split.csv", ["a", "b", "c"], ["d", "e"])
     with pytest.raises(ValueError, match=r"share ids \['c'\]"):
-        similarity.run(train, holdout, train, train, *(tmp_path / f"{i}.csv" for i in range(5)))
+        similarity.run(train, holdout, train, train, split, *(tmp_path / f"{i}.csv" for i in range(5)))

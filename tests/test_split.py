@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from medmem import artefacts, volume_sets
-from medmem.split import Settings, holdout_size, make_split, run
+from medmem.split import (Settings, SubsetSettings, holdout_size, make_split, make_train_subset, run,
+                          run_train_subset, subset_size)
 
 IDS = [f"patient_{i:03d}" for i in range(40)]
 SETTINGS = Settings(holdout_fraction=0.25, min_holdout=8, seed=0)
@@ -95,3 +96,34 @@ def test_run_names_the_cases_file_when_the_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{cases_csv}: holdout has 3 patients")):
         run(SETTINGS, cases_csv, tmp_path / "split.csv")
     assert not (tmp_path / "split.csv").exists()
+
+
+def test_training_subsets_are_nested_seeded_and_keep_the_holdout():
+    split = make_split([f"p{i:02d}" for i in range(40)], Settings(holdout_fraction=0.25, min_holdout=8, seed=0))
+    subsets = {fraction: make_train_subset(split, SubsetSettings(fraction=fraction, seed=3))
+               for fraction in (0.25, 0.5, 1.0)}
+    kept = {fraction: set(s.loc[s["split"] == "train", "id"]) for fraction, s in subsets.items()}
+    assert [len(kept[f]) for f in (0.25, 0.5, 1.0)] == [round(0.25 * 30), 15, 30]
+    assert kept[0.25] < kept[0.5] < kept[1.0] == set(split.loc[split["split"] == "train", "id"])
+    for subset in subsets.values():
+        assert subset["id"].tolist() == split["id"].tolist()
+        assert (subset["split"] == "holdout").tolist() == (split["split"] == "holdout").tolist()
+        assert set(subset["split"]) <= {"train", "holdout", "unused"}
+    # The same seed gives the same patients; another seed other ones.
+    again = make_train_subset(split, SubsetSettings(fraction=0.5, seed=3))
+    assert set(again.loc[again["split"] == "train", "id"]) == kept[0.5]
+    other = make_train_subset(split, SubsetSettings(fraction=0.5, seed=4))
+    assert set(other.loc[other["split"] == "train", "id"]) != kept[0.5]
+    assert subset_size(30, 0.01) == 1
+
+
+def test_a_training_subset_is_written_with_its_counts_and_refuses_a_bad_fraction(tmp_path):
+    split = make_split([f"p{i:02d}" for i in range(20)], Settings(holdout_fraction=0.4, min_holdout=8, seed=0))
+    split_csv, subset_csv = tmp_path / "split.csv", tmp_path / "subset" / "split.csv"
+    split.to_csv(split_csv, index=False)
+    run_train_subset(SubsetSettings(fraction=0.5, seed=0), split_csv, subset_csv)
+    written = volume_sets.read_split(subset_csv)
+    assert written["split"].value_counts().to_dict() == {"holdout": 8, "train": 6, "unused": 6}
+    assert json.loads((tmp_path / "subset" / "split.csv.json").read_text())["n_unused"] == 6
+    with pytest.raises(ValueError, match=r"train_subset.fraction=1.5 must be a number in \(0, 1\]"):
+        SubsetSettings(fraction=1.5, seed=0)

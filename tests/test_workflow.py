@@ -284,6 +284,9 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
     # The VAE is the LDM's own autoencoder: one autoencoder for both; the GAN trains on its own.
     ("model_families", {"train_autoencoder": 1, "train_diffusion": 1, "sample": 1, "sample_vae": 1, "train_gan": 1,
                         "sample_gan": 1, "train_detector": 1, "embed": 6, "assess": 3, "total": 34}),
+    # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
+    ("training_size", {"train_subset": 2, "train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3,
+                       "sample": 3, "embed": 6, "similarity": 3, "assess": 3, "total": 39}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))

@@ -233,9 +233,10 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     """Score every method, fit thresholds, count copies with intervals, check the controls, write it all."""
     nearest = {table: read_nearest(getattr(inputs, table)) for table in CONTRASTIVE_SETS.values()}
     train_to_synthetic, train_to_holdout = nearest["train_to_synthetic"], nearest["train_to_holdout"]
-    if set(train_to_synthetic["query_id"]) != set(train_to_holdout["query_id"]):
-        raise ValueError(f"{inputs.train_to_synthetic} and {inputs.train_to_holdout} query different training "
-                         "volumes; re-run similarity on one set of embeddings")
+    # The generator's training patients are the whole training split, or a subset of it (training-set-size studies).
+    if not set(train_to_synthetic["query_id"]) <= set(train_to_holdout["query_id"]):
+        raise ValueError(f"{inputs.train_to_synthetic} queries training volumes that {inputs.train_to_holdout} does "
+                         "not; re-run similarity on one set of embeddings")
     scores = pd.concat([contrastive_scores(nearest), read_scores(inputs.control_baseline_scores),
                         read_scores(inputs.baseline_scores)], ignore_index=True)
     statistics = pd.concat([pd.read_csv(path, dtype={"method": str, "set": str, "statistic": str}) for path in

@@ -33,15 +33,20 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "ingest": (effective["data"], ()),
         "split": (effective["split"], ("ingest",)),
     }
+    # A training-set-size study trains the generator on a nested share of the training patients.
+    generator_split = "split"
+    if source != "folder" and effective["train_subset"]["fraction"] < 1:
+        stages["train_subset"] = (effective["train_subset"], ("split",))
+        generator_split = "train_subset"
     if source in ("ldm", "vae"):
-        stages["autoencoder"] = (effective["autoencoder"], ("split",))
+        stages["autoencoder"] = (effective["autoencoder"], (generator_split,))
     if source == "ldm":
         stages["diffusion"] = (effective["diffusion"], ("autoencoder",))
         stages["sample"] = (effective["sample"], ("diffusion",))
     elif source == "vae":
         stages["sample_vae"] = (effective["sample"], ("autoencoder",))
     elif source == "gan":
-        stages["gan"] = (effective["gan"], ("split",))
+        stages["gan"] = (effective["gan"], (generator_split,))
         stages["sample_gan"] = (effective["sample"], ("gan",))
     else:
         # The outside volumes go through the training data's ingest: same grid, same intensity scaling.
@@ -147,6 +152,7 @@ def check_settings(effective: dict, name: str) -> None:
     try:
         data = ingest.Settings(**effective["data"])
         split_settings = split.Settings(**effective["split"])
+        subset_settings = split.SubsetSettings(**effective["train_subset"])
         source = effective["synthetic"]["source"]
         if source == "gan":
             gan_settings = gan.Settings(**effective["gan"])
@@ -169,6 +175,9 @@ def check_settings(effective: dict, name: str) -> None:
         elif source == "folder" and effective["synthetic"]["folder"] is None:
             raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
                              "the directory of synthetic volumes to audit")
+        if source == "folder" and subset_settings.fraction < 1:
+            raise ValueError(f"train_subset.fraction={subset_settings.fraction} chooses a generator's training "
+                             "patients, but synthetic.source is 'folder' (no generator is trained): set it to 1")
         controls.Settings(**effective["controls"])
         detector.Settings(**effective["detector"])
         baseline_settings = baselines.Settings(**effective["baselines"])

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from medmem import artefacts
+from medmem import artefacts, volume_sets
 
 logger = logging.getLogger("medmem.similarity")
 
@@ -80,13 +80,15 @@ def read_embeddings(npz: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
-        controls_npz: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
+        controls_npz: str | os.PathLike, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
         holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1) -> None:
     """Write the five nearest-neighbour tables (query_id, neighbour_id, rank, correlation) + sidecars.
 
     The controls (planted probes) are searched against the training set like synthetic volumes are,
-    but in a table of their own, so they never mix with the synthetic set's counts.
+    but in a table of their own, so they never mix with the synthetic set's counts. The synthetic set
+    is searched against the generator's training patients (``train`` in ``split_csv``, which a
+    training-set-size study narrows); the threshold and the controls use every training embedding.
     """
     train_ids, train = read_embeddings(train_npz)
     holdout_ids, holdout = read_embeddings(holdout_npz)
@@ -96,18 +98,28 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     if leaked:
         raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
                          "would calibrate the threshold on training data; fix the split")
+    split = volume_sets.read_split(split_csv)
+    generator_ids = split.loc[split["split"] == "train", "id"].tolist()
+    position = {patient: i for i, patient in enumerate(train_ids)}
+    missing = [i for i in generator_ids if i not in position]
+    if missing:
+        raise ValueError(f"{split_csv}: training ids {missing} have no embedding in {train_npz}; "
+                         "embed the training set of this split")
+    generator = train[[position[i] for i in generator_ids]]
     searches = [
-        (synthetic_to_train_csv, synthetic_ids, synthetic, train_ids, train),
-        (train_to_synthetic_csv, train_ids, train, synthetic_ids, synthetic),
+        (synthetic_to_train_csv, synthetic_ids, synthetic, generator_ids, generator),
+        (train_to_synthetic_csv, generator_ids, generator, synthetic_ids, synthetic),
         (train_to_holdout_csv, train_ids, train, holdout_ids, holdout),
         (holdout_to_train_csv, holdout_ids, holdout, train_ids, train),
         (controls_to_train_csv, controls_ids, controls, train_ids, train),
     ]
-    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz}
+    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz,
+              "split": split_csv}
     for output, query_ids, queries, database_ids, database in searches:
         table = nearest_neighbours(query_ids, queries, database_ids, database, k)
         artefacts.write_csv(output, table)
         artefacts.write_sidecar(output, settings={"k": k}, inputs=inputs, n_queries=len(query_ids),
                                 n_database=len(database_ids))
-    logger.info("nearest neighbours: %d train, %d holdout, %d synthetic, %d control embeddings, k = %d",
-                len(train_ids), len(holdout_ids), len(synthetic_ids), len(controls_ids), k)
+    logger.info("nearest neighbours: %d train (%d the generator's), %d holdout, %d synthetic, %d control "
+                "embeddings, k = %d", len(train_ids), len(generator_ids), len(holdout_ids), len(synthetic_ids),
+                len(controls_ids), k)

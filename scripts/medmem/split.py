@@ -3,6 +3,11 @@
 The holdout patients are never trained on; assess calibrates the memorization threshold on them
 (the correlation of each training volume with its nearest *held-out* volume), so too small a
 holdout set, or a patient in both sets, is an error here rather than a silently biased result.
+
+Stage train_subset (training-set-size studies): split.csv → a split.csv in which only a seeded share
+of the training patients stays ``train`` (the generator's training set) and the rest are ``unused``.
+The detector, the threshold τ and the controls keep reading the full split, so every fraction is
+measured with one instrument; the generator and the memorization counts read the subset.
 """
 
 from __future__ import annotations
@@ -69,6 +74,58 @@ def make_split(ids: list[str], settings: Settings) -> pd.DataFrame:
     order = np.random.default_rng(settings.seed).permutation(n_patients)
     holdout = {ordered[i] for i in order[:n_holdout]}
     return pd.DataFrame({"id": ordered, "split": ["holdout" if i in holdout else "train" for i in ordered]})
+
+
+@dataclass(frozen=True)
+class SubsetSettings:
+    fraction: float  # share of the training patients the generator trains on, rounded to whole patients
+    seed: int        # one seed orders the patients for every fraction, so the subsets are nested
+
+    def __post_init__(self) -> None:
+        if not is_number(self.fraction) or not 0 < self.fraction <= 1:
+            raise ValueError(f"train_subset.fraction={self.fraction!r} must be a number in (0, 1] (share of the "
+                             "training patients the generator trains on), e.g. 0.5")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"train_subset.seed={self.seed!r} must be a non-negative integer, e.g. 0")
+        object.__setattr__(self, "fraction", float(self.fraction))
+
+
+def subset_size(n_train: int, fraction: float) -> int:
+    """Training patients kept: round(fraction × n_train), at least one."""
+    return max(1, round(fraction * n_train))
+
+
+def make_train_subset(split: pd.DataFrame, settings: SubsetSettings) -> pd.DataFrame:
+    """Mark all but a seeded share of the training patients ``unused``: DataFrame (id, split), same rows.
+
+    The patients are ordered once by the seed (from their sorted ids) and the first
+    ``subset_size`` are kept, so at one seed a smaller fraction's patients are a subset of a larger's.
+    """
+    train = sorted(split.loc[split["split"] == "train", "id"])
+    if not train:
+        raise ValueError("no training patients to take a subset of")
+    order = np.random.default_rng(settings.seed).permutation(len(train))
+    kept = {train[i] for i in order[:subset_size(len(train), settings.fraction)]}
+    subset = split.copy()
+    subset.loc[(subset["split"] == "train") & ~subset["id"].isin(kept), "split"] = "unused"
+    return subset
+
+
+def run_train_subset(settings: SubsetSettings, split_csv: str | os.PathLike,
+                     subset_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read split.csv, keep the generator's share of its training patients, write the subset's split.csv."""
+    try:
+        subset = make_train_subset(volume_sets.read_split(split_csv), settings)
+    except ValueError as error:
+        raise ValueError(f"{split_csv}: {error}") from None
+    artefacts.write_csv(subset_csv, subset)
+    counts = subset["split"].value_counts()
+    n_train, n_unused = int(counts.get("train", 0)), int(counts.get("unused", 0))
+    artefacts.write_sidecar(subset_csv, settings=asdict(settings), inputs={"split": split_csv}, seed=settings.seed,
+                            n_train=n_train, n_unused=n_unused, n_holdout=int(counts.get("holdout", 0)))
+    logger.info("the generator trains on %d of %d training patients (fraction %.3g, seed %d)",
+                n_train, n_train + n_unused, settings.fraction, settings.seed)
+    return subset
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike) -> pd.DataFrame:

@@ -28,9 +28,15 @@ def read_volume_table(table_csv: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+SPLITS = ("train", "holdout", "unused")  # unused: training patients a training-set-size study leaves out
+
+
 def read_split(split_csv: str | os.PathLike) -> pd.DataFrame:
     """Read split.csv (id, split) and refuse a patient that sits in both splits."""
     split = pd.read_csv(split_csv, dtype={"id": str})
+    unknown = sorted(set(split["split"]) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"{split_csv}: unknown split names {unknown}; expected {list(SPLITS)}")
     both = sorted(set(split.loc[split["split"] == "train", "id"]) & set(split.loc[split["split"] == "holdout", "id"]))
     if both:
         raise ValueError(f"{split_csv}: patients in both train and holdout: {both}")

@@ -27,6 +27,7 @@ NEIGHBOUR_TABLES = ("synthetic_to_train", "train_to_synthetic", "train_to_holdou
 wildcard_constraints:
     ingest=KEY,
     split=KEY,
+    train_subset=KEY,
     autoencoder=KEY,
     diffusion=KEY,
     sample=KEY,
@@ -48,16 +49,24 @@ def settings_of(stage):
     return lambda wildcards: PLAN.run(stage, wildcards[stage]).settings
 
 
+def split_file(stage, key):
+    """The split.csv that `stage` at `key` reads: its generator's training subset where a training-set-size
+    study chose one (the generator, its samples, the memorization counts), else the whole split."""
+    try:
+        return f"{RESULTS}/train_subset/{PLAN.upstream(stage, key, 'train_subset')}/split.csv"
+    except KeyError:
+        return f"{RESULTS}/split/{PLAN.upstream(stage, key, 'split')}/split.csv"
+
+
 def cohort_inputs(stage):
     """input function: the canonical cases and the split that `stage` (at its key) reads."""
 
     def inputs(wildcards):
-        split_key = PLAN.upstream(stage, wildcards[stage], "split")
-        ingest_key = PLAN.upstream("split", split_key, "ingest")
+        ingest_key = PLAN.upstream(stage, wildcards[stage], "ingest")
         return {
             "cases": f"{RESULTS}/ingest/{ingest_key}/cases.csv",
             "volumes": f"{RESULTS}/ingest/{ingest_key}/volumes",
-            "split": f"{RESULTS}/split/{split_key}/split.csv",
+            "split": split_file(stage, wildcards[stage]),
         }
 
     return inputs
@@ -108,7 +117,8 @@ def embed_inputs(wildcards):
 
 
 def similarity_inputs(wildcards):
-    return embedding_files(wildcards.similarity)
+    # The split names the generator's training patients: the synthetic set is searched against those only.
+    return {**embedding_files(wildcards.similarity), "split": split_file("similarity", wildcards.similarity)}
 
 
 def embedding_files(similarity_key):

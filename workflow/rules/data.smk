@@ -33,6 +33,23 @@ rule split:
         "../../scripts/split.py"
 
 
+rule train_subset:
+    input:
+        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('train_subset', wildcards.train_subset, 'split')}/split.csv",
+    output:
+        split=f"{RESULTS}/train_subset/{{train_subset}}/split.csv",
+    params:
+        settings=settings_of("train_subset"),
+    log:
+        f"{RESULTS}/logs/train_subset/{{train_subset}}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+    script:
+        "../../scripts/train_subset.py"
+
+
 rule ingest_synthetic:
     input:
         lambda wildcards: PLAN.run("ingest_synthetic", wildcards.ingest_synthetic).settings["folder"]["path"],

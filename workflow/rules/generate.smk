@@ -48,7 +48,7 @@ rule train_diffusion:
 
 rule sample:
     input:
-        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample', wildcards.sample, 'split')}/split.csv",
+        split=lambda wildcards: split_file("sample", wildcards.sample),
         autoencoder=lambda wildcards: f"{RESULTS}/autoencoder/{PLAN.upstream('sample', wildcards.sample, 'autoencoder')}/autoencoder.pt",
         diffusion=diffusion_weights,
     output:
@@ -71,7 +71,7 @@ rule sample:
 
 rule sample_vae:
     input:
-        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample_vae', wildcards.sample_vae, 'split')}/split.csv",
+        split=lambda wildcards: split_file("sample_vae", wildcards.sample_vae),
         autoencoder=lambda wildcards: f"{RESULTS}/autoencoder/{PLAN.upstream('sample_vae', wildcards.sample_vae, 'autoencoder')}/autoencoder.pt",
     output:
         manifest=f"{RESULTS}/sample_vae/{{sample_vae}}/manifest.csv",
@@ -114,7 +114,7 @@ rule train_gan:
 
 rule sample_gan:
     input:
-        split=lambda wildcards: f"{RESULTS}/split/{PLAN.upstream('sample_gan', wildcards.sample_gan, 'split')}/split.csv",
+        split=lambda wildcards: split_file("sample_gan", wildcards.sample_gan),
         gan=lambda wildcards: f"{RESULTS}/gan/{PLAN.upstream('sample_gan', wildcards.sample_gan, 'gan')}/gan.pt",
     output:
         manifest=f"{RESULTS}/sample_gan/{{sample_gan}}/manifest.csv",
