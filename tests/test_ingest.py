@@ -319,3 +319,76 @@ def test_case_ids_strip_only_the_volume_suffix():
     assert volume_io.case_id(Path("CASE.MHA")) == "CASE"
     assert volume_io.case_id(Path("scan.raw")) is None
     assert volume_io.case_id(Path(".nii")) is None
+
+
+# 2D mode: radiograph-like images, one per patient. A 40 x 24 image at 0.5 x 1.0 mm with a marker at
+# column 30, row 5; canonical arrays are (x, y) = (column, row).
+IMAGE = np.zeros((24, 40), np.float32)  # (rows, columns), as SimpleITK and PNG store it
+IMAGE[4:20, 6:34] = 100.0
+IMAGE[5, 30] = 1000.0
+
+
+def write_2d(path: Path, pixels: np.ndarray, spacing=(0.5, 1.0)) -> None:
+    image = sitk.GetImageFromArray(pixels)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def test_2d_images_arrive_in_every_format_with_the_marker_in_place(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_2d(folder / "png8.png", (IMAGE / 1000 * 255).astype(np.uint8), spacing=(1.0, 1.0))
+    write_2d(folder / "png16.png", IMAGE.astype(np.uint16), spacing=(1.0, 1.0))
+    write_2d(folder / "dicom.dcm", IMAGE.astype(np.int16))
+    write_2d(folder / "mha.mha", IMAGE)
+    # A NIfTI slice: (x, y, 1) in nibabel's order.
+    nib.save(nib.Nifti1Image(IMAGE.T[:, :, None].copy(), np.diag([0.5, 1.0, 3.0, 1.0])), folder / "slice.nii.gz")
+    (folder / "notes.txt").write_text("not an image")
+    before = file_hashes(folder)
+
+    cases_csv, table = run(tmp_path, settings(path=folder, shape=(16, 16), spacing=(1.0, 1.0),
+                                              mr_percentiles=[0.0, 100.0], modality="xr"))
+
+    assert file_hashes(folder) == before
+    assert table["id"].tolist() == ["dicom", "mha", "png16", "png8", "slice"]
+    assert table.set_index("id").at["slice", "original_shape"] == "40x24"  # the singleton axis is dropped
+    for case in table["id"]:
+        image, affine = artefacts.load_nifti(cases_csv.parent / "volumes" / f"{case}.nii.gz")
+        assert image.shape == (16, 16) and 0.0 <= image.min() and image.max() <= 1.0
+        np.testing.assert_allclose(np.diag(affine)[:3], [1.0, 1.0, 1.0])
+        # The image centre (column 19.5, row 11.5) lands on the grid centre (7.5, 7.5).
+        if case.startswith("png"):  # at 1 mm: a centre crop of columns 12-27 and rows 4-19, pixel for pixel
+            np.testing.assert_allclose(image, IMAGE[4:20, 12:28].T / 1000, atol=0.002)
+            continue
+        # At 0.5 mm along x the marker (column 30, row 5) is 5.25 mm right of the centre and 6.5 mm up.
+        peak = np.unravel_index(np.argmax(image), image.shape)
+        assert abs(peak[0] - (7.5 + 5.25)) <= 1 and abs(peak[1] - 1) <= 1, (case, peak)
+    assert json.loads(cases_csv.with_suffix(".csv.json").read_text())["orientation"] == ingest.ORIENTATION_2D
+
+
+def test_2d_mode_refuses_volumes_and_colour_images_naming_the_file(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_2d(folder / "good.png", (IMAGE / 4).astype(np.uint8))
+    volume = folder / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(marker_volume(), np.eye(4)), volume)
+    two_d = settings(path=folder, shape=(16, 16), spacing=(1.0, 1.0))
+    with pytest.raises(ValueError, match=re.escape(str(volume)) + ": expected a 2D image"):
+        run(tmp_path, two_d)
+    volume.unlink()
+    colour = folder / "colour.png"
+    sitk.WriteImage(sitk.Compose(*[sitk.GetImageFromArray((IMAGE / 4).astype(np.uint8))] * 3), str(colour))
+    with pytest.raises(ValueError, match=re.escape(str(colour)) + ": expected one intensity per voxel, got 3"):
+        run(tmp_path, two_d)
+    assert not (tmp_path / "out" / "volumes").exists()
+
+
+def test_the_2d_phantom_is_a_radiograph_of_each_patient(tmp_path):
+    cases_csv, table = run(tmp_path, settings(source="phantom", shape=(24, 32), spacing=(4.0, 4.0)))
+    images = [artefacts.load_nifti(cases_csv.parent / "volumes" / f"{case}.nii.gz")[0] for case in table["id"]]
+    assert all(image.shape == (24, 32) for image in images)
+    assert all(0.2 < image.max() <= 1.0 and image.min() == 0.0 for image in images)  # a body on air
+    # Patients differ in anatomy, so their radiographs do.
+    assert np.abs(images[0] - images[1]).mean() > 0.02
+    with pytest.raises(ValueError, match=r"data.spacing=\[4.0, 4.0, 4.0\] must be 2 positive numbers"):
+        settings(source="phantom", shape=(24, 32), spacing=(4.0, 4.0, 4.0))

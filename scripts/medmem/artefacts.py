@@ -89,9 +89,9 @@ def load_torch(path: str | os.PathLike, device: torch.device | str = "cpu") -> d
 
 
 def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) -> None:
-    """Write a (D, H, W) float volume with its real affine (voxel index → RAS+ millimetres)."""
-    if volume.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume (D, H, W), got shape {volume.shape}")
+    """Write a (D, H, W) float volume, or an (x, y) 2D image, with its real affine (voxel index → millimetres)."""
+    if volume.ndim not in (2, 3):
+        raise ValueError(f"{path}: expected a 3D volume (D, H, W) or a 2D image (x, y), got shape {volume.shape}")
     image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
@@ -99,7 +99,7 @@ def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) 
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a canonical volume: returns ((D, H, W) float32 array, 4x4 affine)."""
+    """Read a canonical volume or 2D image: returns ((D, H, W) or (x, y) float32 array, 4x4 affine)."""
     image = nib.load(str(path))
     return np.asarray(image.dataobj, dtype=np.float32), image.affine
 

@@ -4,6 +4,10 @@ Sources: ``phantom`` (the procedural demo cohort, see phantom.py) or ``folder`` 
 or MetaImage volume per patient). Every case leaves this stage in one geometry, RAS+ with
 ``data.shape`` voxels of ``data.spacing`` mm (see volume_io), with float32 intensities in [0, 1],
 so no later stage reads a header again. Input files are only read, never modified.
+
+2D mode (X-ray-like images): ``data.shape`` and ``data.spacing`` with two entries. The phantom is
+then a radiograph of each phantom patient, and a folder holds one 2D image per patient (PNG, DICOM,
+or a NIfTI/NRRD/MHA slice); every later stage follows the dimensionality of the images.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import pandas as pd
 
 from medmem.settings_checks import is_int, is_number
 from medmem import artefacts, volume_io
-from medmem.phantom import PhantomSettings, make_patient
+from medmem.phantom import PhantomSettings, make_patient, make_radiograph
 
 logger = logging.getLogger("medmem.ingest")
 
 Source = Literal["phantom", "folder"]
-Modality = Literal["mr", "ct"]
+Modality = Literal["mr", "ct", "xr"]
 COLUMNS = ["id", "path", "source_path", "original_spacing", "original_shape", "original_orientation"]
 ORIENTATION = "RAS+: array axes (D, H, W) point Right, Anterior, Superior; affine = diag(spacing) + origin"
+ORIENTATION_2D = "image plane: array axes (x, y) are the file's columns and rows; affine = diag(spacing, 1) + origin"
 
 # A case on its way to disk: id, (D, H, W) float32 volume, 4x4 RAS affine, its cases.csv fields.
 Case = tuple[str, np.ndarray, np.ndarray, dict[str, str]]
@@ -46,7 +51,7 @@ class FolderSettings:
             object.__setattr__(self, "path", os.fspath(self.path))
         if self.modality not in get_args(Modality):
             raise ValueError(f"data.folder.modality={self.modality!r} must be one of {list(get_args(Modality))}: "
-                             "mr for percentile scaling, ct for a Hounsfield window")
+                             "mr or xr (radiographs) for percentile scaling, ct for a Hounsfield window")
         low, high = _pair(self.ct_window, "data.folder.ct_window")
         if not low < high:
             raise ValueError(f"data.folder.ct_window={list(self.ct_window)} must be [low, high] HU with "
@@ -62,8 +67,8 @@ class FolderSettings:
 @dataclass(frozen=True)
 class Settings:
     source: Source
-    shape: tuple[int, int, int]          # canonical grid (D, H, W), voxels
-    spacing: tuple[float, float, float]  # canonical voxel size along R, A, S, mm
+    shape: tuple[int, ...]      # canonical grid, voxels: (D, H, W), or (x, y) for 2D images
+    spacing: tuple[float, ...]  # canonical voxel size along R, A, S (or x, y), mm
     phantom: PhantomSettings
     folder: FolderSettings
 
@@ -71,14 +76,14 @@ class Settings:
         if self.source not in get_args(Source):
             raise ValueError(f"data.source={self.source!r} must be one of {list(get_args(Source))}")
         shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else ()
-        if len(shape) != 3 or not all(is_int(n) and n > 0 for n in shape):
+        if len(shape) not in (2, 3) or not all(is_int(n) and n > 0 for n in shape):
             raise ValueError(f"data.shape={self.shape!r} must be three positive integers (voxels along D, H, W), "
-                             "e.g. [32, 32, 32]")
+                             "e.g. [32, 32, 32], or two for 2D images, e.g. [64, 64]")
         object.__setattr__(self, "shape", tuple(int(n) for n in shape))
         spacing = tuple(self.spacing) if isinstance(self.spacing, (list, tuple)) else ()
-        if len(spacing) != 3 or not all(is_number(s) and 0 < s < math.inf for s in spacing):
-            raise ValueError(f"data.spacing={self.spacing!r} must be three positive numbers (mm along R, A, S), "
-                             "e.g. [4.0, 4.0, 4.0]")
+        if len(spacing) != len(shape) or not all(is_number(s) and 0 < s < math.inf for s in spacing):
+            raise ValueError(f"data.spacing={self.spacing!r} must be {len(shape)} positive numbers (mm along each "
+                             f"axis of data.shape={list(shape)}), e.g. {[4.0] * len(shape)}")
         object.__setattr__(self, "spacing", tuple(float(s) for s in spacing))
         if isinstance(self.phantom, dict):
             object.__setattr__(self, "phantom", PhantomSettings(**self.phantom))
@@ -95,7 +100,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.
     if settings.source == "phantom":
         cases, inputs, seed = phantom_cases(settings), {}, settings.phantom.seed
     else:  # list (and refuse a bad folder) before anything is written
-        files = volume_io.list_volumes(settings.folder.path)
+        files = volume_io.list_volumes(settings.folder.path, spatial_dims=len(settings.shape))
         cases, inputs, seed = folder_cases(settings, files), {"folder": settings.folder.path}, None
     rows = []
     with artefacts.atomic_directory(volumes_dir) as staging:
@@ -109,8 +114,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.
                         volume.min(), volume.max())
     table = pd.DataFrame(rows, columns=COLUMNS)
     artefacts.write_csv(cases_csv, table)
-    artefacts.write_sidecar(cases_csv, settings=asdict(settings), inputs=inputs, seed=seed,
-                            n_cases=len(table), orientation=ORIENTATION)
+    artefacts.write_sidecar(cases_csv, settings=asdict(settings), inputs=inputs, seed=seed, n_cases=len(table),
+                            orientation=ORIENTATION if len(settings.shape) == 3 else ORIENTATION_2D)
     logger.info("ingested %d cases from %s into %s", len(table), settings.source, volumes_dir)
     return table
 
@@ -121,10 +126,11 @@ def phantom_cases(settings: Settings) -> Iterator[Case]:
     record = {
         "original_spacing": volume_io.format_triple(settings.spacing),
         "original_shape": volume_io.format_triple(settings.shape),
-        "original_orientation": "RAS",
+        "original_orientation": "RAS" if len(settings.shape) == 3 else "radiograph",
     }
+    make = make_patient if len(settings.shape) == 3 else make_radiograph
     for index in range(settings.phantom.n_patients):
-        volume = make_patient(index, settings.shape, settings.phantom)
+        volume = make(index, settings.shape, settings.phantom)
         source = f"phantom(seed={settings.phantom.seed}, index={index})"
         yield f"phantom_{index:04d}", volume, affine, {"source_path": source, **record}
 
@@ -132,8 +138,9 @@ def phantom_cases(settings: Settings) -> Iterator[Case]:
 def folder_cases(settings: Settings, files: list[tuple[str, Path]]) -> Iterator[Case]:
     """Each file read, normalised on its own grid, then resampled once onto the canonical grid."""
     folder = settings.folder
+    read = volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image
     for case, path in files:
-        image, values = volume_io.read_volume(path)
+        image, values = read(path)
         if folder.modality == "ct":
             values = volume_io.window_ct(values, folder.ct_window, path)
         else:

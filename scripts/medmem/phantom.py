@@ -23,6 +23,8 @@ from medmem.settings_checks import is_int, is_number
 # Width of the soft edge of every shape, in units of its level function (≈ 4% of its radius):
 # enough to anti-alias surfaces at 16³ without blurring them at 128³.
 EDGE = 0.08
+# The mean intensity along the beam that a radiograph maps to 1 (2D mode).
+RADIOGRAPH_FULL_SCALE = 0.5
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,29 @@ def make_patient(index: int, shape: tuple[int, int, int], settings: PhantomSetti
     noise_rng = np.random.default_rng([settings.seed, index, acquisition + 1])
     volume += np.float32(settings.noise) * noise_rng.standard_normal(volume.shape, dtype=np.float32)
     return np.clip(volume, 0.0, 1.0).astype(np.float32)
+
+
+def make_radiograph(index: int, shape: tuple[int, int], settings: PhantomSettings) -> np.ndarray:
+    """Patient ``index`` as a 2D radiograph on a ``shape`` grid: (R, S) float32 in [0, 1] (2D mode).
+
+    A digitally reconstructed radiograph: the noise-free 3D patient (the same anatomy as
+    ``make_patient``) is averaged along the anterior-posterior axis, as an X-ray beam integrates it,
+    then the bias field and the detector noise are added in the image plane.
+    """
+    if len(shape) != 2 or not all(is_int(n) and n > 0 for n in shape):
+        raise ValueError(f"radiograph shape {shape!r} must be two positive integers (R, S)")
+    if not is_int(index) or index < 0:
+        raise ValueError(f"patient index {index!r} must be a non-negative integer")
+    anatomy = draw_anatomy(np.random.default_rng([settings.seed, index]))
+    # As many samples along the beam as across the image's first axis: the projection is isotropic.
+    projection = render(anatomy, voxel_grid((shape[0], shape[0], shape[1]))).mean(axis=1)
+    # The densest lines through the torso average about 0.4: they land near 0.8.
+    image = projection / np.float32(RADIOGRAPH_FULL_SCALE)
+    plane = voxel_grid((shape[0], 1, shape[1]))
+    image *= 1.0 + np.float32(settings.bias_strength) * bias_field(anatomy, plane)[:, 0, :]
+    noise_rng = np.random.default_rng([settings.seed, index, 1])
+    image += np.float32(settings.noise) * noise_rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 def voxel_grid(shape: tuple[int, int, int]) -> np.ndarray:
