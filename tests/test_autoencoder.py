@@ -15,6 +15,7 @@ from medmem import artefacts, autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[4.0, 0, 0, -30], [0, 4.0, 0, -32], [0, 0, 4.0, -34], [0, 0, 0, 1]])
+AFFINE_2D = np.array([[0.5, 0, 0, -4], [0, 0.5, 0, -5], [0, 0, 1.0, 0], [0, 0, 0, 1]])  # X-ray-like pixel spacing
 TINY = autoencoder.Settings(channels=(4, 8), latent_channels=2, num_res_blocks=1, norm_num_groups=4, epochs=6,
                             batch_size=2, learning_rate=3.0e-3, kl_weight=1.0e-6, adversarial_weight=0.01,
                             adversarial_warmup_epochs=4, discriminator_channels=4, seed=0)
@@ -25,8 +26,14 @@ def write_cohort(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int =
     return procedural_cohort.write_cohort(folder, procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False), n_train, AFFINE)
 
 
-def train(folder: Path, settings: autoencoder.Settings = TINY) -> dict:
-    cases, split = write_cohort(folder)
+def write_cohort_2d(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
+    """2D images (H, W), the middle slices of the ellipsoid volumes, as NIfTI + cases.csv + split.csv."""
+    volumes = procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False)
+    return procedural_cohort.write_cohort(folder, volumes[:, size // 2], n_train, AFFINE_2D)
+
+
+def train(folder: Path, settings: autoencoder.Settings = TINY, cohort=write_cohort) -> dict:
+    cases, split = cohort(folder)
     autoencoder.run(settings, cases, split, folder / "autoencoder.pt", folder / "curve.csv", torch.device("cpu"))
     return artefacts.load_torch(folder / "autoencoder.pt")
 
@@ -35,6 +42,13 @@ def train(folder: Path, settings: autoencoder.Settings = TINY) -> dict:
 def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("autoencoder")
     train(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("autoencoder_2d")
+    train(folder, cohort=write_cohort_2d)
     return folder
 
 
@@ -62,13 +76,27 @@ def test_settings_name_the_bad_value_and_the_fix(change, message):
 def test_check_shape_names_the_shape_the_levels_and_a_fix():
     settings = replace(TINY, channels=(8, 16, 16))
     autoencoder.check_shape((32, 32, 32), settings)
-    message = (r"data.shape \(30, 32, 32\) must be 3D and divisible by 4 for the autoencoder's 2 downsamplings "
+    message = (r"data.shape \(30, 32, 32\) must be divisible by 4 for the autoencoder's 2 downsamplings "
                r"\(autoencoder.channels has 3 levels\): use e.g. \(32, 32, 32\)")
     with pytest.raises(ValueError, match=message):
         autoencoder.check_shape((30, 32, 32), settings)
     with pytest.raises(ValueError, match=r"data.shape \(4, 8, 8\) is too small for the patch discriminator"):
         autoencoder.check_shape((4, 8, 8), settings)
     autoencoder.check_shape((4, 8, 8), replace(settings, adversarial_weight=0.0))
+
+
+def test_check_shape_takes_2d_images_by_the_same_rules():
+    settings = replace(TINY, channels=(8, 16, 16))
+    autoencoder.check_shape((64, 32), settings)
+    with pytest.raises(ValueError, match=r"data.shape \(64, 30\) must be divisible by 4 for the autoencoder's 2 "
+                                         r"downsamplings .*: use e.g. \(64, 32\)"):
+        autoencoder.check_shape((64, 30), settings)
+    with pytest.raises(ValueError, match=r"data.shape \(4, 8\) is too small for the patch discriminator"):
+        autoencoder.check_shape((4, 8), settings)
+    for shape in ((32,), (32, 32, 32, 32)):
+        with pytest.raises(ValueError, match=rf"data.shape \({shape[0]},.*\) has {len(shape)} entries: give 2, "
+                                             r"\(H, W\), for 2D images or 3, \(D, H, W\), for volumes"):
+            autoencoder.check_shape(shape, settings)
 
 
 def test_training_lowers_the_losses_and_writes_a_curve(trained):
@@ -88,6 +116,7 @@ def test_checkpoint_describes_itself_and_reloads_to_the_same_outputs(trained):
     assert set(checkpoint) == {"model_args", "state_dict", "latent_shape", "scale_factor", "affine",
                                "volume_shape", "n_train", "settings"}
     assert checkpoint["latent_shape"] == [2, 8, 8, 8] and checkpoint["volume_shape"] == [16, 16, 16]
+    assert checkpoint["model_args"]["spatial_dims"] == 3
     assert checkpoint["n_train"] == 4  # the two holdout patients were not trained on
     np.testing.assert_array_equal(checkpoint["affine"], AFFINE)
     assert list(checkpoint["settings"]["channels"]) == [4, 8] and checkpoint["settings"]["seed"] == TINY.seed
@@ -151,3 +180,28 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     resumed = train(tmp_path / "twice", settings)["state_dict"]
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     assert len(pd.read_csv(tmp_path / "twice" / "curve.csv")) == settings.epochs
+
+
+def test_a_2d_autoencoder_learns_records_spatial_dims_and_rebuilds(trained_2d):
+    """X-ray-like images (H, W): 2D networks, latents (C, h, w), the same checkpoint keys as in 3D."""
+    from medmem import volume_sets
+
+    checkpoint = torch.load(trained_2d / "autoencoder.pt", weights_only=True)
+    assert checkpoint["model_args"]["spatial_dims"] == 2
+    assert checkpoint["latent_shape"] == [2, 8, 8] and checkpoint["volume_shape"] == [16, 16]
+    assert checkpoint["n_train"] == 4
+    np.testing.assert_array_equal(checkpoint["affine"], AFFINE_2D)
+    curve = pd.read_csv(trained_2d / "curve.csv")
+    assert curve["l1"].iloc[-1] < 0.8 * curve["l1"].iloc[0]
+    assert curve["discriminator"].iloc[TINY.adversarial_warmup_epochs:].notna().all()  # the 2D adversary trained
+
+    model, reloaded = autoencoder.load(trained_2d / "autoencoder.pt", torch.device("cpu"))
+    rebuilt = autoencoder.build(reloaded["model_args"])
+    rebuilt.load_state_dict(reloaded["state_dict"])
+    _, images, _ = volume_sets.load_split_set(trained_2d / "cases.csv", trained_2d / "split.csv", "train")
+    assert images.shape == (4, 1, 16, 16)
+    means = autoencoder.encode(model, images, torch.device("cpu"))
+    assert means.shape == (4, 2, 8, 8)
+    assert math.isclose(float(means.std() * checkpoint["scale_factor"]), 1.0, rel_tol=1e-4)
+    assert torch.equal(means, autoencoder.encode(rebuilt.eval(), images, torch.device("cpu")))
+    assert autoencoder.decode(model, means, torch.device("cpu")).shape == (4, 1, 16, 16)

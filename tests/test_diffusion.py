@@ -15,6 +15,7 @@ from medmem import artefacts, autoencoder, diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
+AFFINE_2D = np.diag([0.5, 0.5, 1.0, 1.0])  # X-ray-like pixel spacing
 TINY_AE = autoencoder.Settings(channels=(4, 8), latent_channels=2, num_res_blocks=1, norm_num_groups=4, epochs=3,
                                batch_size=2, learning_rate=3.0e-3, kl_weight=1.0e-6, adversarial_weight=0.0,
                                adversarial_warmup_epochs=0, discriminator_channels=4, seed=0)
@@ -28,11 +29,26 @@ def write_cohort(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int =
     return procedural_cohort.write_cohort(folder, procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False), n_train, AFFINE)
 
 
+def write_cohort_2d(folder: Path, n_train: int = 4, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
+    """2D images (H, W), the middle slices of the ellipsoid volumes, as NIfTI + cases.csv + split.csv."""
+    volumes = procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False)
+    return procedural_cohort.write_cohort(folder, volumes[:, size // 2], n_train, AFFINE_2D)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """A cohort and a tiny autoencoder trained on it."""
     folder = tmp_path_factory.mktemp("cohort")
     cases, split = write_cohort(folder)
+    autoencoder.run(TINY_AE, cases, split, folder / "autoencoder.pt", folder / "ae_curve.csv", torch.device("cpu"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cohort_2d(tmp_path_factory) -> Path:
+    """A cohort of 2D images and a tiny 2D autoencoder trained on it."""
+    folder = tmp_path_factory.mktemp("cohort_2d")
+    cases, split = write_cohort_2d(folder)
     autoencoder.run(TINY_AE, cases, split, folder / "autoencoder.pt", folder / "ae_curve.csv", torch.device("cpu"))
     return folder
 
@@ -82,6 +98,17 @@ def test_check_shape_names_the_latent_the_levels_and_the_fix():
         diffusion.check_shape((6, 8, 8), replace(TINY, channels=(8, 16, 16), attention_levels=(False,) * 3))
 
 
+def test_check_shape_takes_2d_latents_by_the_same_rules():
+    three_levels = replace(TINY, channels=(8, 16, 16), attention_levels=(False,) * 3)
+    diffusion.check_shape((8, 12), three_levels)
+    with pytest.raises(ValueError, match=r"latent shape \(8, 6\) .* divisible by 4 for the diffusion UNet's 2 "
+                                         r"downsamplings \(diffusion\.channels has 3 levels\)"):
+        diffusion.check_shape((8, 6), three_levels)
+    with pytest.raises(ValueError, match=r"latent shape \(8,\) has 1 spatial entries; the diffusion UNet takes 2, "
+                                         r"\(h, w\), or 3, \(d, h, w\): give data\.shape 2 entries"):
+        diffusion.check_shape((8,), three_levels)
+
+
 def test_update_ema_warms_up_then_uses_the_decay():
     model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.constant_(model.weight, 1.0)
@@ -120,6 +147,19 @@ def test_random_flips_flip_whole_axes_seeded():
     assert unflipped.any() and not unflipped.all()
 
 
+def test_random_flips_of_2d_latents_flip_only_their_two_axes():
+    latents = torch.arange(8 * 2 * 3 * 4, dtype=torch.float32).reshape(8, 2, 3, 4)
+    flipped = diffusion.random_flips(latents, torch.Generator().manual_seed(0))
+    assert flipped.shape == latents.shape
+    seen = set()
+    for original, result in zip(latents, flipped):
+        matches = [mask for mask in range(4)
+                   if torch.equal(result, original.flip([a + 1 for a in range(2) if mask >> a & 1]))]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) > 1
+
+
 def test_training_lowers_the_loss_and_writes_a_curve(trained):
     curve = pd.read_csv(trained / "curve.csv")
     assert list(curve.columns) == ["epoch", "loss", "seconds"]
@@ -139,7 +179,7 @@ def test_checkpoint_describes_itself_and_loads_the_ema_weights(trained, cohort):
     assert checkpoint["scheduler"] == {"num_train_timesteps": 100, "schedule": "scaled_linear_beta",
                                        "beta_start": 0.0015, "beta_end": 0.0195,
                                        "prediction_type": "v_prediction", "clip_sample": False}
-    assert checkpoint["epochs"] == TINY.epochs
+    assert checkpoint["epochs"] == TINY.epochs and checkpoint["model_args"]["spatial_dims"] == 3
     # The EMA is a distinct average, not a copy of the last weights.
     raw, ema = checkpoint["state_dict"], checkpoint["ema_state_dict"]
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
@@ -251,3 +291,29 @@ def test_checkpoint_epochs_are_checked():
     with pytest.raises(ValueError, match=r"diffusion.checkpoint_epochs=\[50, 80\] must be distinct epochs before "
                                          r"diffusion.epochs=80"):
         replace(TINY, checkpoint_epochs=[50, 80])
+
+
+def test_a_2d_diffusion_model_trains_on_2d_latents_records_spatial_dims_and_rebuilds(cohort_2d, tmp_path):
+    """X-ray-like images: the 2D autoencoder's latents (C, h, w) train a 2D UNet, with flips of their 2 axes."""
+    checkpoint = train(cohort_2d, tmp_path, replace(TINY, epochs=20, augmentation=True))
+    assert checkpoint["model_args"]["spatial_dims"] == 2
+    assert checkpoint["latent_shape"] == artefacts.load_torch(cohort_2d / "autoencoder.pt")["latent_shape"] == [2, 8, 8]
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert curve["loss"].iloc[-5:].mean() < curve["loss"].iloc[:3].mean()
+
+    model, _ = diffusion.load(tmp_path / "diffusion.pt", torch.device("cpu"))
+    rebuilt = diffusion.build(checkpoint["model_args"])
+    rebuilt.load_state_dict(checkpoint["ema_state_dict"])
+    noisy = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([0, 50, 99])
+    with torch.no_grad():
+        output = model(noisy, timesteps=timesteps)
+        assert output.shape == (3, 2, 8, 8)
+        assert torch.equal(output, rebuilt.eval()(noisy, timesteps=timesteps))
+
+
+def test_a_2d_autoencoder_with_a_3d_cohort_is_refused(cohort_2d, tmp_path):
+    cases, split = write_cohort(tmp_path / "volumes")
+    with pytest.raises(ValueError, match=r"volumes of shape \[16, 16, 16\], but .* was trained on \[16, 16\]"):
+        diffusion.run(TINY, cohort_2d / "autoencoder.pt", cases, split, tmp_path / "d.pt", tmp_path / "c.csv",
+                      torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""3D GAN: shapes, checked settings, a discriminator that learns, self-describing, seeded and resumable."""
+"""GAN, 3D and 2D: shapes, checked settings, a discriminator that learns, self-describing, seeded and resumable."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +12,7 @@ import procedural_cohort
 from medmem import artefacts, gan, volume_sets
 
 AFFINE = np.array([[0.0, 0, 4.0, -30], [4.0, 0, 0, -32], [0, 4.0, 0, -34], [0, 0, 0, 1]])  # oblique on purpose
+AFFINE_2D = np.array([[0.0, 0.5, 0, -4], [0.5, 0, 0, -5], [0, 0, 1.0, 0], [0, 0, 0, 1]])  # axes swapped on purpose
 TINY = gan.Settings(latent_dim=8, channels=(16, 8), epochs=30, batch_size=3, learning_rate=2.0e-3, seed=0)
 CPU = torch.device("cpu")
 
@@ -20,6 +21,12 @@ def write_cohort(folder: Path, n_train: int = 6, n_holdout: int = 2, size: int =
     """Random-ellipsoid volumes as NIfTI + cases.csv + split.csv (train first, then holdout)."""
     volumes = procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False)
     return procedural_cohort.write_cohort(folder, volumes, n_train, AFFINE)
+
+
+def write_cohort_2d(folder: Path, n_train: int = 6, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
+    """2D images (H, W), the middle slices of the ellipsoid volumes, as NIfTI + cases.csv + split.csv."""
+    volumes = procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False)
+    return procedural_cohort.write_cohort(folder, volumes[:, size // 2], n_train, AFFINE_2D)
 
 
 def train(cohort: Path, out: Path, settings: gan.Settings = TINY) -> dict:
@@ -45,6 +52,8 @@ def trained(cohort, tmp_path_factory) -> Path:
     (TINY, (16, 16, 16)),
     (replace(TINY, channels=(8, 8, 4)), (32, 32, 32)),
     (replace(TINY, channels=(8,)), (16, 32, 24)),
+    (TINY, (16, 16)),
+    (replace(TINY, channels=(8, 8, 4)), (32, 64)),
 ])
 def test_the_generator_makes_volumes_in_0_1_and_the_discriminator_one_logit_each(settings, shape):
     generator = gan.build_generator(settings, shape)
@@ -73,15 +82,27 @@ def test_settings_name_the_bad_value(change, message):
 
 
 def test_a_shape_the_generator_cannot_reach_names_the_channels_and_the_data_shape():
-    message = (r"data\.shape \(16, 16, 12\) must be 3D, divisible by 8 and at least 16 per axis for the GAN's 3 "
+    message = (r"data\.shape \(16, 16, 12\) must be divisible by 8 and at least 16 per axis for the GAN's 3 "
                r"upsamplings \(gan\.channels has 3 stages\).* data\.shape such as \(16, 16, 16\)")
     with pytest.raises(ValueError, match=message):
         gan.build_generator(replace(TINY, channels=(8, 8, 8)), (16, 16, 12))
     # Divisible, but the first feature map would be one voxel: instance norm needs more.
-    with pytest.raises(ValueError, match=r"data\.shape \(8, 16, 16\) must be 3D, divisible by 8 and at least 16"):
+    with pytest.raises(ValueError, match=r"data\.shape \(8, 16, 16\) must be divisible by 8 and at least 16"):
         gan.build_generator(replace(TINY, channels=(8, 8, 8)), (8, 16, 16))
-    with pytest.raises(ValueError, match=r"data\.shape \(16, 16\) must be 3D"):
-        gan.build_discriminator(TINY, (16, 16))
+    # 2D images follow the same rules.
+    with pytest.raises(ValueError, match=r"data\.shape \(16, 12\) must be divisible by 8 .* such as \(16, 16\)"):
+        gan.build_generator(replace(TINY, channels=(8, 8, 8)), (16, 12))
+    with pytest.raises(ValueError, match=r"data\.shape \(16, 16, 16, 16\) has 4 entries: give 2, \(H, W\), for 2D "
+                                         r"images or 3, \(D, H, W\), for volumes"):
+        gan.build_discriminator(TINY, (16, 16, 16, 16))
+
+
+def test_spatial_dims_that_disagree_with_the_shape_are_refused():
+    with pytest.raises(ValueError, match=r"spatial_dims=3 with an image shape \(16, 16\): .* rebuild it with "
+                                         r"spatial_dims = len\(volume_shape\)"):
+        gan.VolumeGenerator(latent_dim=8, channels=[8], volume_shape=[16, 16], spatial_dims=3)
+    with pytest.raises(ValueError, match=r"spatial_dims=4 with an image shape \(16, 16, 16, 16\)"):
+        gan.VolumeDiscriminator(channels=[8], volume_shape=[16, 16, 16, 16], spatial_dims=4)
 
 
 def test_training_writes_a_curve_on_which_the_discriminator_learns(trained):
@@ -116,7 +137,8 @@ def test_the_generator_learns_the_intensities_of_the_training_volumes(trained, c
 def test_checkpoint_rebuilds_the_generator_from_the_file_alone(trained):
     checkpoint = torch.load(trained / "gan.pt", weights_only=True)
     assert set(checkpoint) == {"model_args", "state_dict", "volume_shape", "affine", "settings", "n_train", "epochs"}
-    assert checkpoint["model_args"] == {"latent_dim": 8, "channels": [16, 8], "volume_shape": [16, 16, 16]}
+    assert checkpoint["model_args"] == {"latent_dim": 8, "channels": [16, 8], "volume_shape": [16, 16, 16],
+                                        "spatial_dims": 3}
     assert checkpoint["volume_shape"] == [16, 16, 16] and checkpoint["n_train"] == 6
     assert checkpoint["epochs"] == TINY.epochs and checkpoint["settings"]["channels"] == TINY.channels
     np.testing.assert_allclose(checkpoint["affine"], AFFINE)
@@ -221,3 +243,44 @@ def test_bad_sample_counts_and_seeds_are_refused_before_anything_is_written(trai
         gan.sample(trained / "gan.pt", n_samples, seed, cohort / "split.csv", tmp_path / "manifest.csv",
                    tmp_path / "volumes", CPU)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_from_before_2d_support_loads_as_3d(trained, tmp_path):
+    """Older checkpoints have no spatial_dims in their model arguments: they are 3D."""
+    checkpoint = artefacts.load_torch(trained / "gan.pt")
+    del checkpoint["model_args"]["spatial_dims"]
+    artefacts.save_torch(tmp_path / "old.pt", checkpoint)
+    old, _ = gan.load(tmp_path / "old.pt", CPU)
+    new, _ = gan.load(trained / "gan.pt", CPU)
+    latents = torch.randn(2, TINY.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(old(latents), new(latents))
+
+
+def test_a_2d_gan_trains_records_spatial_dims_and_samples_2d_images(tmp_path):
+    """X-ray-like images (H, W): 2D convolutions, the checkpoint says so, samples are (H, W) NIfTI images."""
+    cohort = tmp_path / "cohort"
+    write_cohort_2d(cohort)
+    checkpoint = train(cohort, tmp_path, replace(TINY, epochs=10))
+    assert checkpoint["model_args"] == {"latent_dim": 8, "channels": [16, 8], "volume_shape": [16, 16],
+                                        "spatial_dims": 2}
+    np.testing.assert_allclose(checkpoint["affine"], AFFINE_2D)
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert curve["epoch"].tolist() == list(range(1, 11)) and curve[["d_real", "d_fake"]].stack().between(0, 1).all()
+    model, _ = gan.load(tmp_path / "gan.pt", CPU)
+    assert any(isinstance(layer, torch.nn.Conv2d) for layer in model.modules())
+    assert not any(isinstance(layer, torch.nn.Conv3d) for layer in model.modules())
+
+    manifest = gan.sample(tmp_path / "gan.pt", None, 7, cohort / "split.csv", tmp_path / "manifest.csv",
+                          tmp_path / "volumes", CPU, batch_size=4)
+    assert manifest["id"].tolist() == [f"gan_{i:04d}" for i in range(6)]
+    images = []
+    for path in volume_sets.read_volume_table(tmp_path / "manifest.csv")["path"]:
+        image, affine = artefacts.load_nifti(path)
+        assert image.shape == (16, 16) and image.min() >= 0.0 and image.max() <= 1.0
+        np.testing.assert_allclose(affine, AFFINE_2D)
+        images.append(image)
+    assert min(np.abs(images[i] - images[j]).max() for i in range(6) for j in range(i)) > 1e-3
+    latents = torch.randn(1, TINY.latent_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        np.testing.assert_allclose(images[0], model(latents)[0, 0].numpy(), atol=1e-6)

@@ -14,6 +14,7 @@ from medmem import artefacts, autoencoder, diffusion, sample, volume_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[0.0, 0, 4.0, -30], [4.0, 0, 0, -32], [0, 4.0, 0, -34], [0, 0, 0, 1]])  # oblique on purpose
+AFFINE_2D = np.array([[0.0, 0.5, 0, -4], [0.5, 0, 0, -5], [0, 0, 1.0, 0], [0, 0, 0, 1]])  # axes swapped on purpose
 TINY_AE = autoencoder.Settings(channels=(4, 8), latent_channels=2, num_res_blocks=1, norm_num_groups=4, epochs=2,
                                batch_size=2, learning_rate=3.0e-3, kl_weight=1.0e-6, adversarial_weight=0.0,
                                adversarial_warmup_epochs=0, discriminator_channels=4, seed=0)
@@ -35,6 +36,23 @@ def models(tmp_path_factory) -> Path:
     """A cohort, and a tiny autoencoder and diffusion model trained on it."""
     folder = tmp_path_factory.mktemp("models")
     cases, split = write_cohort(folder)
+    autoencoder.run(TINY_AE, cases, split, folder / "autoencoder.pt", folder / "ae_curve.csv", CPU)
+    diffusion.run(TINY_DIFFUSION, folder / "autoencoder.pt", cases, split, folder / "diffusion.pt",
+                  folder / "diffusion_curve.csv", CPU)
+    return folder
+
+
+def write_cohort_2d(folder: Path, n_train: int = 5, n_holdout: int = 2, size: int = 16) -> tuple[Path, Path]:
+    """2D images (H, W), the middle slices of the ellipsoid volumes, as NIfTI + cases.csv + split.csv."""
+    volumes = procedural_cohort.ellipsoid_volumes(n_train + n_holdout, size, seed=0, body=False)
+    return procedural_cohort.write_cohort(folder, volumes[:, size // 2], n_train, AFFINE_2D)
+
+
+@pytest.fixture(scope="module")
+def models_2d(tmp_path_factory) -> Path:
+    """A cohort of 2D images, and a tiny 2D autoencoder and 2D diffusion model trained on it."""
+    folder = tmp_path_factory.mktemp("models_2d")
+    cases, split = write_cohort_2d(folder)
     autoencoder.run(TINY_AE, cases, split, folder / "autoencoder.pt", folder / "ae_curve.csv", CPU)
     diffusion.run(TINY_DIFFUSION, folder / "autoencoder.pt", cases, split, folder / "diffusion.pt",
                   folder / "diffusion_curve.csv", CPU)
@@ -162,3 +180,40 @@ def test_the_autoencoder_sampled_as_a_vae_decodes_seeded_prior_latents(models, t
     expected = autoencoder.decode(model, z / checkpoint["scale_factor"], CPU).clamp(0, 1).numpy()[0, 0]
     np.testing.assert_allclose(volumes_a[0, 0], expected, atol=1e-5)  # batched vs single convolutions
     np.testing.assert_allclose(artefacts.load_nifti(first["path"][0])[1], AFFINE)
+
+
+def test_2d_models_sample_2d_images_with_the_training_geometry(models_2d, tmp_path):
+    """X-ray-like images: 2D latents (C, h, w) are denoised and decoded to (H, W) NIfTI images."""
+    assert artefacts.load_torch(models_2d / "autoencoder.pt")["latent_shape"] == [2, 8, 8]
+    manifest = generate(models_2d, tmp_path / "batched", batch_size=3)
+    assert manifest["id"].tolist() == [f"synthetic_{i:04d}" for i in range(5)]
+    for path in manifest["path"]:
+        image, affine = artefacts.load_nifti(path)
+        assert image.shape == (16, 16) and image.dtype == np.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        np.testing.assert_allclose(affine, AFFINE_2D)
+    images = load_all(manifest)
+    assert images.shape == (5, 1, 16, 16)
+    assert min(np.abs(images[i] - images[j]).max() for i in range(5) for j in range(i)) > 1e-3
+    # Per-sample seeds hold in 2D too: a sample does not depend on its batch.
+    np.testing.assert_allclose(load_all(generate(models_2d, tmp_path / "single", replace(DDIM, n_samples=2),
+                                                 batch_size=1)), images[:2], atol=1e-5)
+
+
+def test_a_2d_autoencoder_sampled_as_a_vae_writes_2d_images(models_2d, tmp_path):
+    sample.run_vae(replace(DDIM, n_samples=3), models_2d / "autoencoder.pt", models_2d / "split.csv",
+                   tmp_path / "manifest.csv", tmp_path / "volumes", CPU, batch_size=2)
+    manifest = volume_sets.read_volume_table(tmp_path / "manifest.csv")
+    images = load_all(manifest)
+    assert images.shape == (3, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
+    model, checkpoint = autoencoder.load(models_2d / "autoencoder.pt", CPU)
+    z = torch.randn((1, *checkpoint["latent_shape"]), generator=torch.Generator().manual_seed(7))
+    expected = autoencoder.decode(model, z / checkpoint["scale_factor"], CPU).clamp(0, 1).numpy()[0, 0]
+    np.testing.assert_allclose(images[0, 0], expected, atol=1e-5)
+    np.testing.assert_allclose(artefacts.load_nifti(manifest["path"][0])[1], AFFINE_2D)
+
+
+def test_a_2d_diffusion_model_with_a_3d_autoencoder_is_refused(models, models_2d, tmp_path):
+    with pytest.raises(ValueError, match=r"trained on latents of shape \[2, 8, 8\] .* makes \[2, 8, 8, 8\]"):
+        sample.run(DDIM, models / "autoencoder.pt", models_2d / "diffusion.pt", models / "split.csv",
+                   tmp_path / "manifest.csv", tmp_path / "volumes", CPU)

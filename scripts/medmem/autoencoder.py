@@ -1,12 +1,14 @@
-"""Train the KL autoencoder that maps volumes to the latent space the diffusion model learns.
+"""Train the KL autoencoder that maps images to the latent space the diffusion model learns.
 
-MONAI's 3D ``AutoencoderKL`` without attention (small and fast at demo size), trained on the
+MONAI's ``AutoencoderKL`` without attention (small and fast at demo size), trained on the
 training split only with L1 reconstruction + KL; after ``adversarial_warmup_epochs`` a MONAI
 ``PatchDiscriminator`` with a least-squares patch loss joins. There is no perceptual loss: its
-pretrained weights cannot be downloaded on a cluster node.
+pretrained weights cannot be downloaded on a cluster node. Both networks are 3D for volumes
+(D, H, W) and 2D for X-ray-like images (H, W): ``spatial_dims`` comes from the training data.
 
-The checkpoint describes itself: model arguments, latent shape, the scale factor that brings
-the training latents to unit standard deviation, and the training volumes' affine.
+The checkpoint describes itself: model arguments (``spatial_dims`` among them), latent shape,
+the scale factor that brings the training latents to unit standard deviation, and the training
+images' affine.
 """
 
 from __future__ import annotations
@@ -75,30 +77,33 @@ class Settings:
 
     @property
     def downsampling(self) -> int:
-        """Factor by which each spatial axis shrinks from volume to latent."""
+        """Factor by which each spatial axis shrinks from image to latent."""
         return 2 ** (len(self.channels) - 1)
 
 
 def check_shape(shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse a volume shape (D, H, W) the autoencoder cannot downsample evenly."""
+    """Refuse an image shape, (H, W) or (D, H, W), the autoencoder cannot downsample evenly."""
     shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"data.shape {shape} has {len(shape)} entries: give 2, (H, W), for 2D images or 3, "
+                         "(D, H, W), for volumes")
     factor = settings.downsampling
-    if len(shape) != 3 or any(s % factor for s in shape):
+    if any(s % factor for s in shape):
         suggestion = tuple(max(factor, -(-s // factor) * factor) for s in shape)
         raise ValueError(
-            f"data.shape {shape} must be 3D and divisible by {factor} for the autoencoder's "
+            f"data.shape {shape} must be divisible by {factor} for the autoencoder's "
             f"{len(settings.channels) - 1} downsamplings (autoencoder.channels has "
             f"{len(settings.channels)} levels): use e.g. {suggestion}")
     if settings.adversarial_weight > 0 and min(shape) < 8:
         raise ValueError(f"data.shape {shape} is too small for the patch discriminator (every axis needs at least "
-                         "8 voxels): use a larger data.shape or set autoencoder.adversarial_weight: 0")
+                         "8 pixels or voxels): use a larger data.shape or set autoencoder.adversarial_weight: 0")
 
 
-def model_args(settings: Settings) -> dict[str, Any]:
-    """Arguments of ``AutoencoderKL``, as plain Python values (stored in the checkpoint)."""
+def model_args(settings: Settings, spatial_dims: int) -> dict[str, Any]:
+    """Arguments of ``AutoencoderKL`` (2D or 3D by ``spatial_dims``), as plain Python values for the checkpoint."""
     levels = len(settings.channels)
     return {
-        "spatial_dims": 3,
+        "spatial_dims": spatial_dims,
         "in_channels": 1,
         "out_channels": 1,
         "channels": list(settings.channels),
@@ -126,7 +131,10 @@ def load(model_path: str | os.PathLike, device: torch.device) -> tuple[Autoencod
 @torch.no_grad()
 def encode(model: AutoencoderKL, volumes: np.ndarray | torch.Tensor, device: torch.device,
            batch_size: int = 8) -> torch.Tensor:
-    """Encoder means (deterministic latents): (N, 1, D, H, W) → (N, C, d, h, w) float32 on CPU."""
+    """Encoder means (deterministic latents): (N, 1, *spatial) → (N, C, *latent_spatial) float32 on CPU.
+
+    (N, 1, D, H, W) → (N, C, d, h, w) for volumes, (N, 1, H, W) → (N, C, h, w) for 2D images.
+    """
     volumes = torch.as_tensor(volumes, dtype=torch.float32)
     means = [model.encode(volumes[i:i + batch_size].to(device))[0].cpu()
              for i in range(0, len(volumes), batch_size)]
@@ -136,7 +144,7 @@ def encode(model: AutoencoderKL, volumes: np.ndarray | torch.Tensor, device: tor
 @torch.no_grad()
 def decode(model: AutoencoderKL, latents: torch.Tensor, device: torch.device,
            batch_size: int = 8) -> torch.Tensor:
-    """Unscaled latents (N, C, d, h, w) → volumes (N, 1, D, H, W) float32 on CPU (not clipped)."""
+    """Unscaled latents (N, C, *latent_spatial) → images (N, 1, *spatial) float32 on CPU (not clipped)."""
     volumes = [model.decode(latents[i:i + batch_size].to(device)).cpu()
                for i in range(0, len(latents), batch_size)]
     return torch.cat(volumes)
@@ -149,7 +157,7 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 
 def discriminator_layers(volume_shape: tuple[int, ...]) -> int:
-    """Depth of the patch discriminator: up to 3 stride-2 layers, fewer for small volumes.
+    """Depth of the patch discriminator: up to 3 stride-2 layers, fewer for small images.
 
     The discriminator's output is min(shape) / 2**layers - 2 voxels wide; keep at least 2.
     """
@@ -166,15 +174,16 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     ids, volumes, affine = volume_sets.load_split_set(cases_csv, split_csv, "train")
     volume_shape = tuple(int(s) for s in volumes.shape[2:])
     check_shape(volume_shape, settings)
-    logger.info("training on %d volumes of shape %s, device %s", len(ids), volume_shape, device)
+    spatial_dims = len(volume_shape)  # 2 for X-ray-like images (H, W), 3 for volumes (D, H, W)
+    logger.info("training on %d %dD images of shape %s, device %s", len(ids), spatial_dims, volume_shape, device)
 
     generator = runtime.seed_everything(settings.seed)
-    args = model_args(settings)
+    args = model_args(settings, spatial_dims)
     model = build(args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     adversarial = settings.adversarial_weight > 0 and settings.adversarial_warmup_epochs < settings.epochs
     discriminator = PatchDiscriminator(
-        spatial_dims=3, in_channels=1, channels=settings.discriminator_channels,
+        spatial_dims=spatial_dims, in_channels=1, channels=settings.discriminator_channels,
         num_layers_d=discriminator_layers(volume_shape)).to(device)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=settings.learning_rate)
     adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -210,7 +219,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             sums["l1"] += l1.item() * share
             sums["kl"] += kl.item() * share
             if with_adversary:
-                # The discriminator learns to tell training volumes from (detached) reconstructions.
+                # The discriminator learns to tell training images from (detached) reconstructions.
                 logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
                 logits_real = discriminator(batch.contiguous())[-1]
                 loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)

@@ -12,6 +12,9 @@ noise (``epsilon``): with the scaled-linear schedule the last timestep keeps ~1%
 so an epsilon model must predict the noise to ~1e-4 before its implied clean latent is usable
 there, and minutes of CPU training diverge when sampled (latents at 2-3x the training std).
 v- and ``sample`` (clean-latent) prediction stay well conditioned at every timestep.
+
+The UNet is 3D on the latents of volumes (C, d, h, w) and 2D on those of X-ray-like images
+(C, h, w): ``spatial_dims`` comes from the autoencoder's latents and is kept in the checkpoint.
 """
 
 from __future__ import annotations
@@ -113,21 +116,25 @@ class Settings:
 
 
 def check_shape(latent_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse a latent spatial shape (d, h, w) the UNet cannot downsample evenly."""
+    """Refuse a latent spatial shape, (h, w) or (d, h, w), the UNet cannot downsample evenly."""
     latent_shape = tuple(int(s) for s in latent_shape)
+    if len(latent_shape) not in (2, 3):
+        raise ValueError(f"the latent shape {latent_shape} has {len(latent_shape)} spatial entries; the diffusion "
+                         "UNet takes 2, (h, w), or 3, (d, h, w): give data.shape 2 entries for 2D images or 3 "
+                         "for volumes")
     factor = 2 ** (len(settings.channels) - 1)
-    if len(latent_shape) != 3 or any(s % factor for s in latent_shape):
+    if any(s % factor for s in latent_shape):
         raise ValueError(
             f"the latent shape {latent_shape} (data.shape divided by the autoencoder's downsampling) must be "
-            f"3D and divisible by {factor} for the diffusion UNet's {len(settings.channels) - 1} downsamplings "
+            f"divisible by {factor} for the diffusion UNet's {len(settings.channels) - 1} downsamplings "
             f"(diffusion.channels has {len(settings.channels)} levels): use fewer diffusion.channels levels or "
             f"a data.shape whose latent is divisible by {factor}")
 
 
-def model_args(settings: Settings, latent_channels: int) -> dict[str, Any]:
-    """Arguments of ``DiffusionModelUNet``, as plain Python values (stored in the checkpoint)."""
+def model_args(settings: Settings, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
+    """Arguments of ``DiffusionModelUNet`` (2D or 3D by ``spatial_dims``), as plain Python values for the checkpoint."""
     return {
-        "spatial_dims": 3,
+        "spatial_dims": spatial_dims,
         "in_channels": latent_channels,
         "out_channels": latent_channels,
         "channels": list(settings.channels),
@@ -166,7 +173,7 @@ def load(model_path: str | os.PathLike, device: torch.device) -> tuple[Diffusion
 
 def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to output for ``add_noise(clean, noise, timesteps)`` (all (B, C, d, h, w))."""
+    """What the UNet learns to output for ``add_noise(clean, noise, timesteps)`` (all (B, C, *latent_spatial))."""
     if scheduler.prediction_type == "epsilon":
         return noise
     if scheduler.prediction_type == "v_prediction":
@@ -175,11 +182,12 @@ def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.
 
 
 def random_flips(latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each latent (B, C, d, h, w) along each spatial axis with probability 1/2."""
-    flips = torch.rand(len(latents), 3, generator=generator) < 0.5
+    """Flip each latent, (B, C, d, h, w) or (B, C, h, w), along each spatial axis with probability 1/2."""
+    spatial_dims = latents.dim() - 2
+    flips = torch.rand(len(latents), spatial_dims, generator=generator) < 0.5
     flipped = []
     for latent, axes in zip(latents, flips):
-        dims = [axis + 1 for axis in range(3) if axes[axis]]  # +1: skip the channel axis of (C, d, h, w)
+        dims = [axis + 1 for axis in range(spatial_dims) if axes[axis]]  # +1: skip the channel axis of (C, ...)
         flipped.append(latent.flip(dims) if dims else latent)
     return torch.stack(flipped)
 
@@ -222,7 +230,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
                 len(latents), list(latents.shape[1:]), latents.mean(), latents.std(), scale_factor)
 
     generator = runtime.seed_everything(settings.seed)
-    args = model_args(settings, latent_channels=latents.shape[1])
+    args = model_args(settings, latent_channels=latents.shape[1], spatial_dims=latents.dim() - 2)
     model = build(args).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)

@@ -1,15 +1,17 @@
-"""Train a 3D GAN on the training volumes: the model family the latent diffusion model is compared with.
+"""Train a GAN on the training images: the model family the latent diffusion model is compared with.
 
 Dar et al. (2024) compare the memorization of latent diffusion models with GANs trained on the same
-patients; this GAN learns the volumes themselves, not autoencoder latents. It is a small DCGAN
-(Radford et al. 2016) in 3D, trained with the non-saturating loss (Goodfellow et al. 2014) and
+patients; this GAN learns the images themselves, not autoencoder latents. It is a small DCGAN
+(Radford et al. 2016), 3D for volumes (D, H, W) and 2D for X-ray-like images (H, W) (``spatial_dims``
+comes from the training data), trained with the non-saturating loss (Goodfellow et al. 2014) and
 DCGAN's Adam (β1 = 0.5):
 
 - the generator projects a latent vector to a ``channels[0]`` feature map at 1/2**len(channels) of
-  the volume, then per stage: instance norm, ReLU, nearest-neighbour upsampling ×2, 3³ convolution;
-  a last 3³ convolution and a sigmoid give intensities in [0, 1], like the training volumes;
-- the discriminator mirrors it: stride-2 4³ convolutions with the channels reversed, LeakyReLU, a
-  linear layer to one logit; spectral norm (Miyato et al. 2018) on every layer keeps it from
+  the image, then per stage: instance norm, ReLU, nearest-neighbour upsampling ×2, 3³ (3²)
+  convolution; a last 3³ (3²) convolution and a sigmoid give intensities in [0, 1], like the
+  training images;
+- the discriminator mirrors it: stride-2 4³ (4²) convolutions with the channels reversed, LeakyReLU,
+  a linear layer to one logit; spectral norm (Miyato et al. 2018) on every layer keeps it from
   overpowering the generator on a few dozen patients.
 
 Not MONAI's ``Generator``: its stride-2 3³ transposed convolutions left a voxel grid on every sample
@@ -43,6 +45,10 @@ logger = logging.getLogger("medmem.gan")
 # Resume state (both networks, both optimizers, RNG) is saved at most this often; the declared
 # outputs are written once, at the end.
 RESUME_INTERVAL_SECONDS = 60.0
+
+# The layers that differ between 2D images and 3D volumes, by spatial_dims.
+CONVOLUTION: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+INSTANCE_NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
 @dataclass(frozen=True)
@@ -79,38 +85,50 @@ class Settings:
         return 2 ** len(self.channels)
 
 
-class VolumeGenerator(nn.Module):
-    """Latents (B, latent_dim) → volumes (B, 1, D, H, W) in [0, 1]."""
+def check_spatial_dims(spatial_dims: int, volume_shape: tuple[int, ...] | list[int]) -> None:
+    """Refuse a ``spatial_dims`` the networks have no layers for, or that disagrees with the image shape."""
+    if spatial_dims not in CONVOLUTION or len(volume_shape) != spatial_dims:
+        raise ValueError(f"spatial_dims={spatial_dims!r} with an image shape {tuple(volume_shape)}: the GAN takes "
+                         "2D images (spatial_dims 2, shape (H, W)) or volumes (spatial_dims 3, shape (D, H, W)); "
+                         "rebuild it with spatial_dims = len(volume_shape)")
 
-    def __init__(self, latent_dim: int, channels: list[int], volume_shape: list[int]) -> None:
+
+class VolumeGenerator(nn.Module):
+    """Latents (B, latent_dim) → images (B, 1, *volume_shape) in [0, 1]: (B, 1, D, H, W) or (B, 1, H, W)."""
+
+    def __init__(self, latent_dim: int, channels: list[int], volume_shape: list[int], spatial_dims: int) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims, volume_shape)
+        convolution, instance_norm = CONVOLUTION[spatial_dims], INSTANCE_NORM[spatial_dims]
         start = [size // 2 ** len(channels) for size in volume_shape]
         self.start_shape = (channels[0], *start)
         self.project = nn.Linear(latent_dim, channels[0] * math.prod(start))
         layers: list[nn.Module] = []
         previous = channels[0]
         for width in channels:
-            layers += [nn.InstanceNorm3d(previous, affine=True), nn.ReLU(),
-                       nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(previous, width, 3, padding=1)]
+            layers += [instance_norm(previous, affine=True), nn.ReLU(),
+                       nn.Upsample(scale_factor=2, mode="nearest"), convolution(previous, width, 3, padding=1)]
             previous = width
-        layers += [nn.InstanceNorm3d(previous, affine=True), nn.ReLU(), nn.Conv3d(previous, 1, 3, padding=1)]
+        layers += [instance_norm(previous, affine=True), nn.ReLU(), convolution(previous, 1, 3, padding=1)]
         self.upsample = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        features = self.project(latents).view(len(latents), *self.start_shape)  # (B, channels[0], d, h, w)
+        features = self.project(latents).view(len(latents), *self.start_shape)  # (B, channels[0], *start)
         return torch.sigmoid(self.upsample(features))
 
 
 class VolumeDiscriminator(nn.Module):
-    """Volumes (B, 1, D, H, W) → logits (B,): high for what it takes for a training volume."""
+    """Images (B, 1, *volume_shape) → logits (B,): high for what it takes for a training image."""
 
-    def __init__(self, channels: list[int], volume_shape: list[int]) -> None:
+    def __init__(self, channels: list[int], volume_shape: list[int], spatial_dims: int) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims, volume_shape)
         end = [size // 2 ** len(channels) for size in volume_shape]
         layers: list[nn.Module] = []
         previous = 1
         for width in reversed(channels):
-            layers += [spectral_norm(nn.Conv3d(previous, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            layers += [spectral_norm(CONVOLUTION[spatial_dims](previous, width, 4, stride=2, padding=1)),
+                       nn.LeakyReLU(0.2)]
             previous = width
         self.features = nn.Sequential(*layers)
         self.classify = spectral_norm(nn.Linear(previous * math.prod(end), 1))
@@ -120,42 +138,49 @@ class VolumeDiscriminator(nn.Module):
 
 
 def check_shape(volume_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse a volume shape (D, H, W) the generator cannot reach by doubling its first feature map.
+    """Refuse an image shape, (H, W) or (D, H, W), the generator cannot reach by doubling its first feature map.
 
-    That map must be at least 2 voxels wide: instance norm needs more than one voxel per channel.
+    That map must be at least 2 wide on every axis: instance norm needs more than one pixel or voxel per channel.
     """
     volume_shape = tuple(int(s) for s in volume_shape)
+    if len(volume_shape) not in (2, 3):
+        raise ValueError(f"data.shape {volume_shape} has {len(volume_shape)} entries: give 2, (H, W), for 2D "
+                         "images or 3, (D, H, W), for volumes")
     factor = settings.upsampling
-    if len(volume_shape) != 3 or any(s % factor or s < 2 * factor for s in volume_shape):
+    if any(s % factor or s < 2 * factor for s in volume_shape):
         suggestion = tuple(max(2 * factor, -(-s // factor) * factor) for s in volume_shape)
         raise ValueError(
-            f"data.shape {volume_shape} must be 3D, divisible by {factor} and at least {2 * factor} per axis for "
+            f"data.shape {volume_shape} must be divisible by {factor} and at least {2 * factor} per axis for "
             f"the GAN's {len(settings.channels)} upsamplings (gan.channels has {len(settings.channels)} stages): "
             f"use fewer gan.channels stages or a data.shape such as {suggestion}")
 
 
 def model_args(settings: Settings, volume_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """Arguments of ``VolumeGenerator``, as plain Python values (stored in the checkpoint)."""
+    """Arguments of ``VolumeGenerator``, as plain Python values (stored in the checkpoint).
+
+    ``spatial_dims`` is the image's: 2 for (H, W), 3 for (D, H, W).
+    """
     check_shape(volume_shape, settings)
     return {"latent_dim": settings.latent_dim, "channels": list(settings.channels),
-            "volume_shape": [int(s) for s in volume_shape]}
+            "volume_shape": [int(s) for s in volume_shape], "spatial_dims": len(volume_shape)}
 
 
 def build_generator(settings: Settings, volume_shape: tuple[int, ...] | list[int]) -> VolumeGenerator:
-    """(B, latent_dim) → (B, 1, D, H, W) in [0, 1]."""
+    """(B, latent_dim) → (B, 1, *volume_shape) in [0, 1]."""
     return VolumeGenerator(**model_args(settings, volume_shape))
 
 
 def build_discriminator(settings: Settings, volume_shape: tuple[int, ...] | list[int]) -> VolumeDiscriminator:
-    """(B, 1, D, H, W) → (B,) logits."""
+    """(B, 1, *volume_shape) → (B,) logits."""
     check_shape(volume_shape, settings)
-    return VolumeDiscriminator(list(settings.channels), [int(s) for s in volume_shape])
+    return VolumeDiscriminator(list(settings.channels), [int(s) for s in volume_shape], len(volume_shape))
 
 
 def load(model_path: str | os.PathLike, device: torch.device) -> tuple[VolumeGenerator, dict]:
     """Rebuild the generator from its checkpoint alone; returns (generator in eval mode, checkpoint)."""
     checkpoint = artefacts.load_torch(model_path)
-    model = VolumeGenerator(**checkpoint["model_args"])
+    # Checkpoints from before 2D images were supported have no spatial_dims: they are 3D.
+    model = VolumeGenerator(**{"spatial_dims": 3, **checkpoint["model_args"]})
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint
 
@@ -167,7 +192,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     ids, volumes, affine = volume_sets.load_split_set(cases_csv, split_csv, "train")
     volume_shape = [int(s) for s in volumes.shape[2:]]
     check_shape(volume_shape, settings)
-    logger.info("training on %d volumes of shape %s, device %s", len(ids), volume_shape, device)
+    logger.info("training on %d %dD images of shape %s, device %s", len(ids), len(volume_shape), volume_shape,
+                device)
 
     generator_rng = runtime.seed_everything(settings.seed)
     args = model_args(settings, volume_shape)
@@ -199,7 +225,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             latents = torch.randn(len(real), settings.latent_dim, generator=generator_rng).to(device)
             fake = model(latents)
 
-            # Discriminator: training volumes → 1, generated ones (detached) → 0.
+            # Discriminator: training images → 1, generated ones (detached) → 0.
             discriminator.requires_grad_(True)
             logits_real, logits_fake = discriminator(real), discriminator(fake.detach())
             loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
@@ -253,7 +279,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
 @torch.no_grad()
 def generate(model: nn.Module, latent_dim: int, seeds: list[int], device: torch.device) -> torch.Tensor:
-    """Volumes (B, 1, D, H, W) on CPU; volume j from a latent drawn by a CPU generator seeded ``seeds[j]``."""
+    """Images (B, 1, *volume_shape) on CPU; image j from a latent drawn by a CPU generator seeded ``seeds[j]``."""
     latents = torch.cat([torch.randn(1, latent_dim, generator=torch.Generator().manual_seed(seed))
                          for seed in seeds])
     return model(latents.to(device)).cpu()
@@ -262,7 +288,9 @@ def generate(model: nn.Module, latent_dim: int, seeds: list[int], device: torch.
 def sample(model_path: str | os.PathLike, n_samples: int | None, seed: int, split_csv: str | os.PathLike,
            manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, device: torch.device,
            batch_size: int = 8) -> pd.DataFrame:
-    """Write n volumes ``gan_0000``, ... into ``volumes_dir``; list them in ``manifest_csv`` (id, path, seed).
+    """Write n images ``gan_0000``, ... into ``volumes_dir``; list them in ``manifest_csv`` (id, path, seed).
+
+    Each is a NIfTI of the training shape, (D, H, W) or (H, W), with the training affine.
 
     ``n_samples`` None is as many as the split's training set. Sample ``i`` comes from seed ``seed + i``,
     so it is the same whatever ``batch_size`` (memory only) or the number of samples. Returns the
@@ -279,7 +307,7 @@ def sample(model_path: str | os.PathLike, n_samples: int | None, seed: int, spli
         raise ValueError(f"{split_csv} has no training ids: set sample.n_samples or fix the split")
     affine = np.asarray(checkpoint["affine"], dtype=np.float64)
     latent_dim = int(checkpoint["model_args"]["latent_dim"])
-    logger.info("sampling %d volumes of shape %s from %s", n, checkpoint["volume_shape"], model_path)
+    logger.info("sampling %d images of shape %s from %s", n, checkpoint["volume_shape"], model_path)
 
     rows = []
     with artefacts.atomic_directory(volumes_dir) as tmp_dir:
@@ -287,9 +315,9 @@ def sample(model_path: str | os.PathLike, n_samples: int | None, seed: int, spli
             seeds = [seed + i for i in range(first, min(n, first + batch_size))]
             volumes = generate(model, latent_dim, seeds, device).numpy()
             logger.info("sampled %d/%d  (mean intensity %.3f)", first + len(seeds), n, volumes.mean())
-            for sample_seed, volume in zip(seeds, volumes):
+            for sample_seed, image in zip(seeds, volumes):
                 sample_id = f"gan_{sample_seed - seed:04d}"
-                artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", volume[0], affine)
+                artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", image[0], affine)
                 rows.append({"id": sample_id,
                              "path": os.path.relpath(volumes_dir / f"{sample_id}.nii.gz", manifest_csv.parent),
                              "seed": sample_seed})

@@ -1,8 +1,10 @@
-"""Generate synthetic volumes: denoise latents with the diffusion UNet, decode with the autoencoder.
+"""Generate synthetic images: denoise latents with the diffusion UNet, decode with the autoencoder.
 
 Sample ``i`` starts from noise drawn with its own generator seeded ``seed + i`` (DDPM's
 per-step noise too), so a sample is the same whichever batch it is generated in and a subset
-can be regenerated alone. Volumes are written as NIfTI with the training volumes' affine.
+can be regenerated alone. Images are written as NIfTI with the training images' affine: volumes
+(D, H, W), or 2D images (H, W) when the autoencoder was trained on them (its latent shape,
+(C, d, h, w) or (C, h, w), says which).
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMSchedule
 @torch.no_grad()
 def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMScheduler,
                      latent_shape: list[int], seeds: list[int], device: torch.device) -> torch.Tensor:
-    """Denoise one batch: returns scaled latents (B, C, d, h, w), sample j from ``seeds[j]``."""
+    """Denoise one batch: returns scaled latents (B, *latent_shape), sample j from ``seeds[j]``.
+
+    ``latent_shape`` is (C, d, h, w) for volumes, (C, h, w) for 2D images.
+    """
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generators])
     for timestep in scheduler.timesteps:
@@ -83,7 +88,7 @@ def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMSched
 def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path: str | os.PathLike,
         split_csv: str | os.PathLike, manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
         device: torch.device, batch_size: int = 8) -> None:
-    """Write n synthetic volumes into ``volumes_dir`` and list them in ``manifest_csv`` (id, path, seed).
+    """Write n synthetic images into ``volumes_dir`` and list them in ``manifest_csv`` (id, path, seed).
 
     ``batch_size`` only sets how many samples share a UNet call (memory); it does not change them.
     """
@@ -97,7 +102,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
                          f"{ae_checkpoint['latent_shape']} scaled by {scale_factor:.6g}: pair the diffusion "
                          "model with the autoencoder it was trained on")
     scheduler = make_scheduler(settings, diffusion_checkpoint["scheduler"])
-    logger.info("sampling with %s (%d steps), latents %s, volumes %s", settings.scheduler,
+    logger.info("sampling with %s (%d steps), latents %s, images %s", settings.scheduler,
                 len(scheduler.timesteps), ae_checkpoint["latent_shape"], ae_checkpoint["volume_shape"])
 
     def decode_batch(seeds: list[int]) -> np.ndarray:
@@ -120,7 +125,7 @@ def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: 
     """
     ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
     scale_factor = float(ae_checkpoint["scale_factor"])
-    logger.info("sampling the autoencoder's prior: latents %s / scale factor %.4f, volumes %s",
+    logger.info("sampling the autoencoder's prior: latents %s / scale factor %.4f, images %s",
                 ae_checkpoint["latent_shape"], scale_factor, ae_checkpoint["volume_shape"])
 
     def decode_batch(seeds: list[int]) -> np.ndarray:
@@ -135,7 +140,11 @@ def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: 
 def write_samples(settings: Settings, decode_batch, ae_checkpoint: dict, split_csv: str | os.PathLike,
                   manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, batch_size: int,
                   inputs: dict) -> None:
-    """Draw n volumes in batches (``decode_batch(seeds)`` → (B, 1, D, H, W) in [0, 1]) and write them + manifest."""
+    """Draw n images in batches and write them + manifest.
+
+    ``decode_batch(seeds)`` returns (B, 1, *spatial) in [0, 1]: (B, 1, D, H, W) volumes or (B, 1, H, W)
+    2D images, each written as a NIfTI of shape ``spatial`` with the autoencoder's training affine.
+    """
     manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
     split = volume_sets.read_split(split_csv)
     n = settings.n_samples or int((split["split"] == "train").sum())
@@ -146,13 +155,13 @@ def write_samples(settings: Settings, decode_batch, ae_checkpoint: dict, split_c
     with artefacts.atomic_directory(volumes_dir) as tmp_dir:
         for first in range(0, n, batch_size):
             seeds = [settings.seed + i for i in range(first, min(n, first + batch_size))]
-            for seed, volume in zip(seeds, decode_batch(seeds)):
+            for seed, image in zip(seeds, decode_batch(seeds)):
                 sample_id = f"synthetic_{seed - settings.seed:04d}"
-                artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", volume[0], affine)
+                artefacts.save_nifti(tmp_dir / f"{sample_id}.nii.gz", image[0], affine)
                 rows.append({"id": sample_id,
                              "path": os.path.relpath(volumes_dir / f"{sample_id}.nii.gz", manifest_csv.parent),
                              "seed": seed})
-    logger.info("wrote %d synthetic volumes to %s", n, volumes_dir)
+    logger.info("wrote %d synthetic images to %s", n, volumes_dir)
     artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path", "seed"]))
     artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
