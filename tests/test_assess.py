@@ -213,7 +213,7 @@ def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_
 def test_run_refuses_mismatched_training_sets(neighbour_tables, tmp_path):
     artefacts.write_csv(neighbour_tables.train_to_holdout,
                         nearest_table(TRAIN[:-1], ["h0"] * 19, TRAIN_TO_HOLDOUT[:-1]))
-    with pytest.raises(ValueError, match="query different training volumes"):
+    with pytest.raises(ValueError, match="queries training volumes that"):
         assess.run(assess.Settings(), neighbour_tables, outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -227,3 +227,17 @@ def test_figures_are_pngs(tmp_path):
     assert (tmp_path / "montage.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="at least one"):
         figures.plot_montage([], tmp_path / "empty.png")
+
+
+def test_montage_of_2d_images_shows_each_image_whole(tmp_path):
+    image = np.linspace(0, 1, 7 * 9, dtype=np.float32).reshape(7, 9)
+    figures.plot_montage([(image, image[None], ("s0", "t0"), 0.97, True), (image, None, ("s1", "t1"), 0.5, False)],
+                         tmp_path / "montage.png")
+    assert png_size(tmp_path / "montage.png") == (800, 880)  # one image panel per side: (8, 4.2 * 2 + 0.4) inches
+    assert (tmp_path / "montage.png").stat().st_size > 1000
+    volume = np.zeros((6, 7, 8), np.float32)
+    with pytest.raises(ValueError, match="both 2D images and 3D volumes"):
+        figures.plot_montage([(image, None, ("s0", "t0"), 0.9, True), (volume, None, ("s1", "t1"), 0.9, True)],
+                             tmp_path / "mixed.png")
+    with pytest.raises(ValueError, match="t0: shape .* not of the same kind as the synthetic images"):
+        figures.plot_montage([(image, volume, ("s0", "t0"), 0.9, True)], tmp_path / "mixed.png")

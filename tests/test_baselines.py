@@ -1,9 +1,13 @@
 import json
 import math
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from monai.metrics import SSIMMetric
 
 from medmem import artefacts, baselines
 from procedural_cohort import ellipsoid_volumes, write_cohort
@@ -285,3 +289,69 @@ def test_kmeans_finds_separated_clusters_even_after_simpleitk_is_imported():
     points = np.concatenate([rng.normal(0, 0.1, (20, 3)), rng.normal(5, 0.1, (15, 3))]).astype(np.float32)
     centroids = baselines.kmeans(points, 2, np.random.default_rng(1))
     np.testing.assert_allclose(sorted(centroids[:, 0]), [points[:20, 0].mean(), points[20:, 0].mean()], atol=1e-5)
+
+
+# 2D mode: X-ray-like (H, W) images, here maximum-intensity projections of the ellipsoid volumes.
+IMAGE_SHAPE = (24, 24)
+
+
+def projections(n, seed):
+    return ellipsoid_volumes(n, IMAGE_SHAPE[0], seed=seed).max(axis=1)
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_an_exact_2d_copy_gets_the_top_score_and_its_source(method):
+    images = flat(projections(18, seed=2))
+    reference, test, fresh = images[:8], images[8:14], images[14:]
+    queries = np.concatenate([fresh[:2], reference[3:4], fresh[2:]])
+    settings = baselines.Settings(ssim_candidates=3, carlini_neighbours=5, meehan_cells=2)
+    neighbours, scores = baselines.score(method, settings, queries, reference, test, False, IMAGE_SHAPE)
+    assert neighbours[2] == 3
+    others = np.delete(scores, 2)
+    assert (scores[2] >= others).all() if method == "meehan" else (scores[2] > others).all()
+
+
+def test_ssim_in_2d_is_monai_2d_ssim():
+    images = projections(6, seed=3)
+    neighbours, scores = baselines.score("ssim", baselines.Settings(ssim_candidates=1), flat(images[:3]),
+                                         flat(images[3:]), flat(images[3:]), False, IMAGE_SHAPE)
+    window, sigma = baselines.ssim_window(IMAGE_SHAPE)
+    assert (window, sigma) == (11, 1.5)
+    metric = SSIMMetric(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=window, kernel_sigma=sigma,
+                        reduction="none")
+    expected = metric(torch.from_numpy(images[:3, None]), torch.from_numpy(images[3:][neighbours][:, None]))
+    np.testing.assert_allclose(scores, expected.view(-1).double().numpy(), atol=1e-6)
+    assert (scores < 1).all()
+    assert baselines.ssim_window((12, 16)) == (5, pytest.approx(1.5 * 5 / 11))
+    with pytest.raises(ValueError, match="ssim needs"):
+        baselines.score("ssim", baselines.Settings(), flat(images), flat(images), flat(images), False, (576,))
+
+
+def test_run_scores_a_2d_cohort(tmp_path):
+    def save(path, image):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.diag([0.2, 0.2, 1.0, 1.0])), str(path))
+
+    images = projections(12, seed=5)
+    ids = [f"patient_{i:03d}" for i in range(12)]
+    for patient, image in zip(ids, images):
+        save(tmp_path / "images" / f"{patient}.nii.gz", image)
+    artefacts.write_csv(tmp_path / "cases.csv", pd.DataFrame({"id": ids, "path": [f"images/{i}.nii.gz" for i in ids]}))
+    artefacts.write_csv(tmp_path / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 8 + ["holdout"] * 4}))
+    synthetic_ids = [f"synthetic_{i}" for i in range(5)]
+    for sample, image in zip(synthetic_ids, np.concatenate([images[:2], projections(3, seed=6)])):
+        save(tmp_path / "synthetic" / f"{sample}.nii.gz", image)
+    artefacts.write_csv(tmp_path / "synthetic.csv",
+                        pd.DataFrame({"id": synthetic_ids, "path": [f"synthetic/{i}.nii.gz" for i in synthetic_ids]}))
+    settings = baselines.Settings(ssim_candidates=3, carlini_neighbours=5, meehan_cells=1)
+    baselines.run(settings, tmp_path / "cases.csv", tmp_path / "split.csv", tmp_path / "scores.csv",
+                  tmp_path / "statistics.csv", synthetic_manifest_csv=tmp_path / "synthetic.csv")
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert list(dict.fromkeys(scores["method"])) == list(baselines.METHODS)
+    for method in baselines.METHODS:
+        found = scores[(scores["method"] == method) & (scores["set"] == "synthetic")].set_index("query_id")
+        assert [found.at[f"synthetic_{i}", "neighbour_id"] for i in range(2)] == ids[:2]
+    ssim = scores[(scores["method"] == "ssim") & (scores["set"] == "synthetic")]["score"].to_numpy()
+    np.testing.assert_allclose(ssim[:2], 1.0, atol=1e-6)
+    assert (ssim[2:] < 0.99).all()
+    assert json.loads((tmp_path / "scores.csv.json").read_text())["volume_shape"] == list(IMAGE_SHAPE)

@@ -1,6 +1,8 @@
 import hashlib
 import json
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -314,3 +316,141 @@ def test_run_refuses_more_copies_than_training_volumes(cohort, tmp_path):
     with pytest.raises(ValueError, match=r"controls.n_per_strength = 5 exceeds the 4 training volumes"):
         plant(cohort, tmp_path, n_per_strength=5)
     assert not (tmp_path / "controls").exists()  # refused before anything was written
+
+
+# 3D probes must not move when 2D mode is added: each strength's first probe of one volume, pinned as
+# (sum, first moments along axes 0, 1, 2).
+PINNED_3D = {
+    "exact": (214.3108, 1548.9666, 1631.3386, 1581.1582),
+    "flip": (214.3108, 1665.6961, 1631.3386, 1581.1582),
+    "rotate_5": (214.3087, 1547.4029, 1627.9605, 1581.7736),
+    "rotate_10": (214.3034, 1545.9531, 1624.7839, 1582.7864),
+    "noise": (275.4049, 2018.6032, 2068.5114, 2058.7557),
+    "intensity": (241.5237, 1745.6522, 1838.4838, 1781.9315),
+    "translate": (212.7108, 1111.5449, 1193.9170, 1154.1366),
+    "elastic": (218.5089, 1536.8821, 1576.4734, 1641.7742),
+}
+
+
+@pytest.mark.parametrize("strength", controls.STRENGTHS)
+def test_3d_probes_pinned(volumes, strength):
+    probe = controls.transform(volumes[0], strength, np.random.default_rng(0)).astype(np.float64).ravel()
+    moments = np.indices(volumes[0].shape).reshape(3, -1) @ probe
+    np.testing.assert_allclose([probe.sum(), *moments], PINNED_3D[strength], rtol=1e-6)
+
+
+# 2D mode: X-ray-like (H, W) images, here maximum-intensity projections of the ellipsoid volumes.
+
+
+@pytest.fixture(scope="module")
+def images():
+    return ellipsoid_volumes(4, SIZE, seed=3).max(axis=1)
+
+
+def off_centre_disc(shape, offset, radius=2.5):
+    """A soft disc (or ball) centred ``offset`` voxels from the grid's centre."""
+    axes = np.meshgrid(*[np.arange(n) - (n - 1) / 2 - o for n, o in zip(shape, offset)], indexing="ij")
+    return np.clip(radius - np.sqrt(sum(a**2 for a in axes)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("strength", controls.STRENGTHS)
+def test_every_strength_gives_a_canonical_2d_image(images, strength):
+    source = images[0]
+    before = source.copy()
+    probe = controls.transform(source, strength, np.random.default_rng(0))
+    assert probe.dtype == np.float32 and probe.shape == (SIZE, SIZE)
+    assert probe.min() >= 0 and probe.max() <= 1
+    np.testing.assert_array_equal(source, before)
+    np.testing.assert_array_equal(probe, controls.transform(source, strength, np.random.default_rng(0)))
+    if strength != "exact":
+        assert not np.array_equal(probe, source)
+
+
+def test_2d_flip_mirrors_axis_0_and_rotations_turn_in_plane(images):
+    flipped = controls.transform(images[1], "flip", np.random.default_rng(0))
+    np.testing.assert_array_equal(flipped, np.flip(images[1], axis=0))
+    mean_correlation = {}
+    for strength in ("rotate_5", "rotate_10"):
+        values = [correlation(image, controls.transform(image, strength, np.random.default_rng(seed)))
+                  for seed in range(5) for image in images]
+        assert min(values) > {"rotate_5": 0.95, "rotate_10": 0.85}[strength]
+        mean_correlation[strength] = np.mean(values)
+    assert mean_correlation["rotate_5"] > mean_correlation["rotate_10"]
+    # One angle, rigid in voxels on a non-square grid: the disc swings about the centre, keeping its distance.
+    shape, offset = (20, 14), np.array([4.0, -2.0])
+    disc = off_centre_disc(shape, offset)
+    index = np.indices(shape).reshape(2, -1) - ((np.array(shape) - 1) / 2)[:, None]
+
+    def centre_of_mass(image):
+        weights = image.ravel().astype(np.float64)
+        return index @ weights / weights.sum()
+
+    for angle in (0.3, -0.5):
+        moved = centre_of_mass(controls.rotate(disc, np.array([angle])))
+        assert np.linalg.norm(moved) == pytest.approx(np.linalg.norm(offset), abs=0.05)
+        chord = 2 * np.linalg.norm(offset) * abs(np.sin(angle / 2))
+        assert np.linalg.norm(moved - centre_of_mass(disc)) == pytest.approx(chord, abs=0.05)
+    with pytest.raises(ValueError, match=r"needs 1 angle\(s\), got 3"):
+        controls.rotate(disc, np.zeros(3))
+
+
+def test_2d_translate_and_elastic_act_on_both_axes():
+    blob = np.zeros((SIZE, SIZE), np.float32)
+    blob[5:11, 4:10] = np.linspace(0.2, 1.0, 6, dtype=np.float32)
+    shifts_seen = set()
+    for seed in range(12):
+        probe = controls.transform(blob, "translate", np.random.default_rng(seed))
+        matches = [(a, b) for a in (-2, -1, 1, 2) for b in (-2, -1, 1, 2)
+                   if np.array_equal(probe, np.roll(blob, (a, b), axis=(0, 1)))]
+        assert len(matches) == 1
+        shifts_seen.update(matches[0])
+    assert shifts_seen == {-2, -1, 1, 2}
+    field = controls.elastic_displacement((SIZE, 12), np.random.default_rng(0))
+    assert field.shape == (2, SIZE, 12)
+    assert 0.5 < np.abs(field).max() <= controls.ELASTIC_MAX_DISPLACEMENT
+    # +1 voxel along an axis samples the next voxel, as in 3D.
+    for axis in range(2):
+        one = np.zeros((2, SIZE, SIZE))
+        one[axis] = 1.0
+        shifted = np.moveaxis(controls.warp(blob, one), axis, 0)
+        np.testing.assert_allclose(shifted[:-1], np.moveaxis(blob, axis, 0)[1:], atol=1e-6)
+    with pytest.raises(ValueError, match=r"displacement must be \(2, 16, 16\)"):
+        controls.warp(blob, np.zeros((3, SIZE, SIZE)))
+
+
+@pytest.fixture(scope="module")
+def nifti_2d(tmp_path_factory):
+    """Lets artefacts.save_nifti write (H, W) images: the real one once it takes them, else a nibabel stand-in."""
+    original = artefacts.save_nifti
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            original(tmp_path_factory.mktemp("probe") / "image.nii.gz", np.zeros((4, 4), np.float32), np.eye(4))
+        except ValueError:
+            def save(path, image, affine):
+                if np.ndim(image) == 3:
+                    return original(path, image, affine)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.asarray(affine, np.float64)), str(path))
+            patch.setattr(artefacts, "save_nifti", save)
+        yield
+
+
+def test_run_plants_2d_probes(nifti_2d, tmp_path):
+    cases_csv, split_csv = write_cohort(tmp_path / "cohort", ellipsoid_volumes(6, SIZE, seed=5).max(axis=1),
+                                        n_train=4)
+    manifest = tmp_path / "controls" / "manifest.csv"
+    table = controls.run(controls.Settings(n_per_strength=2, seed=0), cases_csv, split_csv, manifest,
+                         tmp_path / "controls" / "volumes")
+    assert len(table) == 8 * 2 + 2
+    paths = volume_sets.read_volume_table(manifest).set_index("id")["path"]
+    probes, _ = volume_sets.load_volumes(paths.tolist())
+    assert probes.shape == (18, 1, SIZE, SIZE) and probes.min() >= 0 and probes.max() <= 1
+    cases = volume_sets.read_volume_table(cases_csv).set_index("id")["path"]
+    for row in table[table["strength"].isin(["exact", "flip"])].itertuples():
+        source = artefacts.load_nifti(cases[row.source_id])[0]
+        expected = source if row.strength == "exact" else np.flip(source, axis=0)
+        assert artefacts.load_nifti(paths[row.id])[0].tobytes() == np.ascontiguousarray(expected).tobytes()
+    sidecar = json.loads(manifest.with_name("manifest.csv.json").read_text())
+    assert sidecar["strengths"] == controls.strength_definitions(2)
+    assert "one in-plane angle" in sidecar["strengths"]["rotate_5"]
+    assert controls.strength_definitions(3) == controls.STRENGTH_DEFINITIONS

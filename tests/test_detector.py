@@ -1,12 +1,14 @@
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from medmem import artefacts, detector
+from medmem import artefacts, controls, detector, embed, similarity
 from medmem.embed import embed_volumes
 
 from procedural_cohort import ellipsoid_volumes, write_cohort
@@ -159,3 +161,116 @@ def test_too_small_volumes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="too small for 5 downsamplings"):
         detector.run(detector.Settings(channels=(2, 2, 2, 2, 2), epochs=1), cases, split, tmp_path / "d.pt",
                      tmp_path / "c.csv", torch.device("cpu"))
+
+
+def test_legacy_checkpoint_without_spatial_dims_is_3d(trained, tmp_path):
+    folder, _, _ = trained
+    checkpoint = torch.load(folder / "detector.pt", weights_only=True)
+    assert checkpoint["model_args"]["spatial_dims"] == 3
+    del checkpoint["model_args"]["spatial_dims"]  # as written before 2D mode existed
+    artefacts.save_torch(tmp_path / "legacy.pt", checkpoint)
+    legacy, _ = detector.load(tmp_path / "legacy.pt", torch.device("cpu"))
+    model, _ = detector.load(folder / "detector.pt", torch.device("cpu"))
+    assert legacy.spatial_dims == 3
+    volumes = ellipsoid_volumes(3, 16, seed=4)[:, None]
+    np.testing.assert_array_equal(embed_volumes(legacy, volumes, torch.device("cpu")),
+                                  embed_volumes(model, volumes, torch.device("cpu")))
+
+
+# 2D mode: X-ray-like images, here maximum-intensity projections of the ellipsoid volumes along axis 1.
+
+
+def projections(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size) float32 in [0, 1]: each ellipsoid volume projected onto its (axis 0, axis 2) plane."""
+    return ellipsoid_volumes(n, size, seed).max(axis=1)
+
+
+@pytest.fixture(scope="module")
+def nifti_2d(tmp_path_factory):
+    """Lets artefacts.save_nifti write (H, W) images: the real one once it takes them, else a nibabel stand-in."""
+    original = artefacts.save_nifti
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            original(tmp_path_factory.mktemp("probe") / "image.nii.gz", np.zeros((4, 4), np.float32), np.eye(4))
+        except ValueError:
+            def save(path, image, affine):
+                if np.ndim(image) == 3:
+                    return original(path, image, affine)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.asarray(affine, np.float64)), str(path))
+            patch.setattr(artefacts, "save_nifti", save)
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory, nifti_2d):
+    """One tiny training run on 8 projections at 16², 2 holdout images."""
+    folder = tmp_path_factory.mktemp("detector_2d")
+    cases, split = write_cohort(folder, projections(10, 16, seed=1), n_train=8)
+    detector.run(TINY, cases, split, folder / "detector.pt", folder / "curve.csv", torch.device("cpu"))
+    return folder, cases, split
+
+
+def test_augment_in_2d_rotates_in_plane_and_flips_both_axes():
+    images = torch.from_numpy(projections(3, 16, seed=0))[:, None]
+    first = detector.augment(images, 5.0, 0.5, torch.Generator().manual_seed(7))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert torch.equal(first, detector.augment(images, 5.0, 0.5, torch.Generator().manual_seed(7)))
+    assert not torch.equal(first, detector.augment(images, 5.0, 0.5, torch.Generator().manual_seed(8)))
+    assert torch.allclose(detector.augment(images, 0.0, 0.0, torch.Generator()), images, atol=1e-6)
+    assert torch.allclose(detector.augment(images, 0.0, 1.0, torch.Generator()), images.flip(2, 3), atol=1e-6)
+    rotated = detector.augment(images, 5.0, 0.0, torch.Generator().manual_seed(1))
+    assert 0 < (rotated - images).abs().mean() < 0.05
+    # One in-plane angle, rigid in voxels: an off-centre disc swings about the centre by that angle and
+    # keeps its distance to it.
+    size, offset = 24, np.array([5.0, -3.0])
+    axes = np.meshgrid(np.arange(size) - (size - 1) / 2, np.arange(size) - (size - 1) / 2, indexing="ij")
+    disc = np.clip(2.5 - np.hypot(axes[0] - offset[0], axes[1] - offset[1]), 0, 1).astype(np.float32)
+    turned = detector.augment(torch.from_numpy(disc)[None, None], 60.0, 0.0, torch.Generator().manual_seed(3))
+    angle = ((torch.rand(1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1)
+             * math.radians(60.0)).item()  # the first draw of augment: its one angle
+
+    def centre_of_mass(image):
+        weights = np.asarray(image, np.float64)
+        return np.array([(a * weights).sum() for a in axes]) / weights.sum()
+
+    moved = centre_of_mass(turned[0, 0])
+    assert abs(angle) > math.radians(10)
+    assert np.linalg.norm(moved) == pytest.approx(np.linalg.norm(offset), abs=0.05)
+    chord = 2 * np.linalg.norm(offset) * math.sin(abs(angle) / 2)
+    assert np.linalg.norm(moved - centre_of_mass(disc)) == pytest.approx(chord, abs=0.05)
+
+
+def test_encoder_in_2d_and_its_spatial_dims_checks():
+    model = detector.ContrastiveEncoder(channels=(4, 8, 16), embedding_dim=32, projection_dim=12, spatial_dims=2)
+    embedding, projection = model(torch.zeros(2, 1, 16, 24))
+    assert embedding.shape == (2, 32) and projection.shape == (2, 12)
+    assert isinstance(model.stages[0].down, torch.nn.Conv2d)
+    with pytest.raises(ValueError, match=r"built for 2D inputs, \(B, 1, H, W\), got shape \(2, 1, 8, 16, 24\)"):
+        model.embed(torch.zeros(2, 1, 8, 16, 24))
+    with pytest.raises(ValueError, match="spatial_dims = 4: expected 2"):
+        detector.ContrastiveEncoder(spatial_dims=4)
+
+
+def test_2d_detector_trains_records_its_dims_and_finds_exact_copies(trained_2d):
+    folder, cases, split = trained_2d
+    curve = pd.read_csv(folder / "curve.csv")
+    assert curve["loss"].iloc[-2:].mean() < curve["loss"].iloc[:2].mean() - 0.1
+    checkpoint = torch.load(folder / "detector.pt", weights_only=True)
+    assert checkpoint["model_args"]["spatial_dims"] == 2 and checkpoint["volume_shape"] == [16, 16]
+    model, _ = detector.load(folder / "detector.pt", torch.device("cpu"))
+    assert model.spatial_dims == 2 and isinstance(model.stages[0].down, torch.nn.Conv2d)
+
+    images = projections(10, 16, seed=1)
+    train, holdout = images[:8], images[8:]
+    rng = np.random.default_rng(0)
+    copies = np.stack([controls.transform(image, "exact", rng) for image in train])
+    vectors = {name: embed.embed_volumes(model, batch[:, None], torch.device("cpu"))
+               for name, batch in (("train", train), ("copies", copies), ("holdout", holdout))}
+    ids = [f"patient_{i:03d}" for i in range(8)]
+    found = similarity.nearest_neighbours(ids, vectors["copies"], ids, vectors["train"])
+    assert found["neighbour_id"].tolist() == ids  # recall 1 on exact copies
+    unseen = similarity.nearest_neighbours(["h0", "h1"], vectors["holdout"], ids, vectors["train"])
+    assert found["correlation"].min() > unseen["correlation"].max()
+    with pytest.raises(ValueError, match=r"2D detector expects inputs of shape \(N, 1, H, W\)"):
+        embed.embed_volumes(model, ellipsoid_volumes(2, 16, seed=0)[:, None], torch.device("cpu"))

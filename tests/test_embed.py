@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,3 +90,48 @@ def test_run_refuses_mismatched_inputs(trained, tmp_path):
     with pytest.raises(ValueError, match="trained on"):
         embed.run(folder / "detector.pt", ["big"], [str(tmp_path / "big.nii.gz")], tmp_path / "a.npz", CPU)
     assert not (tmp_path / "a.npz").exists()
+
+
+# 2D mode: (H, W) images, written with nibabel until artefacts.save_nifti takes them.
+
+
+def save_image(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.eye(4)), str(path))
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    """A detector trained for one epoch on four 16² images (2D slices of the blob volumes), six on disk."""
+    folder = tmp_path_factory.mktemp("embed_2d")
+    images = random_blob_volumes(6, 16, seed=0)[:, :, 8]  # (6, 1, 16, 16)
+    ids = [f"case_{i}" for i in range(len(images))]
+    paths = [folder / "images" / f"{i}.nii.gz" for i in ids]
+    for path, image in zip(paths, images):
+        save_image(path, image[0])
+    artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"images/{i}.nii.gz" for i in ids]}))
+    artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 4 + ["holdout"] * 2}))
+    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4)
+    detector.run(settings, folder / "cases.csv", folder / "split.csv", folder / "detector.pt", folder / "curve.csv",
+                 CPU)
+    return folder, ids, [str(p) for p in paths], images
+
+
+def test_run_embeds_2d_images_with_a_2d_detector(trained_2d, tmp_path):
+    folder, ids, paths, images = trained_2d
+    output = tmp_path / "images.npz"
+    embed.run(folder / "detector.pt", ids, paths, output, CPU)
+    with np.load(output, allow_pickle=False) as data:
+        assert data["ids"].tolist() == ids
+        vectors = data["vectors"]
+    assert vectors.shape == (6, 8) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    model, checkpoint = detector.load(folder / "detector.pt", CPU)
+    assert model.spatial_dims == 2 and checkpoint["volume_shape"] == [16, 16]
+    np.testing.assert_allclose(vectors, embed.embed_volumes(model, images, CPU, batch_size=1), atol=1e-5)
+    # A 3D volume is not what a 2D detector was trained on.
+    artefacts.save_nifti(tmp_path / "volume.nii.gz", np.zeros((16, 16, 16), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match=r"trained on \(16, 16\)"):
+        embed.run(folder / "detector.pt", ["volume"], [str(tmp_path / "volume.nii.gz")], tmp_path / "a.npz", CPU)
+    with pytest.raises(ValueError, match=r"2D detector expects inputs of shape \(N, 1, H, W\)"):
+        embed.embed_volumes(model, images[:, 0], CPU)

@@ -1,10 +1,13 @@
 import json
 import math
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from monai.metrics import MultiScaleSSIMMetric
 
 from medmem import artefacts, quality
 from procedural_cohort import ISOTROPIC_4MM, ellipsoid_volumes, write_cohort
@@ -208,3 +211,59 @@ def test_run_names_a_missing_or_unusable_extractor(study, tmp_path):
     with pytest.raises(ValueError, match=r"wrong\.pt: expected \(B, F\) features"):
         run_quality(study, tmp_path / "quality.csv", quality.Settings(fid_weights=str(wrong)))
     assert not (tmp_path / "quality.csv").exists()
+
+
+# 2D mode: X-ray-like (H, W) images, here maximum-intensity projections of the ellipsoid volumes.
+
+
+def projections(n, size, seed):
+    """(n, 1, size, size) float32 in [0, 1]."""
+    return ellipsoid_volumes(n, size, seed=seed).max(axis=1)[:, None]
+
+
+def test_ms_ssim_in_2d_is_monai_2d_ms_ssim():
+    images = projections(6, 32, seed=0)
+    np.testing.assert_allclose(quality.ms_ssim_pairs(images[:3], images[:3]), 1.0, atol=1e-6)
+    distinct = quality.ms_ssim_pairs(images[:3], images[3:])
+    geometry = quality.ms_ssim_geometry((32, 32))
+    assert (geometry.n_scales, geometry.kernel_size) == (3, 7)  # as for 32³: only the smallest side counts
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7, kernel_sigma=1.5,
+                                  weights=geometry.weights, reduction="none")
+    expected = metric(torch.from_numpy(images[:3]), torch.from_numpy(images[3:])).reshape(-1).double().numpy()
+    np.testing.assert_allclose(distinct, expected, atol=1e-6)
+    assert (distinct < 0.95).all()
+    assert quality.ms_ssim_diversity(np.repeat(images[:1], 4, axis=0), 6, np.random.default_rng(0)) == pytest.approx(
+        1.0, abs=1e-6)
+    assert 0.2 < quality.ms_ssim_diversity(images, 15, np.random.default_rng(0)) < 0.95
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        quality.ms_ssim_diversity(images[:, 0, 0], 3, np.random.default_rng(0))
+
+
+def test_run_on_2d_images(tmp_path):
+    def save(path, image):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.diag([0.2, 0.2, 1.0, 1.0])), str(path))
+
+    images = projections(10, 32, seed=0)
+    ids = [f"patient_{i:03d}" for i in range(10)]
+    for patient, image in zip(ids, images):
+        save(tmp_path / "images" / f"{patient}.nii.gz", image[0])
+    artefacts.write_csv(tmp_path / "cases.csv", pd.DataFrame({"id": ids, "path": [f"images/{i}.nii.gz" for i in ids]}))
+    artefacts.write_csv(tmp_path / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 5 + ["holdout"] * 5}))
+    synthetic = projections(6, 32, seed=1)
+    samples = [f"sample_{i}" for i in range(6)]
+    for sample, image in zip(samples, synthetic):
+        save(tmp_path / "synthetic" / f"{sample}.nii.gz", image[0])
+    manifest = tmp_path / "synthetic" / "manifest.csv"
+    artefacts.write_csv(manifest, pd.DataFrame({"id": samples, "path": [f"{i}.nii.gz" for i in samples]}))
+    rng = np.random.default_rng(0)
+    table = quality.run(quality.Settings(diversity_pairs=10), manifest, tmp_path / "cases.csv",
+                        tmp_path / "split.csv", write_embeddings(tmp_path / "s.npz", samples, rng.normal(size=(6, 4))),
+                        write_embeddings(tmp_path / "h.npz", ids[5:], rng.normal(size=(5, 4))),
+                        tmp_path / "quality.csv")
+    row = table.iloc[0]
+    assert (row["n_synthetic"], row["n_holdout"]) == (6, 5)
+    assert row["ms_ssim_holdout"] == pytest.approx(
+        quality.ms_ssim_diversity(images[5:], 10, np.random.default_rng(0)), abs=1e-9)
+    assert 0 < row["ms_ssim_synthetic"] < 1
+    assert json.loads((tmp_path / "quality.csv.json").read_text())["ms_ssim"]["n_scales"] == 3

@@ -1,6 +1,6 @@
 """Copy detectors from the literature, run beside the contrastive detector on the same volume sets.
 
-Every method works in voxel space (each canonical volume flattened to a float32 vector of V voxels),
+Every method works in voxel space (each canonical volume, or 2D image, flattened to a float32 vector of V voxels),
 searches neighbours exactly with faiss, and gives each query ONE score against a reference set and the
 index of the reference volume it is nearest to. Higher score = more copy-like, for every method.
 
@@ -9,7 +9,8 @@ index of the reference volume it is nearest to. Higher score = more copy-like, f
 - ``ssim``: SSIM (Wang et al. 2004, MONAI's ``SSIMMetric``, Gaussian window) between the query and each of
   its ``ssim_candidates`` most correlated reference volumes; score = the largest SSIM. The correlation
   prefilter is ours: a full query × reference SSIM matrix costs a 3D convolution per pair and does not
-  scale. The window is shrunk on small volumes (``ssim_window``).
+  scale. The window is shrunk on small volumes (``ssim_window``). 2D images get 2D SSIM (the number of
+  spatial dimensions is that of the volume shape).
 - ``carlini``: Carlini et al. 2023, "Extracting Training Data from Diffusion Models" (USENIX Security,
   arXiv:2301.13188), CIFAR-10 experiments: ℓ(x̂, x; S) = ℓ2(x̂, x) / (α · mean_{y ∈ S} ℓ2(x̂, y)), x the
   training example nearest to the generated x̂ and S its n nearest training examples (x included),
@@ -104,9 +105,12 @@ class Settings:
 
 
 def score(method: str, settings: Settings, queries: np.ndarray, reference: np.ndarray, test: np.ndarray,
-          query_is_test: bool, volume_shape: tuple[int, int, int],
+          query_is_test: bool, volume_shape: tuple[int, ...],
           leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """queries (Nq, V), reference (Nr, V), test (Nt, V) float32 -> (nearest reference index (Nq,), score (Nq,)).
+
+    ``volume_shape``: (D, H, W) of 3D volumes or (H, W) of 2D images, V voxels in all (only ssim uses the
+    geometry).
 
     ``test`` holds volumes that are fresh with respect to the reference (only meehan uses it).
     ``query_is_test``: queries and test are the same volumes, and each query leaves itself out of the
@@ -163,8 +167,8 @@ def l2_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.n
     return neighbours, distances
 
 
-def ssim_window(volume_shape: tuple[int, int, int]) -> tuple[int, float]:
-    """The SSIM window size and Gaussian σ for volumes of this shape.
+def ssim_window(volume_shape: tuple[int, ...]) -> tuple[int, float]:
+    """The SSIM window size and Gaussian σ for (D, H, W) volumes or (H, W) images of this shape.
 
     MONAI's SSIM convolves without padding, so an 11-voxel window on a 12-voxel axis would score only the
     central 2 voxels of it. When the smallest side is under 2 × 11 the window shrinks to the largest odd
@@ -314,12 +318,17 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
 
 def _ssim(settings: Settings, queries: np.ndarray, reference: np.ndarray,
-          volume_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+          volume_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Largest SSIM among each query's ``ssim_candidates`` most correlated reference volumes, in 3D or 2D."""
+    spatial_dims = len(volume_shape)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"ssim needs (D, H, W) volumes or (H, W) images, got volume_shape {tuple(volume_shape)}; "
+                         "pass the canonical shape the vectors were flattened from")
     k = min(settings.ssim_candidates, len(reference))
     if k < settings.ssim_candidates:
         logger.info("ssim: %d candidates per query (the reference set holds %d volumes)", k, len(reference))
     window, sigma = ssim_window(volume_shape)
-    metric = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=window,
+    metric = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=window,
                         kernel_sigma=sigma, reduction="none")
     candidates, _ = pearson_nearest(queries, reference, k)
     values = np.empty(candidates.shape, dtype=np.float64)
@@ -436,7 +445,7 @@ def _row_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _check_vectors(queries: np.ndarray, reference: np.ndarray, test: np.ndarray,
-                   volume_shape: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   volume_shape: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make each set a C-contiguous float32 (N, V) array (faiss needs that) and check they agree."""
     checked = []
     for name, vectors in (("query", queries), ("reference", reference), ("test", test)):

@@ -1,10 +1,13 @@
-"""Self-supervised 3D contrastive copy detector (Dar et al.; SimCLR-style NT-Xent).
+"""Self-supervised contrastive copy detector for 3D volumes or 2D images (Dar et al.; SimCLR-style NT-Xent).
 
 The encoder learns to tell training patients apart: two randomly rotated/flipped views of one
 volume are a positive pair, every other volume in the batch is a negative. A synthetic volume that
 copies a training patient then lands next to that patient in embedding space, while a new patient
 does not. Later stages use the embedding (``ContrastiveEncoder.embed``); the projection head only
 serves the loss, as in SimCLR, because the layer before it keeps more of the image.
+
+The number of spatial dimensions (3: (D, H, W) volumes, 2: (H, W) images) comes from the training
+data; the checkpoint records it in its model arguments, so the encoder rebuilds from the file alone.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Settings:
     embedding_dim: int = 32
     projection_dim: int = 32
     temperature: float = 0.07
-    rotation_degrees: float = 5.0  # each view: rotation about every axis drawn from ± this
+    rotation_degrees: float = 5.0  # each view: rotation about every axis (one in-plane angle in 2D) drawn from ± this
     flip_probability: float = 0.5  # each view: each axis flipped with this probability
     epochs: int = 60
     batch_size: int = 16
@@ -74,6 +77,17 @@ def _require_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"detector.{name} = {value!r}: expected an integer >= {minimum}")
 
 
+# One encoder definition for both: only the convolution's dimensionality differs.
+CONVOLUTIONS: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _check_spatial_dims(spatial_dims: object) -> int:
+    if spatial_dims not in CONVOLUTIONS or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims = {spatial_dims!r}: expected 2 ((H, W) images) or 3 ((D, H, W) volumes); "
+                         "it is the number of axes of the canonical images the detector is trained on")
+    return int(spatial_dims)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: an embedding must not depend on which volumes share its batch.
     return nn.GroupNorm(math.gcd(channels, 8), channels)
@@ -82,37 +96,44 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 class _Stage(nn.Module):
     """Strided conv (halves every side) + norm + SiLU, then one residual conv at the new size."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.down = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        convolution = CONVOLUTIONS[_check_spatial_dims(spatial_dims)]
+        self.down = convolution(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
         self.down_norm = _group_norm(out_channels)
-        self.conv = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = convolution(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm = _group_norm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, D, H, W) -> (B, C_out, ceil(D/2), ceil(H/2), ceil(W/2))."""
+        """(B, C_in, D, H, W) -> (B, C_out, ceil(D/2), ceil(H/2), ceil(W/2)); 2D: (B, C_in, H, W) likewise."""
         x = F.silu(self.down_norm(self.down(x)))
         return F.silu(x + self.norm(self.conv(x)))
 
 
 class ContrastiveEncoder(nn.Module):
-    """3D conv encoder → embedding (what similarity compares) → projection head (loss only)."""
+    """Conv encoder (3D or 2D) → embedding (what similarity compares) → projection head (loss only)."""
 
     def __init__(self, channels: tuple[int, ...] | list[int] = (16, 32, 64), embedding_dim: int = 32,
-                 projection_dim: int = 32, in_channels: int = 1) -> None:
+                 projection_dim: int = 32, in_channels: int = 1, spatial_dims: int = 3) -> None:
         super().__init__()
+        self.spatial_dims = _check_spatial_dims(spatial_dims)
         widths = [in_channels, *channels]
-        self.stages = nn.Sequential(*(_Stage(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        self.stages = nn.Sequential(*(_Stage(a, b, self.spatial_dims) for a, b in zip(widths[:-1], widths[1:])))
         self.to_embedding = nn.Linear(widths[-1], embedding_dim)
         self.projection_head = nn.Sequential(
             nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), nn.Linear(embedding_dim, projection_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) -> (B, embedding_dim), not normalised."""
-        return self.to_embedding(self.stages(x).mean(dim=(2, 3, 4)))
+        """(B, 1, D, H, W) volumes, or (B, 1, H, W) images in 2D -> (B, embedding_dim), not normalised."""
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"this detector was built for {self.spatial_dims}D inputs, (B, 1"
+                             f"{', D' if self.spatial_dims == 3 else ''}, H, W), got shape {tuple(x.shape)}; "
+                             "embed images of the kind it was trained on")
+        # Global average pool over every spatial axis: (2, 3, 4) in 3D, (2, 3) in 2D.
+        return self.to_embedding(self.stages(x).mean(dim=tuple(range(2, x.ndim))))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, D, H, W) -> embedding (B, embedding_dim), projection (B, projection_dim)."""
+        """(B, 1, D, H, W) or (B, 1, H, W) -> embedding (B, embedding_dim), projection (B, projection_dim)."""
         embedding = self.embed(x)
         return embedding, self.projection_head(embedding)
 
@@ -139,35 +160,44 @@ def augment(volumes: torch.Tensor, rotation_degrees: float, flip_probability: fl
             generator: torch.Generator) -> torch.Tensor:
     """One random view per volume: rotation about each axis in ± rotation_degrees, then random flips.
 
-    volumes: (B, C, D, H, W) on any device; returns the same shape. All randomness comes from the
-    CPU ``generator``, so views are reproducible on CPU and CUDA alike. The whole batch is resampled
-    in one ``affine_grid``/``grid_sample`` call (trilinear, border padding so no artificial black
-    corners appear), which on CPU is much faster than per-volume MONAI transforms. The rotation is
-    built in voxel units, so it stays rigid on non-cubic grids (voxels are isotropic after ingest).
-    A flip is a sign change of a normalised coordinate, which with align_corners=False maps voxel
-    i onto voxel N-1-i exactly, so flips cost no extra resampling.
+    volumes: (B, C, D, H, W), or (B, C, H, W) images in 2D, on any device; returns the same shape.
+    3D draws three angles (one about each axis), 2D one in-plane angle; each axis is flipped with
+    ``flip_probability``. All randomness comes from the CPU ``generator``, so views are reproducible
+    on CPU and CUDA alike. The whole batch is resampled in one ``affine_grid``/``grid_sample`` call
+    (trilinear or bilinear, border padding so no artificial black corners appear), which on CPU is
+    much faster than per-volume MONAI transforms. The rotation is built in voxel units, so it stays
+    rigid on non-square grids (voxels are isotropic after ingest). A flip is a sign change of a
+    normalised coordinate, which with align_corners=False maps voxel i onto voxel N-1-i exactly, so
+    flips cost no extra resampling.
     """
-    if volumes.ndim != 5:
-        raise ValueError(f"augment expects (B, C, D, H, W) volumes, got shape {tuple(volumes.shape)}")
-    batch, _, depth, height, width = volumes.shape
-    angles = (torch.rand(batch, 3, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(rotation_degrees)
-    flips = torch.where(torch.rand(batch, 3, generator=generator) < flip_probability, -1.0, 1.0).double()
+    if volumes.ndim not in (4, 5):
+        raise ValueError(f"augment expects (B, C, D, H, W) volumes or (B, C, H, W) images, got shape "
+                         f"{tuple(volumes.shape)}")
+    batch, spatial_dims = volumes.shape[0], volumes.ndim - 2
+    n_angles = 3 if spatial_dims == 3 else 1  # a 3D rotation has three degrees of freedom, a 2D one
+    angles = ((torch.rand(batch, n_angles, generator=generator, dtype=torch.float64) * 2 - 1)
+              * math.radians(rotation_degrees))
+    flips = torch.where(torch.rand(batch, spatial_dims, generator=generator) < flip_probability, -1.0, 1.0).double()
 
     cos, sin = angles.cos(), angles.sin()
     one = torch.ones(batch, dtype=torch.float64)
 
     def rotation(c: torch.Tensor, s: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
-        matrix = torch.diag_embed(torch.stack([one, one, one], dim=1))
+        matrix = torch.diag_embed(torch.stack([one] * spatial_dims, dim=1))
         i, j = axes
         matrix[:, i, i], matrix[:, i, j], matrix[:, j, i], matrix[:, j, j] = c, -s, s, c
         return matrix
 
-    rotations = (rotation(cos[:, 0], sin[:, 0], (1, 2)) @ rotation(cos[:, 1], sin[:, 1], (0, 2))
-                 @ rotation(cos[:, 2], sin[:, 2], (0, 1)))
-    # Grid coordinates are ordered (x, y, z) = (W, H, D) and normalised to [-1, 1] per axis.
-    sizes = torch.tensor([width, height, depth], dtype=torch.float64)
+    if spatial_dims == 3:
+        rotations = (rotation(cos[:, 0], sin[:, 0], (1, 2)) @ rotation(cos[:, 1], sin[:, 1], (0, 2))
+                     @ rotation(cos[:, 2], sin[:, 2], (0, 1)))
+    else:
+        rotations = rotation(cos[:, 0], sin[:, 0], (0, 1))
+    # Grid coordinates run over the array axes in reverse, (x, y, z) = (W, H, D) or (x, y) = (W, H),
+    # each normalised to [-1, 1].
+    sizes = torch.tensor(volumes.shape[2:][::-1], dtype=torch.float64)
     theta = torch.diag(1 / sizes) @ rotations @ torch.diag(sizes) @ torch.diag_embed(flips)
-    theta = torch.cat([theta, torch.zeros(batch, 3, 1, dtype=torch.float64)], dim=2)
+    theta = torch.cat([theta, torch.zeros(batch, spatial_dims, 1, dtype=torch.float64)], dim=2)
     theta = theta.to(device=volumes.device, dtype=volumes.dtype)
     grid = F.affine_grid(theta, list(volumes.shape), align_corners=False)
     return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -198,6 +228,9 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     if len(ids) < 2:
         raise ValueError(f"{split_csv}: the detector needs at least 2 training volumes to contrast, got {len(ids)}")
     volume_shape = list(volumes.shape[2:])
+    if len(volume_shape) not in CONVOLUTIONS:
+        raise ValueError(f"{cases_csv}: training images have shape {tuple(volume_shape)}; the detector trains on "
+                         "(D, H, W) volumes or (H, W) images, so re-run ingest to get canonical images")
     smallest = 2 ** len(settings.channels)
     if min(volume_shape) < smallest:
         raise ValueError(f"volume shape {tuple(volume_shape)} is too small for {len(settings.channels)} "
@@ -206,14 +239,16 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
     generator = runtime.seed_everything(settings.seed)
     model_args = {"channels": list(settings.channels), "embedding_dim": settings.embedding_dim,
-                  "projection_dim": settings.projection_dim, "in_channels": 1}
+                  "projection_dim": settings.projection_dim, "in_channels": 1,
+                  "spatial_dims": len(volume_shape)}
     model = ContrastiveEncoder(**model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     data = torch.from_numpy(volumes).to(device)
     n_batches = math.ceil(len(ids) / settings.batch_size)
-    logger.info("training the detector on %d volumes of shape %s, %d batches/epoch, %d parameters, device %s",
-                len(ids), tuple(volume_shape), n_batches, sum(p.numel() for p in model.parameters()), device)
+    logger.info("training the %dD detector on %d volumes of shape %s, %d batches/epoch, %d parameters, device %s",
+                len(volume_shape), len(ids), tuple(volume_shape), n_batches,
+                sum(p.numel() for p in model.parameters()), device)
 
     last_path = model_path.with_name(f"{model_path.name}.last.pt")
     identity = {"settings": asdict(settings), "train_ids": list(ids), "volume_shape": volume_shape}
@@ -286,6 +321,7 @@ def _plain(value: object) -> object:
 def load(model_path: str | os.PathLike, device: torch.device) -> tuple[ContrastiveEncoder, dict]:
     """Rebuild the detector from its checkpoint alone; returns (model in eval mode, checkpoint)."""
     checkpoint = artefacts.load_torch(model_path, device)
-    model = ContrastiveEncoder(**checkpoint["model_args"])
+    # Checkpoints from before 2D support carry no spatial_dims: they are 3D.
+    model = ContrastiveEncoder(**{"spatial_dims": 3, **checkpoint["model_args"]})
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

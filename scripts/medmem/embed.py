@@ -1,5 +1,7 @@
 """Embed a set of volumes with the trained detector: ids + L2-normalised float32 vectors (one npz).
 
+3D volumes or 2D images alike: the detector's checkpoint says which it was trained on.
+
 Embeddings are an artefact of their own (SSCD): similarity and assessment read them, never the
 volumes, and the ids travel with the vectors.
 """
@@ -22,9 +24,11 @@ logger = logging.getLogger("medmem.embed")
 @torch.no_grad()
 def embed_volumes(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device,
                   batch_size: int = 16) -> np.ndarray:
-    """(N, 1, D, H, W) float32 volumes -> (N, E) float32 embeddings, each of unit L2 norm."""
-    if volumes.ndim != 5 or volumes.shape[1] != 1:
-        raise ValueError(f"expected volumes of shape (N, 1, D, H, W), got {volumes.shape}")
+    """(N, 1, D, H, W) float32 volumes, or (N, 1, H, W) images -> (N, E) float32 embeddings of unit L2 norm."""
+    expected = "(N, 1, D, H, W)" if model.spatial_dims == 3 else "(N, 1, H, W)"
+    if volumes.ndim != model.spatial_dims + 2 or volumes.shape[1] != 1:
+        raise ValueError(f"this {model.spatial_dims}D detector expects inputs of shape {expected}, got "
+                         f"{volumes.shape}; embed images of the kind it was trained on")
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}: expected an integer >= 1")
     model.eval()

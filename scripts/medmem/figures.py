@@ -19,6 +19,10 @@ from medmem import artefacts, calibration
 DPI = 100
 # Canonical volumes are RAS+: array axes 0, 1, 2 run left→right, posterior→anterior, inferior→superior.
 VIEWS = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+# A 2D image is shown whole, in one panel, oriented like the coronal view (array axis 0 left→right).
+IMAGE_VIEWS = (("image", None),)
+# Montage geometry in inches, (panel width, row height): three slices per volume, or one larger image.
+VOLUME_PANEL, IMAGE_PANEL = (2.0, 2.2), (4.0, 4.2)
 
 # (synthetic volume, training volume or None when patient images may not be shown, ids, correlation, flagged)
 MontagePair = tuple[np.ndarray, np.ndarray | None, tuple[str, str], float, bool]
@@ -59,37 +63,56 @@ def plot_nn_correlations(synthetic_to_train: Sequence[float], holdout_to_train: 
     save_png(figure, path)
 
 
+def _canonical(volume: np.ndarray, name: str) -> np.ndarray:
+    """(D, H, W) or (1, D, H, W) -> (D, H, W); (H, W) or (1, H, W) -> (H, W) float32 (a channel axis is dropped)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    volume = volume[0] if volume.ndim in (3, 4) and volume.shape[0] == 1 else volume
+    if volume.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a (D, H, W) volume or an (H, W) image, got shape {np.shape(volume)}")
+    return volume
+
+
 def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
     """One row per (synthetic volume, training volume, (synthetic id, training id), correlation, flagged).
 
     Each row shows the centre sagittal, coronal and axial slices of the synthetic volume, then the
-    same three of its nearest training volume, on a shared [0, 1] grey scale. A training volume of
-    None (patient images not allowed in figures) leaves its panels blank but for its id.
+    same three of its nearest training volume, on a shared [0, 1] grey scale. 2D (H, W) images are
+    shown whole, one panel each. A training volume of None (patient images not allowed in figures)
+    leaves its panels blank but for its id.
     """
     if not pairs:
         raise ValueError("plot_montage needs at least one (synthetic, training, labels, correlation) pair")
-    figure = Figure(figsize=(12, 2.2 * len(pairs) + 0.4))
-    grid = figure.subplots(len(pairs), 6, squeeze=False)
+    # The synthetic volumes decide whether the montage shows slices of volumes or whole 2D images.
+    kinds = {_canonical(synthetic, ids[0]).ndim for synthetic, _, ids, _, _ in pairs}
+    if len(kinds) != 1:
+        raise ValueError("plot_montage got both 2D images and 3D volumes as synthetic inputs; one montage shows "
+                         "one kind, so pass pairs of one experiment")
+    expected_ndim = kinds.pop()
+    views, (panel_width, row_height) = (VIEWS, VOLUME_PANEL) if expected_ndim == 3 else (IMAGE_VIEWS, IMAGE_PANEL)
+    per_half = len(views)
+    figure = Figure(figsize=(2 * per_half * panel_width, row_height * len(pairs) + 0.4))
+    grid = figure.subplots(len(pairs), 2 * per_half, squeeze=False)
     for row, (synthetic, training, (synthetic_id, training_id), correlation, flagged) in enumerate(pairs):
         for half, (volume, name) in enumerate(((synthetic, synthetic_id), (training, training_id))):
             if volume is None:
-                for column in range(3):
-                    axes = grid[row, 3 + column]
+                for column in range(per_half):
+                    axes = grid[row, per_half + column]
                     axes.set_xticks([])
                     axes.set_yticks([])
                     if row == 0:
-                        axes.set_title(f"training: {VIEWS[column][0]}", fontsize=9)
-                grid[row, 3].set_ylabel(name, fontsize=8)
-                grid[row, 4].text(0.5, 0.5, "patient image not shown\n(assess.training_images)",
-                                  ha="center", va="center", fontsize=8, transform=grid[row, 4].transAxes)
+                        axes.set_title(f"training: {views[column][0]}", fontsize=9)
+                grid[row, per_half].set_ylabel(name, fontsize=8)
+                middle = grid[row, per_half + per_half // 2]
+                middle.text(0.5, 0.5, "patient image not shown\n(assess.training_images)",
+                            ha="center", va="center", fontsize=8, transform=middle.transAxes)
                 continue
-            volume = np.asarray(volume, dtype=np.float32)
-            volume = volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
-            if volume.ndim != 3:
-                raise ValueError(f"{name}: expected a (D, H, W) volume, got shape {np.shape(volume)}")
-            for column, (view, axis) in enumerate(VIEWS):
-                axes = grid[row, 3 * half + column]
-                centre = np.take(volume, volume.shape[axis] // 2, axis=axis)
+            volume = _canonical(volume, name)
+            if volume.ndim != expected_ndim:
+                raise ValueError(f"{name}: shape {volume.shape} is not of the same kind as the synthetic "
+                                 f"{'volumes' if expected_ndim == 3 else 'images'}; pair like with like")
+            for column, (view, axis) in enumerate(views):
+                axes = grid[row, per_half * half + column]
+                centre = volume if axis is None else np.take(volume, volume.shape[axis] // 2, axis=axis)
                 # Transpose + origin lower: the later RAS axis runs upwards, as radiologists expect.
                 axes.imshow(centre.T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
                 axes.set_xticks([])

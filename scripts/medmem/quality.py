@@ -10,6 +10,9 @@ quality is measured against patients the model did not see (the holdout split):
 - Optionally ``fid``: the Fréchet distance in the features of a TorchScript extractor the user supplies
   (``quality.fid_weights``, e.g. a 3D medical network exported with ``torch.jit.save``); it is only as
   comparable across papers as that extractor is. Nothing is ever downloaded.
+
+Volumes are (D, H, W) or, in 2D mode, (H, W) images: MS-SSIM runs in as many spatial dimensions as
+the data has.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ MS_SSIM_KERNEL_SIGMA = 1.5
 # Below a 7-voxel window a σ = 1.5 Gaussian is cut off inside ±2σ and the local statistics rest on
 # too few voxels to mean much.
 MS_SSIM_MIN_KERNEL_SIZE = 7
-# Pairs compared per MS-SSIM call: bounds the memory of the 3D convolutions on large volumes.
+# Pairs compared per MS-SSIM call: bounds the memory of the convolutions on large volumes.
 PAIRS_PER_BATCH = 8
 FEATURE_BATCH_SIZE = 8
 
@@ -47,7 +50,7 @@ class Settings:
     """The ``quality:`` section of config.yaml."""
 
     diversity_pairs: int = 100  # random distinct pairs for MS-SSIM diversity (all pairs when there are fewer)
-    fid_weights: str | None = None  # optional local TorchScript feature extractor, (B, 1, D, H, W) -> (B, F)
+    fid_weights: str | None = None  # optional local TorchScript extractor, (B, 1, D, H, W) or (B, 1, H, W) -> (B, F)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,13 +70,14 @@ class MsSsimGeometry:
 
 
 def ms_ssim_geometry(spatial_shape: tuple[int, ...]) -> MsSsimGeometry:
-    """The MS-SSIM scales and window that fit volumes of ``spatial_shape`` (D, H, W).
+    """The MS-SSIM scales and window that fit volumes of ``spatial_shape`` (D, H, W), or images (H, W).
 
     Standard MS-SSIM (5 scales, 11-voxel window) needs at least 176 voxels a side. Smaller volumes keep
     as many scales as leave the coarsest scale (the smallest side halved ``n_scales - 1`` times) at least
     7 voxels; the window is then the largest odd size up to 11 that fits the coarsest scale (σ stays 1.5),
     and the weights are the standard ones of the finest ``n_scales`` scales, renormalised to sum to 1.
-    E.g. 16³ -> 2 scales, window 7; 32³ -> 3 scales, window 7; 64³ -> 4 scales, window 7.
+    E.g. 16³ -> 2 scales, window 7; 32³ -> 3 scales, window 7; 64³ -> 4 scales, window 7. Only the
+    smallest side counts, so a 2D image gets what a volume with the same sides would (64² -> 4 scales).
     """
     side = min(spatial_shape)
     for n_scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
@@ -90,11 +94,15 @@ def ms_ssim_geometry(spatial_shape: tuple[int, ...]) -> MsSsimGeometry:
 
 @torch.no_grad()
 def ms_ssim_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """MS-SSIM of each pair: (P, 1, D, H, W), (P, 1, D, H, W) in [0, 1] -> (P,) float64; 1 = identical."""
-    if first.shape != second.shape or first.ndim != 5 or first.shape[1] != 1:
-        raise ValueError(f"expected two (P, 1, D, H, W) arrays of one shape, got {first.shape} and {second.shape}")
+    """MS-SSIM of each pair: (P, 1, D, H, W), (P, 1, D, H, W) in [0, 1] -> (P,) float64; 1 = identical.
+
+    2D images, (P, 1, H, W), get 2D MS-SSIM.
+    """
+    if first.shape != second.shape or first.ndim not in (4, 5) or first.shape[1] != 1:
+        raise ValueError(f"expected two (P, 1, D, H, W) volume arrays or (P, 1, H, W) image arrays of one shape, "
+                         f"got {first.shape} and {second.shape}")
     geometry = ms_ssim_geometry(first.shape[2:])
-    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=geometry.kernel_size,
+    metric = MultiScaleSSIMMetric(spatial_dims=first.ndim - 2, data_range=1.0, kernel_size=geometry.kernel_size,
                                   kernel_sigma=MS_SSIM_KERNEL_SIGMA, weights=geometry.weights, reduction="none")
     values = []
     for start in range(0, len(first), PAIRS_PER_BATCH):
@@ -107,16 +115,17 @@ def ms_ssim_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 def ms_ssim_diversity(volumes: np.ndarray, n_pairs: int, rng: np.random.Generator) -> float:
     """Mean MS-SSIM over random distinct pairs of a set (lower = more diverse).
 
-    volumes: (N, 1, D, H, W) in [0, 1], N >= 2. ``n_pairs`` unordered pairs of different volumes are drawn
-    without repeats (all N(N-1)/2 pairs when there are no more than ``n_pairs``). MS-SSIM uses MONAI's
-    ``MultiScaleSSIMMetric`` (data_range 1) with the scales and window chosen by :func:`ms_ssim_geometry`:
-    5 scales and an 11-voxel window need 176 voxels a side, so small volumes use fewer scales (a smaller
-    window), with the standard weights truncated to those scales and renormalised. Values are comparable
-    only between sets of the same volume shape.
+    volumes: (N, 1, D, H, W) in [0, 1], N >= 2, or (N, 1, H, W) images (2D MS-SSIM). ``n_pairs`` unordered
+    pairs of different volumes are drawn without repeats (all N(N-1)/2 pairs when there are no more than
+    ``n_pairs``). MS-SSIM uses MONAI's ``MultiScaleSSIMMetric`` (data_range 1) with the scales and window
+    chosen by :func:`ms_ssim_geometry`: 5 scales and an 11-voxel window need 176 voxels a side, so small
+    volumes use fewer scales (a smaller window), with the standard weights truncated to those scales and
+    renormalised. Values are comparable only between sets of the same volume shape.
     """
     volumes = np.asarray(volumes)
-    if volumes.ndim != 5 or volumes.shape[1] != 1:
-        raise ValueError(f"expected volumes of shape (N, 1, D, H, W), got {volumes.shape}")
+    if volumes.ndim not in (4, 5) or volumes.shape[1] != 1:
+        raise ValueError(f"expected volumes of shape (N, 1, D, H, W) or images of shape (N, 1, H, W), got "
+                         f"{volumes.shape}")
     if len(volumes) < 2:
         raise ValueError(f"MS-SSIM diversity needs at least 2 volumes, got {len(volumes)}")
     if not isinstance(n_pairs, (int, np.integer)) or n_pairs < 1:
@@ -214,7 +223,7 @@ def load_feature_extractor(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, volumes: np.ndarray, name: str) -> np.ndarray:
-    """(N, 1, D, H, W) volumes -> (N, F) float64 features of the extractor ``name``."""
+    """(N, 1, D, H, W) volumes or (N, 1, H, W) images -> (N, F) float64 features of the extractor ``name``."""
     features = []
     for start in range(0, len(volumes), FEATURE_BATCH_SIZE):
         batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + FEATURE_BATCH_SIZE], dtype=np.float32))
@@ -222,7 +231,8 @@ def extract_features(model: torch.nn.Module, volumes: np.ndarray, name: str) -> 
         if not isinstance(output, torch.Tensor) or output.ndim != 2 or len(output) != len(batch):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise ValueError(f"{name}: expected (B, F) features for a batch of shape {tuple(batch.shape)}, got "
-                             f"{shape}; the extractor must map (B, 1, D, H, W) to (B, F)")
+                             f"{shape}; the extractor must map (B, 1, D, H, W) volumes, or (B, 1, H, W) images, "
+                             "to (B, F)")
         features.append(output.detach().double().numpy())
     return np.concatenate(features)
 
