@@ -193,6 +193,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     identity = {"settings": asdict(settings), "ids": ids}
     rows: list[dict[str, float]] = []
     start_epoch = _resume(state_path, identity, model, optimizer, discriminator, optimizer_d, generator, rows)
+    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
     last_save = time.monotonic()
 
     for epoch in range(start_epoch, settings.epochs):
@@ -236,7 +237,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             logger.info("epoch %d/%d  l1 %.4f  kl %.1f  generator_adversarial %.4f  discriminator %.4f  (%.1f s)",
                         epoch + 1, settings.epochs, sums["l1"], sums["kl"], sums["generator_adversarial"],
                         sums["discriminator"], rows[-1]["seconds"])
-        if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
+        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
             _save_resume(state_path, identity, epoch + 1, model, optimizer, discriminator, optimizer_d,
                          generator, rows)
             last_save = time.monotonic()

@@ -245,6 +245,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     identity = {"settings": asdict(settings), "ids": ids, "scale_factor": scale_factor}
     rows: list[dict[str, float]] = []
     start_epoch, step = _resume(state_path, identity, model, ema, optimizer, generator, rows)
+    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
     last_save = time.monotonic()
 
     for epoch in range(start_epoch, settings.epochs):
@@ -276,7 +277,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
             # Kept beside the resume state, outside the declared outputs, until the run completes.
             artefacts.save_torch(partial / checkpoint_name(epoch + 1), _checkpoint(
                 args, model, ema, settings, latents, scale_factor, epoch + 1, step, len(ids)))
-        if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
+        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
             _save_resume(state_path, identity, epoch + 1, step, model, ema, optimizer, generator, rows)
             last_save = time.monotonic()
 

@@ -211,6 +211,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     identity = {"settings": asdict(settings), "ids": ids}
     rows: list[dict[str, float]] = []
     start_epoch = _resume(state_path, identity, model, optimizer, discriminator, optimizer_d, generator_rng, rows)
+    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
     last_save = time.monotonic()
 
     for epoch in range(start_epoch, settings.epochs):
@@ -251,7 +252,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                         "std %.3f (training %.3f, %.3f)  (%.2f s/epoch)", epoch + 1, settings.epochs, sums["d_loss"],
                         sums["g_loss"], sums["d_real"], sums["d_fake"], fake.mean().item(), fake.std().item(),
                         data.mean().item(), data.std().item(), rows[-1]["seconds"])
-        if time.monotonic() - last_save > RESUME_INTERVAL_SECONDS and epoch + 1 < settings.epochs:
+        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
             _save_resume(state_path, identity, epoch + 1, model, optimizer, discriminator, optimizer_d,
                          generator_rng, rows)
             last_save = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 from typing import Literal
@@ -42,3 +43,24 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+RESUME_INTERVAL_VARIABLE = "MEDMEM_RESUME_INTERVAL_SECONDS"
+
+
+def resume_interval(default: float) -> float:
+    """Seconds between a training's resume checkpoints: ``default``, or $MEDMEM_RESUME_INTERVAL_SECONDS.
+
+    An environment variable, not a setting, so that changing it never re-runs a stage: save more often
+    on a cluster that kills jobs early, or every epoch (0) as the kill-and-resume tests do.
+    """
+    value = os.environ.get(RESUME_INTERVAL_VARIABLE)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"${RESUME_INTERVAL_VARIABLE}={value!r}: expected a number of seconds >= 0, e.g. 600")
+    return seconds
