@@ -1,4 +1,4 @@
-"""Rule ingest: raw volumes (phantom | folder) → canonical NIfTI per case + cases.csv."""
+"""Rule ingest: raw volumes (phantom | folder | manifest) → canonical NIfTI per case + cases.csv."""
 from medmem import ingest, runtime
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
@@ -6,4 +6,6 @@ ingest.run(
     ingest.Settings(**snakemake.params.settings),
     cases_csv=snakemake.output.cases,
     volumes_dir=snakemake.output.volumes,
+    quarantine_csv=snakemake.output.quarantine,
+    duplicates_csv=snakemake.output.duplicates,
 )

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,7 +21,8 @@ def holdout_of(split: pd.DataFrame) -> set[str]:
 
 def test_split_covers_every_patient_once_with_the_requested_sizes():
     split = make_split(IDS, SETTINGS)
-    assert list(split.columns) == ["id", "split"]
+    assert list(split.columns) == ["id", "patient_id", "split"]
+    assert split["patient_id"].tolist() == split["id"].tolist()  # one case per patient
     assert sorted(split["id"]) == sorted(IDS) and split["id"].is_unique
     assert set(split["split"]) == {"train", "holdout"}
     assert (split["split"] == "holdout").sum() == 10
@@ -127,3 +129,89 @@ def test_a_training_subset_is_written_with_its_counts_and_refuses_a_bad_fraction
     assert json.loads((tmp_path / "subset" / "split.csv.json").read_text())["n_unused"] == 6
     with pytest.raises(ValueError, match=r"train_subset.fraction=1.5 must be a number in \(0, 1\]"):
         SubsetSettings(fraction=1.5, seed=0)
+
+
+# --- patients with several cases, and splits a manifest gives -----------------------------------
+
+# 30 patients, some with repeat scans: patient_000 has 1 case, patient_001 2, patient_002 3, patient_003 1, ...
+CASES = [(f"patient_{p:03d}_scan{s}", f"patient_{p:03d}") for p in range(30) for s in range(1 + p % 3)]
+
+
+def test_one_case_per_patient_splits_exactly_as_the_case_level_split_did():
+    pd.testing.assert_frame_equal(make_split(IDS, SETTINGS, patients=IDS), make_split(IDS, SETTINGS))
+    # The case-level split before patients were grouped: sorted ids, one seeded permutation, the first n held out.
+    # Existing results keep their split only if this stays the same.
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(IDS))
+        assert holdout_of(make_split(IDS, Settings(0.25, 8, seed))) == {sorted(IDS)[i] for i in order[:10]}
+
+
+def test_a_patients_cases_all_go_where_the_patient_goes():
+    ids, patients = [c for c, _ in CASES], [p for _, p in CASES]
+    split = make_split(ids, Settings(holdout_fraction=0.25, min_holdout=5, seed=0), patients=patients)
+    assert split["id"].tolist() == sorted(ids)
+    sides = split.groupby("patient_id")["split"].nunique()
+    assert (sides == 1).all()  # no patient on both sides
+    assert split.loc[split["split"] == "holdout", "patient_id"].nunique() == round(0.25 * 30)  # patients, not cases
+    # Seeded and independent of the order of the cases.
+    again = make_split(ids[::-1], Settings(holdout_fraction=0.25, min_holdout=5, seed=0), patients=patients[::-1])
+    pd.testing.assert_frame_equal(split, again)
+
+
+def test_given_splits_are_kept_and_the_others_drawn():
+    ids = [f"c{i:02d}" for i in range(20)]
+    patients = [f"p{i // 2:02d}" for i in range(20)]  # ten patients, two cases each
+    given = ["holdout", ""] + ["train"] * 4 + [""] * 14  # p00 holdout (one case says so), p01-p02 train
+    split = make_split(ids, Settings(holdout_fraction=0.5, min_holdout=2, seed=1), patients=patients, given=given)
+    by_patient = split.groupby("patient_id")["split"].first()
+    assert by_patient["p00"] == "holdout" and by_patient["p01"] == by_patient["p02"] == "train"
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    # The seven others: round(0.5 * 7) = 4 drawn into the holdout, plus p00.
+    assert (by_patient == "holdout").sum() == 5
+    with pytest.raises(ValueError, match=r"holdout has 1 patients \(1 given by the manifest \+ split\.holdout_fraction="
+                                         r"0\.05 of the 7 others\), fewer than split\.min_holdout=2"):
+        make_split(ids, Settings(holdout_fraction=0.05, min_holdout=2, seed=1), patients=patients, given=given)
+
+
+def test_a_patient_given_both_splits_is_refused():
+    with pytest.raises(ValueError, match=r"patient 'p1' is given both train and holdout"):
+        make_split(["a", "b", "c"], Settings(0.3, 1, 0), patients=["p1", "p1", "p2"], given=["train", "holdout", ""])
+
+
+def test_run_splits_the_patients_of_cases_csv_and_later_stages_see_them(tmp_path):
+    cases_csv = tmp_path / "ingest" / "cases.csv"
+    ids = [c for c, _ in CASES]
+    cases = pd.DataFrame({"id": ids, "patient_id": [p.replace("patient_", "0") for _, p in CASES],  # "0000", ...
+                          "path": [f"volumes/{i}.nii.gz" for i in ids], "given_split": ""})
+    artefacts.write_csv(cases_csv, cases)
+    split_csv = tmp_path / "split" / "split.csv"
+    run(Settings(holdout_fraction=0.25, min_holdout=5, seed=0), cases_csv, split_csv)
+    written = volume_sets.read_split(split_csv)
+    assert list(written.columns) == ["id", "patient_id", "split"]
+    assert written["patient_id"].str.startswith("0").all()  # ids that look like numbers stay text
+    sidecar = json.loads((tmp_path / "split" / "split.csv.json").read_text())
+    assert sidecar["n_holdout"] == 8 and sidecar["n_train"] == 22  # patients
+    assert sidecar["n_holdout_cases"] + sidecar["n_train_cases"] == len(CASES)
+    train_ids, _ = volume_sets.split_paths(cases_csv, split_csv, "train")
+    holdout_ids, _ = volume_sets.split_paths(cases_csv, split_csv, "holdout")
+    assert len(train_ids) + len(holdout_ids) == len(CASES)
+
+
+def test_a_split_file_with_a_patient_on_both_sides_is_refused(tmp_path):
+    split_csv = tmp_path / "split.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"],
+                  "split": ["train", "holdout", "train"]}).to_csv(split_csv, index=False)
+    with pytest.raises(ValueError, match=r"patients in both train and holdout: \['p1'\]"):
+        volume_sets.read_split(split_csv)
+
+
+def test_training_subsets_keep_a_patients_cases_together():
+    ids, patients = [c for c, _ in CASES], [p for _, p in CASES]
+    split = make_split(ids, Settings(holdout_fraction=0.25, min_holdout=5, seed=0), patients=patients)
+    subset = make_train_subset(split, SubsetSettings(fraction=0.5, seed=0))
+    assert (subset.groupby("patient_id")["split"].nunique() == 1).all()
+    assert subset.loc[subset["split"] == "train", "patient_id"].nunique() == 11  # round(0.5 × 22 patients)
+    # Without patient ids (a split.csv from before) each case is its own patient, as it always was.
+    old = split[["id", "split"]]
+    assert make_train_subset(old, SubsetSettings(fraction=0.5, seed=0))["split"].value_counts()["train"] == round(
+        0.5 * (old["split"] == "train").sum())

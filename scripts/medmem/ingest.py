@@ -1,9 +1,17 @@
-"""Stage ingest: raw volumes → one canonical NIfTI per case + cases.csv.
+"""Stage ingest: raw volumes → one canonical NIfTI per case + cases.csv (+ quarantine.csv, duplicates.csv).
 
-Sources: ``phantom`` (the procedural demo cohort, see phantom.py) or ``folder`` (one NIfTI, NRRD
-or MetaImage volume per patient). Every case leaves this stage in one geometry, RAS+ with
-``data.shape`` voxels of ``data.spacing`` mm (see volume_io), with float32 intensities in [0, 1],
-so no later stage reads a header again. Input files are only read, never modified.
+Sources: ``phantom`` (the procedural demo cohort, see phantom.py), ``folder`` (NIfTI, NRRD, MetaImage
+or multi-frame DICOM files and DICOM series folders, one patient each) or ``manifest`` (a CSV of
+patient ids and paths; a patient may have several scans), see case_sources.py. Every case leaves
+this stage in one geometry, RAS+ with ``data.shape`` voxels of ``data.spacing`` mm (see volume_io),
+with float32 intensities in [0, 1], so no later stage reads a header again. cases.csv records, per
+case, its patient, its source, its original geometry, the intensities mapped to 0 and 1 and where
+the canonical grid was centred. Input files are only read, never modified.
+
+A bad input (unreadable, truncated, not 3D, NaN/Inf voxels, constant, smaller than a voxel, a DICOM
+series with holes) stops ingest with a message naming the file and the reason, before anything is
+written (``data.on_bad_input: error``), or (``skip``) is listed in quarantine.csv and left out.
+Near-duplicate cases are reported before anything trains (duplicates.py).
 
 2D mode (X-ray-like images): ``data.shape`` and ``data.spacing`` with two entries. The phantom is
 then a radiograph of each phantom patient, and a folder holds one 2D image per patient (PNG, DICOM,
@@ -16,7 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -24,19 +32,26 @@ import numpy as np
 import pandas as pd
 
 from medmem.settings_checks import is_int, is_number
-from medmem import artefacts, volume_io
+from medmem import artefacts, case_sources, dicom_series, duplicates, volume_io
+from medmem.case_sources import CaseSource
 from medmem.phantom import PhantomSettings, make_patient, make_radiograph
 
 logger = logging.getLogger("medmem.ingest")
 
-Source = Literal["phantom", "folder"]
+Source = Literal["phantom", "folder", "manifest"]
 Modality = Literal["mr", "ct", "xr"]
-COLUMNS = ["id", "path", "source_path", "original_spacing", "original_shape", "original_orientation"]
+Crop = Literal["centre", "foreground"]
+OnBadInput = Literal["error", "skip"]
+# cases.csv. intensity_low/high: the input intensities mapped to 0 and 1; grid_centre: where the canonical
+# grid's centre lies (RAS mm; 2D: the image plane's mm); given_split: a manifest's split, else empty.
+COLUMNS = ["id", "patient_id", "path", "source_path", "series_uid", "original_spacing", "original_shape",
+           "original_orientation", "intensity_low", "intensity_high", "crop", "grid_centre", "given_split"]
+QUARANTINE_COLUMNS = ["id", "patient_id", "file", "reason"]
 ORIENTATION = "RAS+: array axes (D, H, W) point Right, Anterior, Superior; affine = diag(spacing) + origin"
-ORIENTATION_2D = "image plane: array axes (x, y) are the file's columns and rows; affine = diag(spacing, 1) + origin"
+ORIENTATION_2D = "image plane: array axes (x, y) run right and up as the file is displayed; affine = diag(spacing, 1) + origin"
 
 # A case on its way to disk: id, (D, H, W) float32 volume, 4x4 RAS affine, its cases.csv fields.
-Case = tuple[str, np.ndarray, np.ndarray, dict[str, str]]
+Case = tuple[str, np.ndarray, np.ndarray, dict[str, object]]
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,12 @@ class Settings:
     shape: tuple[int, ...]      # canonical grid, voxels: (D, H, W), or (x, y) for 2D images
     spacing: tuple[float, ...]  # canonical voxel size along R, A, S (or x, y), mm
     phantom: PhantomSettings
-    folder: FolderSettings
+    folder: FolderSettings              # path of the folder source; modality and scaling of every file source
+    manifest: str | None = None         # CSV of patient_id, path[, split, id] (source: manifest)
+    crop: Crop = "centre"               # centre the grid on the field of view, or on the foreground's box
+    foreground_threshold: float = 0.1   # foreground: scaled intensity above this (crop: foreground)
+    on_bad_input: OnBadInput = "error"  # skip: quarantine bad cases and go on with the rest
+    duplicates: duplicates.Settings = field(default_factory=duplicates.Settings)
 
     def __post_init__(self) -> None:
         if self.source not in get_args(Source):
@@ -89,65 +109,189 @@ class Settings:
             object.__setattr__(self, "phantom", PhantomSettings(**self.phantom))
         if isinstance(self.folder, dict):
             object.__setattr__(self, "folder", FolderSettings(**self.folder))
+        if isinstance(self.duplicates, dict):
+            object.__setattr__(self, "duplicates", duplicates.Settings(**self.duplicates))
         if self.source == "folder" and self.folder.path is None:
             raise ValueError("data.source is 'folder' but data.folder.path is null: set data.folder.path to a "
                              "folder with one volume per patient")
+        if self.manifest is not None:
+            object.__setattr__(self, "manifest", os.fspath(self.manifest))
+        if self.source == "manifest" and self.manifest is None:
+            raise ValueError("data.source is 'manifest' but data.manifest is null: set data.manifest to a CSV "
+                             "with columns patient_id, path (and optionally split, id)")
+        if self.crop not in get_args(Crop):
+            raise ValueError(f"data.crop={self.crop!r} must be one of {list(get_args(Crop))}")
+        if not is_number(self.foreground_threshold) or not 0 <= self.foreground_threshold < 1:
+            raise ValueError(f"data.foreground_threshold={self.foreground_threshold!r} must be a number in [0, 1) "
+                             "(scaled intensities above it are foreground), e.g. 0.1")
+        object.__setattr__(self, "foreground_threshold", float(self.foreground_threshold))
+        if self.on_bad_input not in get_args(OnBadInput):
+            raise ValueError(f"data.on_bad_input={self.on_bad_input!r} must be one of {list(get_args(OnBadInput))}: "
+                             "error stops at the first bad input, skip quarantines it and goes on")
 
 
-def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.PathLike) -> pd.DataFrame:
-    """Write one canonical NIfTI per case into ``volumes_dir`` (atomically) and ``cases_csv``."""
+def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
+        quarantine_csv: str | os.PathLike | None = None, duplicates_csv: str | os.PathLike | None = None
+        ) -> pd.DataFrame:
+    """Write one canonical NIfTI per case into ``volumes_dir`` and ``cases_csv``, all atomically.
+
+    ``quarantine_csv``: where the cases ``on_bad_input: skip`` left out are listed (they are also in the
+    sidecar). ``duplicates_csv``: where near-duplicate pairs are reported; None skips the comparison
+    (a synthetic set may hold copies of each other: that is what is being measured).
+    Nothing is written when an error stops the run.
+    """
     cases_csv, volumes_dir = Path(cases_csv), Path(volumes_dir)
+    sources = list_sources(settings)  # refuse a bad folder or manifest before anything is read
+    quarantined: list[dict[str, str]] = []
     if settings.source == "phantom":
         cases, inputs, seed = phantom_cases(settings), {}, settings.phantom.seed
-    else:  # list (and refuse a bad folder) before anything is written
-        files = volume_io.list_volumes(settings.folder.path, spatial_dims=len(settings.shape))
-        cases, inputs, seed = folder_cases(settings, files), {"folder": settings.folder.path}, None
-    rows = []
+    else:
+        cases, seed = file_cases(settings, sources, quarantined), None
+        inputs = {"folder": settings.folder.path} if settings.source == "folder" else {"manifest": settings.manifest}
+    rows, fingerprints = [], []
     with artefacts.atomic_directory(volumes_dir) as staging:
         for case, volume, affine, record in cases:
             artefacts.save_nifti(staging / f"{case}.nii.gz", volume, affine)
             path = Path(os.path.relpath(volumes_dir / f"{case}.nii.gz", cases_csv.parent)).as_posix()
             rows.append({"id": case, "path": path, **record})
-            logger.info("%s: %s %s mm %s → RAS %s mm %s, intensities [%.3f, %.3f]", case,
+            if duplicates_csv is not None:
+                fingerprints.append(duplicates.fingerprint(volume))
+            logger.info("%s: %s %s mm %s → RAS %s mm %s centred at %s mm (%s), intensities [%.3f, %.3f]", case,
                         record["original_orientation"], record["original_spacing"], record["original_shape"],
                         volume_io.format_triple(settings.spacing), volume_io.format_triple(volume.shape),
-                        volume.min(), volume.max())
+                        record["grid_centre"], record["crop"], volume.min(), volume.max())
+        if not rows:
+            reasons = "; ".join(q["reason"] for q in quarantined[:5])
+            raise ValueError(f"no usable cases: all {len(quarantined)} inputs were quarantined ({reasons}"
+                             f"{' …' if len(quarantined) > 5 else ''}); fix them, or point data at other volumes")
+        pairs = None
+        if duplicates_csv is not None:
+            pairs = report_duplicates(rows, fingerprints, settings.duplicates)  # may refuse: nothing written yet
     table = pd.DataFrame(rows, columns=COLUMNS)
+    if quarantine_csv is not None:
+        artefacts.write_csv(quarantine_csv, pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS))
+    if pairs is not None:
+        artefacts.write_csv(duplicates_csv, pairs)
     artefacts.write_csv(cases_csv, table)
     artefacts.write_sidecar(cases_csv, settings=asdict(settings), inputs=inputs, seed=seed, n_cases=len(table),
+                            n_patients=int(table["patient_id"].nunique()), quarantined=quarantined,
+                            n_duplicate_pairs=None if pairs is None else len(pairs),
                             orientation=ORIENTATION if len(settings.shape) == 3 else ORIENTATION_2D)
-    logger.info("ingested %d cases from %s into %s", len(table), settings.source, volumes_dir)
+    logger.info("ingested %d cases of %d patients from %s into %s%s", len(table), table["patient_id"].nunique(),
+                settings.source, volumes_dir, f"; {len(quarantined)} quarantined" if quarantined else "")
     return table
+
+
+def list_sources(settings: Settings) -> list[CaseSource]:
+    """The cases a folder or manifest lists (none for the phantom)."""
+    dims = len(settings.shape)
+    if settings.source == "folder":
+        return case_sources.from_folder(settings.folder.path, spatial_dims=dims)
+    if settings.source == "manifest":
+        return case_sources.from_manifest(settings.manifest, spatial_dims=dims)
+    return []
 
 
 def phantom_cases(settings: Settings) -> Iterator[Case]:
     """The procedural cohort, centred at the origin: ids phantom_0000, phantom_0001, …"""
     affine = volume_io.centred_affine(settings.shape, settings.spacing)
     record = {
+        "series_uid": "",
         "original_spacing": volume_io.format_triple(settings.spacing),
         "original_shape": volume_io.format_triple(settings.shape),
         "original_orientation": "RAS" if len(settings.shape) == 3 else "radiograph",
+        "intensity_low": 0.0,
+        "intensity_high": 1.0,
+        "crop": "centre",
+        "grid_centre": volume_io.format_triple([0.0] * len(settings.shape)),
+        "given_split": "",
     }
     make = make_patient if len(settings.shape) == 3 else make_radiograph
     for index in range(settings.phantom.n_patients):
         volume = make(index, settings.shape, settings.phantom)
         source = f"phantom(seed={settings.phantom.seed}, index={index})"
-        yield f"phantom_{index:04d}", volume, affine, {"source_path": source, **record}
+        case = f"phantom_{index:04d}"
+        yield case, volume, affine, {"patient_id": case, "source_path": source, **record}
 
 
-def folder_cases(settings: Settings, files: list[tuple[str, Path]]) -> Iterator[Case]:
-    """Each file read, normalised on its own grid, then resampled once onto the canonical grid."""
-    folder = settings.folder
-    read = volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image
-    for case, path in files:
-        image, values = read(path)
-        if folder.modality == "ct":
-            values = volume_io.window_ct(values, folder.ct_window, path)
-        else:
-            values = volume_io.scale_mr(values, folder.mr_percentiles, path)
-        volume, affine = volume_io.resample_to_canonical(image, values, settings.shape, settings.spacing)
-        record = {"source_path": str(path.resolve()), **volume_io.describe(image)}
-        yield case, np.clip(volume, 0.0, 1.0), affine, record
+def file_cases(settings: Settings, sources: list[CaseSource], quarantined: list[dict[str, str]]) -> Iterator[Case]:
+    """Each listed case read and made canonical; a bad one raises, or with on_bad_input: skip is quarantined."""
+    for source in sources:
+        try:
+            volume, affine, record = read_case(settings, source)
+        except ValueError as error:
+            if settings.on_bad_input == "error":
+                raise
+            quarantined.append({"id": source.id, "patient_id": source.patient_id, "file": str(source.path),
+                                "reason": str(error)})
+            logger.warning("quarantined %s (data.on_bad_input: skip): %s", source.id, error)
+            continue
+        yield source.id, volume, affine, record
+
+
+def read_case(settings: Settings, source: CaseSource) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """One case: read and checked, normalised on its own grid, then resampled once onto the canonical grid."""
+    path, folder = source.path, settings.folder
+    if not path.exists():
+        raise ValueError(f"{path}: file not found" + (f" ({source.origin})" if source.origin else ""))
+    if path.is_dir() and len(settings.shape) == 3:
+        if source.series is None:
+            raise ValueError(f"{path}: no DICOM series in this folder (volume files in subfolders are not read): "
+                             "put one patient's DICOM files here, or move the volume up beside the others")
+        image, values = volume_io.checked_volume(dicom_series.read_series(path, source.series), path)
+    else:
+        image, values = (volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image)(path)
+    volume_io.check_extent(image, settings.spacing, path)
+    if folder.modality == "ct":
+        values, (low, high) = volume_io.window_ct(values, folder.ct_window, path), folder.ct_window
+    else:
+        low, high = volume_io.percentile_range(values, folder.mr_percentiles, path)
+        values = volume_io.scale_to_unit(values, (low, high))
+    if settings.crop == "foreground":
+        centre = volume_io.foreground_centre(image, values, settings.foreground_threshold, path)
+    else:
+        centre = volume_io.field_of_view_centre(image)
+    volume, affine = volume_io.resample_to_canonical(image, values, settings.shape, settings.spacing, centre)
+    record = {
+        "patient_id": source.patient_id,
+        "source_path": str(path.resolve()),
+        "series_uid": source.series.uid if source.series is not None else "",
+        **volume_io.describe(image),
+        "intensity_low": round(low, 4),
+        "intensity_high": round(high, 4),
+        "crop": settings.crop,
+        "grid_centre": volume_io.format_triple(volume_io.grid_centre(centre)),
+        "given_split": source.given_split,
+    }
+    return np.clip(volume, 0.0, 1.0), affine, record
+
+
+def report_duplicates(rows: list[dict[str, object]], fingerprints: list[np.ndarray],
+                      settings: duplicates.Settings) -> pd.DataFrame:
+    """Find near-duplicate pairs, log them, act on pairs across patients (error, merge or warn); update ``rows``."""
+    ids = [str(row["id"]) for row in rows]
+    patients = {str(row["id"]): str(row["patient_id"]) for row in rows}
+    pairs = duplicates.find_pairs(ids, [patients[i] for i in ids], fingerprints, settings.threshold)
+    for pair in pairs.itertuples():
+        logger.warning("near-duplicate cases %s (patient %s) and %s (patient %s): voxel correlation %.4f > %g (%s)",
+                       pair.id_a, pair.patient_a, pair.id_b, pair.patient_b, pair.correlation, settings.threshold,
+                       "repeat scans of one patient" if pair.kind == "repeat_scan" else "different patient ids")
+    pairs, merged = duplicates.resolve(pairs, patients, settings)
+    for row in rows:
+        row["patient_id"] = merged[str(row["id"])]
+    given: dict[str, set[str]] = {}
+    for row in rows:
+        if row["given_split"]:
+            given.setdefault(str(row["patient_id"]), set()).add(str(row["given_split"]))
+    conflicts = sorted(patient for patient, splits in given.items() if len(splits) > 1)
+    if conflicts:
+        raise ValueError(f"data.duplicates.across_patients: merge joins patients the manifest puts in both train "
+                         f"and holdout ({conflicts}): fix the manifest's split column or its patient ids")
+    if len(pairs):
+        logger.warning("%d near-duplicate pair(s): %d repeat scans, %d across patient ids (listed in duplicates.csv)",
+                       len(pairs), int((pairs["kind"] == "repeat_scan").sum()),
+                       int((pairs["kind"] == "across_patients").sum()))
+    return pairs
 
 
 def _pair(value: object, key: str) -> tuple[float, float]:

@@ -3,6 +3,9 @@
 The holdout patients are never trained on; assess calibrates the memorization threshold on them
 (the correlation of each training volume with its nearest *held-out* volume), so too small a
 holdout set, or a patient in both sets, is an error here rather than a silently biased result.
+Patients are split, not cases: every case of a patient (repeat scans, several series) goes where
+the patient goes. A manifest may fix some patients' split (cases.csv ``given_split``); the others
+are drawn, ``holdout_fraction`` of them held out.
 
 Stage train_subset (training-set-size studies): split.csv → a split.csv in which only a seeded share
 of the training patients stays ``train`` (the generator's training set) and the rest are ``unused``.
@@ -49,31 +52,50 @@ def holdout_size(n_patients: int, holdout_fraction: float) -> int:
     return round(holdout_fraction * n_patients)
 
 
-def make_split(ids: list[str], settings: Settings) -> pd.DataFrame:
-    """Assign each patient to train or holdout: DataFrame (id, split), one row per id, sorted by id.
+def make_split(ids: list[str], settings: Settings, patients: list[str] | None = None,
+               given: list[str] | None = None) -> pd.DataFrame:
+    """Assign each case to train or holdout, patient by patient: DataFrame (id, patient_id, split), sorted by id.
 
-    The ids are sorted before the seeded permutation, so the split depends on the set of ids and
+    ``patients``: each case's patient id (default: the case id, one case per patient). ``given``: each
+    case's split fixed by the manifest ("" where the split is drawn). The patients without a given
+    split are sorted before the seeded permutation, so the split depends on the set of patients and
     the seed, not on the order of cases.csv.
     """
     duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicates:
-        raise ValueError(f"ids appear more than once: {duplicates}; each patient must have one id")
-    n_patients = len(ids)
+        raise ValueError(f"ids appear more than once: {duplicates}; each case must have one id")
+    patients = list(ids) if patients is None else list(patients)
+    given = [""] * len(ids) if given is None else [g or "" for g in given]
+    if not len(patients) == len(given) == len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(patients)} patient ids and {len(given)} given splits")
+    fixed: dict[str, str] = {}
+    for case, patient, split in zip(ids, patients, given):
+        if split not in ("", "train", "holdout"):
+            raise ValueError(f"case {case!r}: given split {split!r} must be train, holdout or empty")
+        if split and fixed.setdefault(patient, split) != split:
+            raise ValueError(f"patient {patient!r} is given both train and holdout (case {case!r} among them): "
+                             "a patient in both splits would leak into the calibration")
+    n_patients = len(set(patients))
     if n_patients == 0:
         raise ValueError("no patients to split: the cases table is empty")
-    n_holdout = holdout_size(n_patients, settings.holdout_fraction)
+    drawn = sorted(set(patients) - set(fixed))
+    n_drawn = holdout_size(len(drawn), settings.holdout_fraction)
+    n_given = sum(split == "holdout" for split in fixed.values())
+    n_holdout = n_given + n_drawn
+    counted = (f"split.holdout_fraction={settings.holdout_fraction} of {n_patients}" if not fixed else
+               f"{n_given} given by the manifest + split.holdout_fraction={settings.holdout_fraction} of the "
+               f"{len(drawn)} others")
     if n_holdout < settings.min_holdout:
-        raise ValueError(f"holdout has {n_holdout} patients (split.holdout_fraction={settings.holdout_fraction} "
-                         f"of {n_patients}), fewer than split.min_holdout={settings.min_holdout}: add patients or "
-                         "raise split.holdout_fraction")
+        raise ValueError(f"holdout has {n_holdout} patients ({counted}), fewer than split.min_holdout="
+                         f"{settings.min_holdout}: add patients or raise split.holdout_fraction")
     if n_holdout >= n_patients:
-        raise ValueError(f"no training patients: split.holdout_fraction={settings.holdout_fraction} of "
-                         f"{n_patients} patients holds out all {n_holdout}: add patients or lower "
-                         "split.holdout_fraction")
-    ordered = sorted(ids)
-    order = np.random.default_rng(settings.seed).permutation(n_patients)
-    holdout = {ordered[i] for i in order[:n_holdout]}
-    return pd.DataFrame({"id": ordered, "split": ["holdout" if i in holdout else "train" for i in ordered]})
+        raise ValueError(f"no training patients: {counted} patients holds out all {n_holdout}: add patients or "
+                         "lower split.holdout_fraction")
+    order = np.random.default_rng(settings.seed).permutation(len(drawn))
+    holdout = {drawn[i] for i in order[:n_drawn]} | {p for p, split in fixed.items() if split == "holdout"}
+    table = pd.DataFrame({"id": ids, "patient_id": patients})
+    table["split"] = ["holdout" if p in holdout else "train" for p in table["patient_id"]]
+    return table.sort_values("id", ignore_index=True)
 
 
 @dataclass(frozen=True)
@@ -96,18 +118,20 @@ def subset_size(n_train: int, fraction: float) -> int:
 
 
 def make_train_subset(split: pd.DataFrame, settings: SubsetSettings) -> pd.DataFrame:
-    """Mark all but a seeded share of the training patients ``unused``: DataFrame (id, split), same rows.
+    """Mark all but a seeded share of the training patients ``unused``: DataFrame of the same columns and rows.
 
-    The patients are ordered once by the seed (from their sorted ids) and the first
-    ``subset_size`` are kept, so at one seed a smaller fraction's patients are a subset of a larger's.
+    The patients (``patient_id`` where split.csv has it, else ``id``) are ordered once by the seed
+    (from their sorted ids) and the first ``subset_size`` are kept, with all their cases, so at one
+    seed a smaller fraction's patients are a subset of a larger's.
     """
-    train = sorted(split.loc[split["split"] == "train", "id"])
+    patient = "patient_id" if "patient_id" in split.columns else "id"
+    train = sorted(set(split.loc[split["split"] == "train", patient]))
     if not train:
         raise ValueError("no training patients to take a subset of")
     order = np.random.default_rng(settings.seed).permutation(len(train))
     kept = {train[i] for i in order[:subset_size(len(train), settings.fraction)]}
     subset = split.copy()
-    subset.loc[(subset["split"] == "train") & ~subset["id"].isin(kept), "split"] = "unused"
+    subset.loc[(subset["split"] == "train") & ~subset[patient].isin(kept), "split"] = "unused"
     return subset
 
 
@@ -129,16 +153,23 @@ def run_train_subset(settings: SubsetSettings, split_csv: str | os.PathLike,
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read the ids of cases.csv, split them, write split.csv and its sidecar."""
-    ids = volume_sets.read_volume_table(cases_csv)["id"].tolist()
+    """Read the cases (and their patients) of cases.csv, split them by patient, write split.csv and its sidecar."""
+    cases = volume_sets.read_volume_table(cases_csv)
+    ids = cases["id"].tolist()
+    # cases.csv written before patients were recorded: one patient per case.
+    patients = cases["patient_id"].tolist() if "patient_id" in cases.columns else ids
+    given = cases["given_split"].tolist() if "given_split" in cases.columns else None
     try:
-        split = make_split(ids, settings)
+        split = make_split(ids, settings, patients, given)
     except ValueError as error:
         raise ValueError(f"{cases_csv}: {error}") from None
     artefacts.write_csv(split_csv, split)
+    patients = split.groupby("split")["patient_id"].nunique()
+    n_train, n_holdout = int(patients.get("train", 0)), int(patients.get("holdout", 0))
     counts = split["split"].value_counts()
-    n_train, n_holdout = int(counts.get("train", 0)), int(counts.get("holdout", 0))
     artefacts.write_sidecar(split_csv, settings=asdict(settings), inputs={"cases": cases_csv}, seed=settings.seed,
-                            n_train=n_train, n_holdout=n_holdout)
-    logger.info("split %d patients: %d train, %d holdout (seed %d)", len(split), n_train, n_holdout, settings.seed)
+                            n_train=n_train, n_holdout=n_holdout, n_train_cases=int(counts.get("train", 0)),
+                            n_holdout_cases=int(counts.get("holdout", 0)))
+    logger.info("split %d patients (%d cases): %d train, %d holdout patients (seed %d)",
+                n_train + n_holdout, len(split), n_train, n_holdout, settings.seed)
     return split

@@ -17,10 +17,25 @@ from medmem.artefacts import load_nifti
 Subset = Literal["train", "holdout"]
 
 
+# Columns that hold names: read as text, never as numbers or NaN ("007" stays "007", a patient "NA" stays "NA").
+TEXT_COLUMNS = ("id", "patient_id", "given_split", "split")
+
+
+def read_table(table_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV artefact, its name columns (TEXT_COLUMNS) as text."""
+    table = pd.read_csv(table_csv)
+    text = [c for c in TEXT_COLUMNS if c in table.columns]
+    if text:
+        raw = pd.read_csv(table_csv, usecols=text, dtype=str, keep_default_na=False)
+        for column in text:
+            table[column] = raw[column]
+    return table
+
+
 def read_volume_table(table_csv: str | os.PathLike) -> pd.DataFrame:
     """Read cases.csv or a synthetic manifest.csv; ``path`` comes back absolute."""
     table_csv = Path(table_csv)
-    table = pd.read_csv(table_csv, dtype={"id": str})
+    table = read_table(table_csv)
     for column in ("id", "path"):
         if column not in table.columns:
             raise ValueError(f"{table_csv}: missing column {column!r} (columns: {list(table.columns)})")
@@ -32,14 +47,18 @@ SPLITS = ("train", "holdout", "unused")  # unused: training patients a training-
 
 
 def read_split(split_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read split.csv (id, split) and refuse a patient that sits in both splits."""
-    split = pd.read_csv(split_csv, dtype={"id": str})
+    """Read split.csv (id, [patient_id,] split) and refuse a patient that sits in both train and holdout."""
+    split = read_table(split_csv)
     unknown = sorted(set(split["split"]) - set(SPLITS))
     if unknown:
         raise ValueError(f"{split_csv}: unknown split names {unknown}; expected {list(SPLITS)}")
-    both = sorted(set(split.loc[split["split"] == "train", "id"]) & set(split.loc[split["split"] == "holdout", "id"]))
-    if both:
-        raise ValueError(f"{split_csv}: patients in both train and holdout: {both}")
+    for column in ("id", "patient_id"):
+        if column not in split.columns:
+            continue
+        both = sorted(set(split.loc[split["split"] == "train", column])
+                      & set(split.loc[split["split"] == "holdout", column]))
+        if both:
+            raise ValueError(f"{split_csv}: patients in both train and holdout: {both}")
     return split
 
 
