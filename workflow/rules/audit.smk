@@ -13,7 +13,7 @@ rule plant_controls:
     log:
         f"{RESULTS}/logs/plant_controls/{{controls}}.log",
     conda:
-        ENV
+        DATA_ENV
     resources:
         mem_mb=4000,
     script:
@@ -32,7 +32,7 @@ rule baselines_controls:
         f"{RESULTS}/logs/baselines_controls/{{baselines_controls}}.log",
     threads: 2  # SSIM's 3D convolutions dominate; they use every thread they get
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=8000,
     script:
@@ -51,7 +51,7 @@ rule baselines:
         f"{RESULTS}/logs/baselines/{{baselines}}.log",
     threads: 2
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=8000,
     script:
@@ -102,7 +102,7 @@ rule assess:
     log:
         f"{RESULTS}/logs/assess/{{experiment}}.log",
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=4000,
     script:
@@ -124,7 +124,7 @@ rule quality:
     log:
         f"{RESULTS}/logs/quality/{{experiment}}.log",
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=4000,
     script:
@@ -148,7 +148,7 @@ rule release:
     log:
         f"{RESULTS}/logs/release/{{experiment}}.log",
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=2000,
     script:

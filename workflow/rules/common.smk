@@ -4,6 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
+from medmem.case_sources import manifest_inputs
 from medmem.config import SYNTHETIC_STAGES, make_plan, synthetic_stage
 
 
@@ -16,7 +17,10 @@ if "experiments" in workflow.config_settings.overwrite_config:
 PLAN = make_plan(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
 RESULTS = config["results"]
 EXPERIMENTS = list(PLAN.experiments)
-ENV = "../../envs/medmem.yaml"
+# Conda environments (--software-deployment-method conda), one per group of rules, pinned like pyproject.toml.
+DATA_ENV = "../../envs/data.yaml"  # ingest, split, train_subset, ingest_synthetic, plant_controls (CPU)
+TRAIN_ENV = "../../envs/train.yaml"  # the GPU rules (resources: gpu=1): pytorch's CUDA build, MONAI
+AUDIT_ENV = "../../envs/audit.yaml"  # similarity, baselines, assess, quality, release, report (CPU; faiss)
 
 KEY = "[0-9a-f]{10}"
 # The similarity stage's nearest-neighbour tables (query set → database set), one CSV each.
@@ -73,9 +77,14 @@ def cohort_inputs(stage):
 
 
 def ingest_source(wildcards):
-    """The user's folder, when ingest reads one, so that changes to it re-run ingest."""
+    """What ingest reads, so that a change to it re-runs ingest: the user's folder, or the manifest and the
+    files and DICOM folders it lists (those that exist: a missing one is ingest's to report or quarantine)."""
     settings = PLAN.run("ingest", wildcards.ingest).settings
-    return [settings["folder"]["path"]] if settings["source"] == "folder" else []
+    if settings["source"] == "folder":
+        return [settings["folder"]["path"]]
+    if settings["source"] == "manifest":
+        return [settings["manifest"], *manifest_inputs(settings["manifest"])]
+    return []
 
 
 def diffusion_weights(wildcards):

@@ -4,12 +4,16 @@ rule ingest:
     output:
         cases=f"{RESULTS}/ingest/{{ingest}}/cases.csv",
         volumes=directory(f"{RESULTS}/ingest/{{ingest}}/volumes"),
+        # the inputs data.on_bad_input: skip left out, with the reason (header only when none)
+        quarantine=f"{RESULTS}/ingest/{{ingest}}/quarantine.csv",
+        # near-duplicate case pairs (repeat scans; one image under two patient ids), reported before training
+        duplicates=f"{RESULTS}/ingest/{{ingest}}/duplicates.csv",
     params:
         settings=settings_of("ingest"),
     log:
         f"{RESULTS}/logs/ingest/{{ingest}}.log",
     conda:
-        ENV
+        DATA_ENV
     resources:
         mem_mb=4000,
     script:
@@ -26,7 +30,7 @@ rule split:
     log:
         f"{RESULTS}/logs/split/{{split}}.log",
     conda:
-        ENV
+        DATA_ENV
     resources:
         mem_mb=1000,
     script:
@@ -43,7 +47,7 @@ rule train_subset:
     log:
         f"{RESULTS}/logs/train_subset/{{train_subset}}.log",
     conda:
-        ENV
+        DATA_ENV
     resources:
         mem_mb=1000,
     script:
@@ -61,7 +65,7 @@ rule ingest_synthetic:
     log:
         f"{RESULTS}/logs/ingest_synthetic/{{ingest_synthetic}}.log",
     conda:
-        ENV
+        DATA_ENV
     resources:
         mem_mb=4000,
     script:

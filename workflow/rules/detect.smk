@@ -18,7 +18,7 @@ rule train_detector:
         f"{RESULTS}/logs/train_detector/{{detector}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -37,7 +37,7 @@ rule embed:
         f"{RESULTS}/logs/embed/{{detector}}-{{volume_set}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=4000,
@@ -57,7 +57,7 @@ rule similarity:
     log:
         f"{RESULTS}/logs/similarity/{{similarity}}.log",
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=2000,
     script:

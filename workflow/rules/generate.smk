@@ -15,7 +15,7 @@ rule train_autoencoder:
         f"{RESULTS}/logs/train_autoencoder/{{autoencoder}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -38,7 +38,7 @@ rule train_diffusion:
         f"{RESULTS}/logs/train_diffusion/{{diffusion}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -61,7 +61,7 @@ rule sample:
         f"{RESULTS}/logs/sample/{{sample}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -83,7 +83,7 @@ rule sample_vae:
         f"{RESULTS}/logs/sample_vae/{{sample_vae}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -104,7 +104,7 @@ rule train_gan:
         f"{RESULTS}/logs/train_gan/{{gan}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,
@@ -126,7 +126,7 @@ rule sample_gan:
         f"{RESULTS}/logs/sample_gan/{{sample_gan}}.log",
     threads: 1
     conda:
-        ENV
+        TRAIN_ENV
     resources:
         gpu=1,
         mem_mb=8000,

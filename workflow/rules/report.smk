@@ -33,7 +33,7 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     conda:
-        ENV
+        AUDIT_ENV
     resources:
         mem_mb=2000,
     script:
