@@ -1,3 +1,4 @@
+import locale
 import sys
 from pathlib import Path
 
@@ -14,3 +15,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def process_locale_restored():
+    """ITK's DICOM code (GDCM), in tests that write or read DICOM, can leave the process locale at "C";
+    every later test in this process would then open text files as ASCII. Each test starts as the run did."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)

@@ -54,8 +54,8 @@ def test_sampling_is_steps_unet_passes_and_one_decode():
     """Count medmem.sample's own denoising loop and decode, on the CPU, against the formula."""
     shape, settings = (8, 8, 8), sample.Settings(scheduler="ddim", steps=3)
     torch.manual_seed(0)
-    unet = diffusion.build(cost._three_d(diffusion.model_args, UNET, latent_channels=AE.latent_channels)).eval()
-    ae = autoencoder.build(cost._three_d(autoencoder.model_args, AE)).eval()
+    unet = diffusion.build(diffusion.model_args(UNET, latent_channels=AE.latent_channels, spatial_dims=3)).eval()
+    ae = autoencoder.build(autoencoder.model_args(AE, spatial_dims=3)).eval()
     scheduler = sample.make_scheduler(settings, diffusion.scheduler_config(UNET))
     latent = list(cost.latent_shape(AE, shape))
     cpu = torch.device("cpu")

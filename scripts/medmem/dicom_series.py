@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medmem.volume_io import locale_kept
+
 # Slice gaps may differ by this share of the median gap (rounding in ImagePositionPatient) and still count as even.
 SPACING_TOLERANCE = 0.01
 POSITION = "0020|0032"     # ImagePositionPatient: LPS mm of the slice's first pixel
@@ -33,6 +35,7 @@ class Series:
     files: tuple[str, ...]
 
 
+@locale_kept()
 def find_series(folder: Path) -> list[Series]:
     """Every DICOM series in ``folder`` and its subfolders (hidden ones skipped), sorted by series number and UID."""
     files: dict[str, list[str]] = {}
@@ -55,6 +58,7 @@ def series_label(series: Series, all_series: list[Series]) -> str:
     return "series" + hashlib.sha1(series.uid.encode()).hexdigest()[:8]
 
 
+@locale_kept()
 def read_series(folder: Path, series: Series) -> sitk.Image:
     """Read one series as a 3D image, its slices ordered along the normal; refuse holes and uneven spacing."""
     if len(series.files) == 1:  # a multi-frame file (or a lone slice, which the 3D checks refuse)
@@ -71,6 +75,7 @@ def read_series(folder: Path, series: Series) -> sitk.Image:
         raise ValueError(f"{folder}: DICOM series {series.uid} is not readable ({_reason(error)})") from None
 
 
+@locale_kept()
 def ordered_slices(folder: Path, series: Series) -> tuple[str, ...]:
     """The series' files sorted by position along the slice normal, checked to be evenly spaced without holes."""
     positions, orientations, sizes = [], [], []
@@ -133,6 +138,7 @@ def check_spacing(folder: Path, files: list[str], along: np.ndarray, positions: 
                          "(a tilted gantry?): the stack is sheared; resample it onto an orthogonal grid first")
 
 
+@locale_kept()
 def _series_number(path: str) -> str:
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)

@@ -24,8 +24,10 @@ truncated NIfTI without complaint, so NIfTI and gzip data are checked separately
 from __future__ import annotations
 
 import gzip
+import locale
 import re
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -84,6 +86,18 @@ def read_image(path: Path) -> tuple[sitk.Image, np.ndarray]:
     return image, _checked_values(image, path)
 
 
+@contextmanager
+def locale_kept():
+    """Put the process locale back after ITK reads: its DICOM reader (GDCM) switches it to "C" and leaves
+    it there, after which Python opens every text file (config.yaml, CSVs) as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@locale_kept()
 def read_file(path: Path) -> sitk.Image:
     """Read an image file with SimpleITK, refusing missing, unreadable, truncated or corrupt files by name."""
     if not path.exists():
