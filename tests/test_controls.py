@@ -1,8 +1,6 @@
 import hashlib
 import json
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -418,24 +416,7 @@ def test_2d_translate_and_elastic_act_on_both_axes():
         controls.warp(blob, np.zeros((3, SIZE, SIZE)))
 
 
-@pytest.fixture(scope="module")
-def nifti_2d(tmp_path_factory):
-    """Lets artefacts.save_nifti write (H, W) images: the real one once it takes them, else a nibabel stand-in."""
-    original = artefacts.save_nifti
-    with pytest.MonkeyPatch.context() as patch:
-        try:
-            original(tmp_path_factory.mktemp("probe") / "image.nii.gz", np.zeros((4, 4), np.float32), np.eye(4))
-        except ValueError:
-            def save(path, image, affine):
-                if np.ndim(image) == 3:
-                    return original(path, image, affine)
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.asarray(affine, np.float64)), str(path))
-            patch.setattr(artefacts, "save_nifti", save)
-        yield
-
-
-def test_run_plants_2d_probes(nifti_2d, tmp_path):
+def test_run_plants_2d_probes(tmp_path):
     cases_csv, split_csv = write_cohort(tmp_path / "cohort", ellipsoid_volumes(6, SIZE, seed=5).max(axis=1),
                                         n_train=4)
     manifest = tmp_path / "controls" / "manifest.csv"

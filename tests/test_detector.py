@@ -1,8 +1,6 @@
 import math
 from dataclasses import replace
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,24 +184,7 @@ def projections(n: int, size: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def nifti_2d(tmp_path_factory):
-    """Lets artefacts.save_nifti write (H, W) images: the real one once it takes them, else a nibabel stand-in."""
-    original = artefacts.save_nifti
-    with pytest.MonkeyPatch.context() as patch:
-        try:
-            original(tmp_path_factory.mktemp("probe") / "image.nii.gz", np.zeros((4, 4), np.float32), np.eye(4))
-        except ValueError:
-            def save(path, image, affine):
-                if np.ndim(image) == 3:
-                    return original(path, image, affine)
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(np.asarray(image, np.float32), np.asarray(affine, np.float64)), str(path))
-            patch.setattr(artefacts, "save_nifti", save)
-        yield
-
-
-@pytest.fixture(scope="module")
-def trained_2d(tmp_path_factory, nifti_2d):
+def trained_2d(tmp_path_factory):
     """One tiny training run on 8 projections at 16², 2 holdout images."""
     folder = tmp_path_factory.mktemp("detector_2d")
     cases, split = write_cohort(folder, projections(10, 16, seed=1), n_train=8)
