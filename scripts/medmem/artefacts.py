@@ -80,8 +80,10 @@ def write_csv(path: str | os.PathLike, table: pd.DataFrame) -> None:
 
 def save_torch(path: str | os.PathLike, obj: dict) -> None:
     """Save a checkpoint of tensors and plain Python values (loadable with weights_only=True)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through an open file, not the path: torch names the archive's top folder after a path it is given,
+    # which here is the random temp name, and then two identical runs would write different bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_torch(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
