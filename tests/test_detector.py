@@ -86,7 +86,7 @@ def test_training_separates_patients(trained):
     gap = curve["positive_similarity"] - curve["negative_similarity"]
     assert gap.iloc[-2:].mean() > gap.iloc[:2].mean() + 0.1
     assert (folder / "detector.pt.json").exists() and (folder / "curve.csv.json").exists()
-    assert not (folder / "detector.pt.last.pt").exists()
+    assert not (folder / "detector.last.pt").exists()
 
 
 def test_checkpoint_rebuilds_the_model(trained):
@@ -114,7 +114,7 @@ def test_training_is_deterministic_and_resumes(trained, tmp_path, monkeypatch):
     columns = ["loss", "positive_similarity", "negative_similarity"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv")[columns], pd.read_csv(tmp_path / "b.csv")[columns])
 
-    # A job killed during epoch 3 (8 volumes, batch size 8: one batch per epoch) leaves c.pt.last.pt ...
+    # A job killed during epoch 3 (8 volumes, batch size 8: one batch per epoch) leaves c.last.pt ...
     calls = {"n": 0}
     original = detector.pair_similarities
 
@@ -128,16 +128,16 @@ def test_training_is_deterministic_and_resumes(trained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         detector.run(settings, cases, split, tmp_path / "c.pt", tmp_path / "c.csv", torch.device("cpu"))
     monkeypatch.undo()
-    assert not (tmp_path / "c.pt").exists() and (tmp_path / "c.pt.last.pt").exists()
+    assert not (tmp_path / "c.pt").exists() and (tmp_path / "c.last.pt").exists()
     # ... and running it again continues from epoch 3 to the same weights and curve.
     detector.run(settings, cases, split, tmp_path / "c.pt", tmp_path / "c.csv", torch.device("cpu"))
     c = torch.load(tmp_path / "c.pt", weights_only=True)
     for name in a["state_dict"]:
         assert torch.equal(a["state_dict"][name], c["state_dict"][name]), name
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv")[columns], pd.read_csv(tmp_path / "c.csv")[columns])
-    assert not (tmp_path / "c.pt.last.pt").exists()
+    assert not (tmp_path / "c.last.pt").exists()
     # Other settings do not resume from a stale .last.pt: they start again from epoch 1.
-    artefacts.save_torch(tmp_path / "d.pt.last.pt", {**torch.load(tmp_path / "a.pt", weights_only=True), "epoch": 3})
+    artefacts.save_torch(tmp_path / "d.last.pt", {**torch.load(tmp_path / "a.pt", weights_only=True), "epoch": 3})
     detector.run(replace(settings, seed=1), cases, split, tmp_path / "d.pt", tmp_path / "d.csv", torch.device("cpu"))
     assert pd.read_csv(tmp_path / "d.csv")["epoch"].tolist() == [1, 2, 3, 4]
 

@@ -220,7 +220,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train the detector on the training split; write the checkpoint and the per-epoch curve.
 
-    Progress is kept in ``<model>.last.pt`` after every epoch (outside the declared outputs), so a
+    Progress is kept in ``<model stem>.last.pt`` after every epoch (outside the declared outputs), so a
     killed job re-run with the same settings and data continues where it stopped.
     """
     model_path, curve_csv = Path(model_path), Path(curve_csv)
@@ -250,7 +250,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                 len(volume_shape), len(ids), tuple(volume_shape), n_batches,
                 sum(p.numel() for p in model.parameters()), device)
 
-    last_path = model_path.with_name(f"{model_path.name}.last.pt")
+    last_path = model_path.with_name(f"{model_path.stem}.last.pt")
     identity = {"settings": asdict(settings), "train_ids": list(ids), "volume_shape": volume_shape}
     curve: list[dict] = []
     start_epoch = 1
