@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 
 import pytest
-from test_workflow import snakemake, tiny_config, write_config
+from test_workflow import CPU_RUN, snakemake, tiny_config, write_config
 
 
 def run(workdir: Path) -> Path:
     config = tiny_config()
     config["experiments"] = {"baseline": {}}  # one experiment: every stage, once
     write_config(workdir, config)
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, *CPU_RUN)
     return workdir / "results"
 
 
