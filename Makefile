@@ -1,6 +1,9 @@
 # Two commands for a fresh machine:  `make demo`  and  `make test`.
 VENV ?= .venv
 CORES ?= 2
+# GPU-rule jobs at once. The default profile allows one (local jobs all run on the first GPU); a machine
+# without a GPU runs them side by side, one per core (the demo on 2 cores: 7 min instead of 11).
+GPU_JOBS ?= $(if $(shell command -v nvidia-smi),1,$(CORES))
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 # Rule scripts run with the Python found first on PATH: make it the one that has medmem's pins.
@@ -30,7 +33,7 @@ slurm-packages:
 	fi
 
 demo: install  ## run the whole audit on the phantom demo cohort, then build the HTML report
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_JOBS)
 	$(BIN)/snakemake --report results/report/report.html
 
 test: install slurm-packages  ## unit tests, dry-run plan tests, tiny end-to-end runs (local and on SLURM)
