@@ -126,6 +126,13 @@ def neighbour_tables(tmp_path):
     artefacts.write_csv(paths["controls_manifest"], pd.DataFrame(
         {"id": [p[0] for p in PROBES], "path": [f"volumes/{p[0]}.nii.gz" for p in PROBES],
          "kind": [p[1] for p in PROBES], "strength": [p[2] for p in PROBES], "source_id": [p[3] for p in PROBES]}))
+    # The screen against every real case: s1 is a held-out patient's scan.
+    paths["screen"] = tmp_path / "screen" / "screen.csv"
+    artefacts.write_csv(paths["screen"], pd.DataFrame({
+        "id": SYNTHETIC, "real_scan": [i == "s1" for i in SYNTHETIC], "identical": [i == "s1" for i in SYNTHETIC],
+        "nearest_real_id": ["h0" if i == "s1" else "t00" for i in SYNTHETIC], "nearest_real_patient": "p",
+        "nearest_real_split": ["holdout" if i == "s1" else "train" for i in SYNTHETIC],
+        "correlation": [1.0 if i == "s1" else 0.5 for i in SYNTHETIC]}))
     rng = np.random.default_rng(0)
     for table_name, ids in (("cases", TRAIN), ("synthetic_manifest", SYNTHETIC)):
         for volume_id in ids:
@@ -167,7 +174,11 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
 
     per_sample = pd.read_csv(outputs.per_sample, dtype={"synthetic_id": str, "nearest_train_id": str})
     assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value",
-                                        "flagged_by"]
+                                        "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]
+    # The screen's verdict travels with each sample: s1 is a held-out patient's scan.
+    assert per_sample.loc[per_sample["real_scan"], "synthetic_id"].tolist() == ["s1"]
+    assert per_sample.set_index("synthetic_id").at["s1", "nearest_real_id"] == "h0"
+    assert row["n_real_scans"] == 1
     assert per_sample["synthetic_id"].tolist()[:4] == ["s0", "s1", "s2", "s3"]  # most similar first
     assert per_sample["is_copy"].tolist() == [True, True, True] + [False] * 5
     # s0 (0.99) beats every held-out patient: p = 1 / (1 + 10).
@@ -208,6 +219,22 @@ def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_
     assess.run(assess.Settings(montage_pairs=1, training_images=True), neighbour_tables, shown)
     assert hidden.montage.read_bytes() != shown.montage.read_bytes()
     assert hidden.montage.stat().st_size < shown.montage.stat().st_size
+
+
+def test_montage_never_shows_a_synthetic_volume_that_is_a_real_scan(neighbour_tables, tmp_path):
+    """s1, second in the montage, is a held-out patient's scan: without training images it is not drawn."""
+    flagged, unflagged = outputs_in(tmp_path / "flagged"), outputs_in(tmp_path / "unflagged")
+    assess.run(assess.Settings(montage_pairs=2, training_images=False), neighbour_tables, flagged)
+    screen_table = pd.read_csv(neighbour_tables.screen)
+    artefacts.write_csv(neighbour_tables.screen, screen_table.assign(real_scan=False))
+    assess.run(assess.Settings(montage_pairs=2, training_images=False), neighbour_tables, unflagged)
+    assert flagged.montage.stat().st_size < unflagged.montage.stat().st_size
+    volume = np.zeros((6, 7, 8), np.float32)
+    # Nothing to draw at all: the montage still has its 3D layout (three views per side) from spatial_dims.
+    figures.plot_montage([(None, None, ("s0", "t0"), 0.9, True)], tmp_path / "none.png")
+    assert png_size(tmp_path / "none.png") == (1200, 260)
+    figures.plot_montage([(None, volume, ("s0", "t0"), 0.9, True)], tmp_path / "volume.png")
+    assert png_size(tmp_path / "volume.png") == (1200, 260)
 
 
 def test_run_refuses_mismatched_training_sets(neighbour_tables, tmp_path):

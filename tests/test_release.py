@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmem import artefacts, release
+from medmem import artefacts, release, screen
 
 
 def score_rows(method, score_set, ids, neighbours, scores):
@@ -34,7 +34,23 @@ def audit(tmp_path):
                              rng.random((4, 4, 4), dtype=np.float32), np.eye(4))
     manifest = tmp_path / "sample" / "manifest.csv"
     artefacts.write_csv(manifest, pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
-    return scores_csv, manifest
+    cases_csv, split_csv = real_cohort(tmp_path, rng)
+    screen_csv = tmp_path / "screen" / "screen.csv"
+    screen.run(screen.Settings(), cases_csv, split_csv, manifest, screen_csv)
+    return scores_csv, screen_csv, manifest
+
+
+def real_cohort(tmp_path, rng, volumes=None):
+    """Six real cases (t0-t3 train, h0-h1 holdout) of 4³ random voxels, or ``volumes`` by id."""
+    volumes = volumes or {case: rng.random((4, 4, 4), dtype=np.float32) for case in ["t0", "t1", "t2", "t3", "h0", "h1"]}
+    for case, volume in volumes.items():
+        artefacts.save_nifti(tmp_path / "ingest" / "volumes" / f"{case}.nii.gz", volume, np.eye(4))
+    cases_csv, split_csv = tmp_path / "ingest" / "cases.csv", tmp_path / "split.csv"
+    artefacts.write_csv(cases_csv, pd.DataFrame({"id": list(volumes), "patient_id": [f"p_{c}" for c in volumes],
+                                                 "path": [f"volumes/{c}.nii.gz" for c in volumes]}))
+    artefacts.write_csv(split_csv, pd.DataFrame({"id": list(volumes),
+                                                 "split": ["holdout" if c.startswith("h") else "train" for c in volumes]}))
+    return cases_csv, split_csv
 
 
 def run_release(tmp_path, audit, settings):
@@ -83,3 +99,54 @@ def test_all_methods_decide_by_default(tmp_path, audit):
     _, statement = run_release(tmp_path, audit, release.Settings())
     assert statement["methods"] == ["contrastive", "pixel_pearson"]
     assert statement["n_released"] == 2
+
+
+def test_real_scans_are_never_released_whatever_the_detectors_say(tmp_path, audit):
+    """A held-out patient's scan and a re-noised training scan among the synthetic volumes: the detectors do not
+    flag them (s2, s3 score low), the screen against every real case removes them, naming the case."""
+    scores_csv, _, manifest = audit
+    rng = np.random.default_rng(1)
+    real = {case: rng.random((4, 4, 4), dtype=np.float32) for case in ["t0", "t1", "t2", "t3", "h0", "h1"]}
+    cases_csv, split_csv = real_cohort(tmp_path / "real", rng, real)
+    artefacts.save_nifti(tmp_path / "sample" / "volumes" / "s3.nii.gz", real["h1"], np.diag([2.0, 2, 2, 1]))
+    noisy = real["t2"] + rng.normal(0, 0.01, real["t2"].shape).astype(np.float32)
+    artefacts.save_nifti(tmp_path / "sample" / "volumes" / "s2.nii.gz", noisy, np.eye(4))
+    screen_csv = tmp_path / "screen" / "screen.csv"
+    table = screen.run(screen.Settings(threshold=0.99), cases_csv, split_csv, manifest, screen_csv).set_index("id")
+    assert table["real_scan"].tolist() == [False, False, True, True]
+    assert table.at["s3", "identical"] and table.at["s3", "nearest_real_id"] == "h1"
+    assert table.at["s3", "nearest_real_split"] == "holdout" and table.at["s3", "nearest_real_patient"] == "p_h1"
+    assert not table.at["s2", "identical"] and table.at["s2", "nearest_real_id"] == "t2"
+    assert 0.99 < table.at["s2", "correlation"] < 1.0
+
+    out, statement = run_release(tmp_path, (scores_csv, screen_csv, manifest),
+                                 release.Settings(percentile=95.0, methods=("contrastive",)))
+    assert pd.read_csv(out / "manifest.csv")["id"].tolist() == ["s1"]
+    removed = {r["id"]: r for r in statement["removed"]}
+    assert removed["s3"]["flagged_by"] == [] and removed["s3"]["real_scan"]["real_case"] == "h1"
+    assert removed["s3"]["real_scan"]["identical"] and removed["s3"]["real_scan"]["split"] == "holdout"
+    assert removed["s2"]["real_scan"]["real_case"] == "t2" and not removed["s2"]["real_scan"]["identical"]
+    assert removed["s0"]["real_scan"] is None  # flagged by the detector, but no real scan
+    assert statement["screening"]["n_real_cases"] == 6
+    assert statement["screening"]["n_real_by_split"] == {"train": 4, "holdout": 2}
+    assert statement["screening"]["n_real_scans_removed"] == 2
+    assert json.loads((out / "release.json").read_text())["screening"]["threshold"] == 0.99
+
+
+def test_nothing_unscreened_is_released(tmp_path, audit):
+    scores_csv, screen_csv, manifest = audit
+    table = pd.read_csv(screen_csv)
+    artefacts.write_csv(screen_csv, table[table["id"] != "s3"])
+    with pytest.raises(ValueError, match=r"has not screened the synthetic volumes \[.s3.\].*nothing is released"):
+        run_release(tmp_path, (scores_csv, screen_csv, manifest), release.Settings())
+    assert not (tmp_path / "release").exists()
+
+
+def test_the_content_hash_is_the_voxels_not_the_file():
+    volume = np.arange(8, dtype=np.float64).reshape(2, 2, 2)
+    assert screen.content_hash(volume) == screen.content_hash(volume.astype(np.float32))
+    assert screen.content_hash(volume) != screen.content_hash(volume.reshape(2, 4, 1))
+    assert screen.content_hash(volume) == screen.content_hash(np.asfortranarray(volume))  # memory layout aside
+    assert screen.content_hash(volume) == "a9d212e26e4a085c4ed4fa9f8a682c1c692cb80ed63640b7564b2ee7a29b088f"
+    with pytest.raises(ValueError, match="screen.threshold=1.5"):
+        screen.Settings(threshold=1.5)

@@ -75,8 +75,8 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     # The planted controls and their embedding are shared too.
     assert jobs == {"all": 1, "ingest": 1, "split": 1, "plant_controls": 1, "train_autoencoder": 1,
                     "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5, "similarity": 2,
-                    "baselines": 2, "baselines_controls": 1, "assess": 2, "quality": 2, "release": 2, "report": 1,
-                    "total": 27}
+                    "baselines": 2, "baselines_controls": 1, "screen": 2, "assess": 2, "quality": 2, "release": 2,
+                    "report": 1, "total": 29}
 
 
 def test_a_config_error_stops_the_plan_before_any_job(tmp_path):
@@ -176,7 +176,7 @@ def test_rerun_plans_nothing_and_a_changed_experiment_replans_only_its_branch(ti
     finally:
         write_config(tiny_run, tiny_config())
     assert jobs == {"all": 1, "train_diffusion": 1, "sample": 1, "embed": 1, "similarity": 1, "baselines": 1,
-                    "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 10}
+                    "screen": 1, "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 11}
 
 
 def test_controls_are_planted_found_and_calibrated(tiny_run):
@@ -217,8 +217,9 @@ def test_controls_are_planted_found_and_calibrated(tiny_run):
 
 
 def outside_audit_config(workdir: Path) -> dict:
-    """A folder of 28 patients and a folder of 13 synthetic volumes made elsewhere: exact copies of patients
-    0-4 (patient 4's saved as NRRD in LPS storage) and 8 new volumes."""
+    """A folder of 28 patients and a folder of 14 synthetic volumes made elsewhere: exact copies of patients
+    0-4 (patient 4's saved as NRRD in LPS storage), a re-noised copy of patient 5, and 8 new volumes. Whichever
+    side of the split each copied patient lands on, none of the six may be released."""
     import SimpleITK as sitk
     from procedural_cohort import ellipsoid_volumes
 
@@ -234,6 +235,8 @@ def outside_audit_config(workdir: Path) -> dict:
     image.SetSpacing((8.0, 8.0, 8.0))
     image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # LPS storage of the same RAS volume
     sitk.WriteImage(image, str(workdir / "synthetic" / "copy_of_patient_04.nrrd"))
+    noisy = cohort[5] + np.random.default_rng(13).normal(0, 0.005, cohort[5].shape).astype(np.float32)
+    artefacts.save_nifti(workdir / "synthetic" / "near_copy_of_patient_05.nii.gz", noisy, np.diag([8.0, 8, 8, 1]))
     for index, volume in enumerate(others):
         artefacts.save_nifti(workdir / "synthetic" / f"new_{index:02d}.nii.gz", volume, np.diag([8.0, 8, 8, 1]))
     config = tiny_config()
@@ -248,14 +251,14 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
     jobs = planned_jobs(tmp_path)
     assert jobs == {"all": 1, "ingest": 1, "ingest_synthetic": 1, "split": 1, "plant_controls": 1,
                     "train_detector": 1, "embed": 4, "similarity": 1, "baselines": 1, "baselines_controls": 1,
-                    "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 17}
-    inputs_before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir())
+                    "screen": 1, "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 18}
+    inputs_before = input_digests(tmp_path / "cohort", tmp_path / "synthetic")
     snakemake(tmp_path, *CPU_RUN)
     results = tmp_path / "results"
     split = pd.read_csv(next((results / "split").glob("*/split.csv"))).set_index("id")["split"]
     per_sample = pd.read_csv(tmp_path / "results" / "experiments" / "outside" / "per_sample.csv").set_index(
         "synthetic_id")
-    assert len(per_sample) == 13
+    assert len(per_sample) == 14
     assert sum(split[f"patient_{i:02d}"] == "train" for i in range(5)) >= 2  # the split is seeded
     for index in range(5):
         source = f"patient_{index:02d}"
@@ -263,9 +266,30 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
             assert per_sample.at[f"copy_of_{source}", "nearest_train_id"] == source
             assert per_sample.at[f"copy_of_{source}", "is_copy"]
     statement = json.loads((results / "experiments" / "outside" / "release" / "release.json").read_text())
-    removed = {r["id"] for r in statement["removed"]}
-    assert {f"copy_of_patient_{i:02d}" for i in range(5) if split[f"patient_{i:02d}"] == "train"} <= removed
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "synthetic").iterdir()) == inputs_before
+    removed = {r["id"]: r for r in statement["removed"]}
+    assert {f"copy_of_patient_{i:02d}" for i in range(5) if split[f"patient_{i:02d}"] == "train"} <= set(removed)
+    # Every real scan, of a training or a held-out patient, is screened out and named, exact or re-noised.
+    assert {"holdout", "train"} <= {split[f"patient_{i:02d}"] for i in range(6)}
+    real_scans = {f"copy_of_patient_{i:02d}": f"patient_{i:02d}" for i in range(5)}
+    real_scans["near_copy_of_patient_05"] = "patient_05"
+    for volume_id, case in real_scans.items():
+        assert removed[volume_id]["real_scan"]["real_case"] == case, volume_id
+        assert removed[volume_id]["real_scan"]["split"] == split[case]
+        assert removed[volume_id]["real_scan"]["identical"] == volume_id.startswith("copy")
+        assert per_sample.at[volume_id, "real_scan"] and per_sample.at[volume_id, "nearest_real_id"] == case
+    assert not per_sample.loc[[f"new_{i:02d}" for i in range(8)], "real_scan"].any()
+    assert statement["screening"]["n_real_cases"] == 28 and statement["screening"]["n_real_scans_removed"] == 6
+    released = pd.read_csv(results / "experiments" / "outside" / "release" / "manifest.csv")["id"]
+    assert not set(released) & set(real_scans)
+    assert input_digests(tmp_path / "cohort", tmp_path / "synthetic") == inputs_before  # inputs never modified
+
+
+def input_digests(*folders: Path) -> dict[str, str]:
+    """sha256 of every file below ``folders`` (and the folders' listings): proof that an audit left them as it found them."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for folder in folders for p in sorted(folder.rglob("*"))}
 
 
 def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
@@ -279,18 +303,18 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
 @pytest.mark.parametrize("study, expected", [
     # One 400-epoch diffusion run, four checkpoints sampled.
     ("training_length", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 1, "sample": 4,
-                         "embed": 7, "assess": 4, "total": 40}),
+                         "embed": 7, "screen": 4, "assess": 4, "total": 44}),
     ("augmentation", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5,
-                      "assess": 2, "total": 27}),
+                      "screen": 2, "assess": 2, "total": 29}),
     # Model size changes the autoencoder too; the detector is shared.
     ("model_size", {"train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3, "sample": 3, "embed": 6,
-                    "assess": 3, "total": 37}),
+                    "screen": 3, "assess": 3, "total": 40}),
     # The VAE is the LDM's own autoencoder: one autoencoder for both; the GAN trains on its own.
     ("model_families", {"train_autoencoder": 1, "train_diffusion": 1, "sample": 1, "sample_vae": 1, "train_gan": 1,
-                        "sample_gan": 1, "train_detector": 1, "embed": 6, "assess": 3, "total": 34}),
+                        "sample_gan": 1, "train_detector": 1, "embed": 6, "screen": 3, "assess": 3, "total": 37}),
     # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
     ("training_size", {"train_subset": 2, "train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3,
-                       "sample": 3, "embed": 6, "similarity": 3, "assess": 3, "total": 39}),
+                       "sample": 3, "embed": 6, "similarity": 3, "screen": 3, "assess": 3, "total": 42}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medmem.settings_checks import check_float, check_int
-from medmem import artefacts, calibration, figures, volume_sets
+from medmem import artefacts, calibration, figures, screen, volume_sets
 
 logger = logging.getLogger("medmem.assess")
 
@@ -135,6 +135,7 @@ class Inputs:
     baseline_statistics: str | os.PathLike  # their set-level statistics (Meehan's C_T, authenticity)
     control_baseline_scores: str | os.PathLike      # the same on the calibration, holdout and control sets
     control_baseline_statistics: str | os.PathLike
+    screen: str | os.PathLike               # per synthetic volume: is it a real case's scan (screen.py)
     cases: str | os.PathLike
     synthetic_manifest: str | os.PathLike
     controls_manifest: str | os.PathLike
@@ -250,6 +251,7 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     counts, intervals, metrics = published["counts"], published["intervals"], published["metrics"]
     holdout_to_train = nearest["holdout_to_train"]
     mild = calibration.mild_recall(metrics)
+    real_scans = screen.read(inputs.screen, published["synthetic"]["query_id"].tolist())
     summary = {"tau": published["tau"], "tau_low": intervals["tau"][0], "tau_high": intervals["tau"][1],
                "percentile": float(settings.percentile), "n_train": counts.n_train,
                "n_holdout": len(holdout_to_train), "n_synthetic": counts.n_synthetic,
@@ -261,7 +263,8 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                "holdout_fpr": metrics["fpr"].iloc[0], "holdout_fpr_low": metrics["fpr_low"].iloc[0],
                "holdout_fpr_high": metrics["fpr_high"].iloc[0],
                "controls_auc": float(metrics.set_index("strength").at["all", "auc"]), "mild_recall": mild,
-               "confidence": settings.confidence, "verdict": verdict(mild, settings.min_mild_recall)}
+               "confidence": settings.confidence, "verdict": verdict(mild, settings.min_mild_recall),
+               "n_real_scans": int(real_scans["real_scan"].sum())}
     log = logger.warning if summary["verdict"].startswith("inconclusive") else logger.info
     log("%s", summary["verdict"].upper() if summary["verdict"].startswith("inconclusive") else summary["verdict"])
     logger.info("τ = %.4f [%.4f, %.4f]; memorized %d/%d training volumes (%.1f%% [%.1f, %.1f]), %d/%d synthetic "
@@ -277,7 +280,12 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                                                         "neighbour_id": "nearest_train_id", "score": "correlation"})
     per_sample = per_sample.assign(is_copy=per_sample["flagged"],
                                    flagged_by=per_sample["synthetic_id"].map(flagged_by).fillna(""))
-    per_sample = per_sample[["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value", "flagged_by"]]
+    per_sample = per_sample.assign(
+        real_scan=per_sample["synthetic_id"].map(real_scans["real_scan"]).astype(bool),
+        nearest_real_id=per_sample["synthetic_id"].map(real_scans["nearest_real_id"]),
+        real_correlation=per_sample["synthetic_id"].map(real_scans["correlation"]))
+    per_sample = per_sample[["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value", "flagged_by",
+                             "real_scan", "nearest_real_id", "real_correlation"]]
     per_sample = per_sample.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
     per_training = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
     per_training["memorized"] = per_training["correlation"] > published["tau"]
@@ -312,7 +320,8 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
 
 
 def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, montage_png: str | os.PathLike) -> None:
-    """The most similar synthetic/training pairs; training volumes only where settings allow patient images."""
+    """The most similar synthetic/training pairs; training volumes, and synthetic volumes that are real scans, only
+    where settings allow patient images."""
     training_paths = volume_sets.read_volume_table(inputs.cases).set_index("id")["path"]
     synthetic_paths = volume_sets.read_volume_table(inputs.synthetic_manifest).set_index("id")["path"]
     for table, ids, column in ((inputs.synthetic_manifest, synthetic_paths, "synthetic_id"),
@@ -321,11 +330,13 @@ def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, monta
         if unknown:
             raise ValueError(f"{table}: no volumes for ids {unknown} of {inputs.synthetic_to_train}; "
                              "were the embeddings made from these tables?")
-    pairs = [(artefacts.load_nifti(synthetic_paths[row.synthetic_id])[0],
+    # A synthetic volume that is a real patient's scan is patient data: shown only where training images are.
+    pairs = [(artefacts.load_nifti(synthetic_paths[row.synthetic_id])[0]
+              if settings.training_images or not row.real_scan else None,
               artefacts.load_nifti(training_paths[row.nearest_train_id])[0] if settings.training_images else None,
               (row.synthetic_id, row.nearest_train_id), float(row.correlation), bool(row.is_copy))
              for row in shown.itertuples()]
-    figures.plot_montage(pairs, montage_png)
+    figures.plot_montage(pairs, montage_png, spatial_dims=artefacts.load_nifti(training_paths.iloc[0])[0].ndim)
 
 
 def _ordinal(percentile: float) -> str:

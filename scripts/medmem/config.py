@@ -61,6 +61,8 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
     # experiments on one split share them; only the synthetic side re-runs per synthetic set.
     stages["baselines_controls"] = (effective["baselines"], ("split", "controls"))
     stages["baselines"] = (effective["baselines"], ("split", synthetic))
+    # Every synthetic volume against every real case (the split names each case's side, for the report).
+    stages["screen"] = (effective["screen"], ("split", synthetic))
     return stages
 
 
@@ -147,7 +149,7 @@ def check_settings(effective: dict, name: str) -> None:
     """Build every stage's typed settings and run the checks that span stages."""
     # Imported here: the stage modules pull in torch and MONAI, which only validation needs.
     from medmem import (assess, autoencoder, baselines, controls, detector, diffusion, gan, ingest, quality,
-                        release, sample, split)
+                        release, sample, screen, split)
 
     try:
         data = ingest.Settings(**effective["data"])
@@ -183,6 +185,7 @@ def check_settings(effective: dict, name: str) -> None:
         baseline_settings = baselines.Settings(**effective["baselines"])
         quality.Settings(**effective["quality"])
         assess_settings = assess.Settings(**effective["assess"])
+        screen.Settings(**effective["screen"])
         release.Settings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None

@@ -72,22 +72,23 @@ def _canonical(volume: np.ndarray, name: str) -> np.ndarray:
     return volume
 
 
-def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
+def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_dims: int = 3) -> None:
     """One row per (synthetic volume, training volume, (synthetic id, training id), correlation, flagged).
 
     Each row shows the centre sagittal, coronal and axial slices of the synthetic volume, then the
     same three of its nearest training volume, on a shared [0, 1] grey scale. 2D (H, W) images are
     shown whole, one panel each. A training volume of None (patient images not allowed in figures)
-    leaves its panels blank but for its id.
+    leaves its panels blank but for its id; so does a synthetic volume of None (a real patient's scan,
+    see screen.py). ``spatial_dims`` says which kind to draw when no synthetic volume is shown.
     """
     if not pairs:
         raise ValueError("plot_montage needs at least one (synthetic, training, labels, correlation) pair")
     # The synthetic volumes decide whether the montage shows slices of volumes or whole 2D images.
-    kinds = {_canonical(synthetic, ids[0]).ndim for synthetic, _, ids, _, _ in pairs}
-    if len(kinds) != 1:
+    kinds = {_canonical(synthetic, ids[0]).ndim for synthetic, _, ids, _, _ in pairs if synthetic is not None}
+    if len(kinds) > 1:
         raise ValueError("plot_montage got both 2D images and 3D volumes as synthetic inputs; one montage shows "
                          "one kind, so pass pairs of one experiment")
-    expected_ndim = kinds.pop()
+    expected_ndim = kinds.pop() if kinds else spatial_dims
     views, (panel_width, row_height) = (VIEWS, VOLUME_PANEL) if expected_ndim == 3 else (IMAGE_VIEWS, IMAGE_PANEL)
     per_half = len(views)
     figure = Figure(figsize=(2 * per_half * panel_width, row_height * len(pairs) + 0.4))
@@ -96,15 +97,16 @@ def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike) -> None:
         for half, (volume, name) in enumerate(((synthetic, synthetic_id), (training, training_id))):
             if volume is None:
                 for column in range(per_half):
-                    axes = grid[row, per_half + column]
+                    axes = grid[row, per_half * half + column]
                     axes.set_xticks([])
                     axes.set_yticks([])
                     if row == 0:
-                        axes.set_title(f"training: {views[column][0]}", fontsize=9)
-                grid[row, per_half].set_ylabel(name, fontsize=8)
-                middle = grid[row, per_half + per_half // 2]
-                middle.text(0.5, 0.5, "patient image not shown\n(assess.training_images)",
-                            ha="center", va="center", fontsize=8, transform=middle.transAxes)
+                        axes.set_title(f"{'synthetic' if half == 0 else 'training'}: {views[column][0]}", fontsize=9)
+                grid[row, per_half * half].set_ylabel(name, fontsize=8)
+                middle = grid[row, per_half * half + per_half // 2]
+                why = ("a real patient's scan (screen)\nnot shown" if half == 0
+                       else "patient image not shown\n(assess.training_images)")
+                middle.text(0.5, 0.5, why, ha="center", va="center", fontsize=8, transform=middle.transAxes)
                 continue
             volume = _canonical(volume, name)
             if volume.ndim != expected_ndim:

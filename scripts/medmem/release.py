@@ -1,10 +1,13 @@
-"""A filtered release: the synthetic volumes that no copy detector flags, ready to share.
+"""A filtered release: the synthetic volumes that are no real scan and that no copy detector flags.
 
-Each method's release threshold is the ``release.percentile`` of its calibration scores (training
-volumes scored against the holdout set, as τ is for the published method). At the assessment's own
-percentile this is τ; a lower percentile is stricter and also removes near-misses. A synthetic volume
-is released only when its score is at or below the threshold of every listed method. ``release.json``
-says which threshold, which methods, and what was removed and why.
+Two screens, both must pass. First, the screen stage (screen.py) compared every synthetic volume with
+every real case, training and held-out: a volume that is a real case's scan (identical content, or a
+voxel correlation above ``screen.threshold``) is removed, naming the case. Second, each method's
+release threshold is the ``release.percentile`` of its calibration scores (training volumes scored
+against the holdout set, as τ is for the published method). At the assessment's own percentile this
+is τ; a lower percentile is stricter and also removes near-misses. A synthetic volume is released
+only when its score is at or below the threshold of every listed method. ``release.json`` says how
+the set was screened, which thresholds and methods, and what was removed and why.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medmem import artefacts, volume_sets
+from medmem import artefacts, screen, volume_sets
 
 logger = logging.getLogger("medmem.release")
 
@@ -76,10 +79,19 @@ def flag_synthetic(scores: pd.DataFrame, thresholds: dict[str, float]) -> pd.Dat
     return pd.DataFrame(rows, columns=["id", "flagged_by", "scores", "nearest_train"])
 
 
-def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_csv: str | os.PathLike,
-        manifest_csv: str | os.PathLike, release_json: str | os.PathLike,
-        volumes_dir: str | os.PathLike) -> dict:
-    """Copy the unflagged synthetic volumes into ``volumes_dir``; write their manifest and release.json."""
+def real_scan_matches(screen_csv: str | os.PathLike, ids: Sequence[str]) -> dict[str, dict]:
+    """Synthetic id → the real case it is a scan of, for the ids ``screen_csv`` marks; every id must be screened."""
+    return {volume_id: {"real_case": row.nearest_real_id, "patient_id": row.nearest_real_patient,
+                        "split": row.nearest_real_split, "identical": bool(row.identical),
+                        "correlation": float(row.correlation)}
+            for volume_id, row in screen.read(screen_csv, ids).iterrows() if row.real_scan}
+
+
+def run(settings: Settings, scores_csv: str | os.PathLike, screen_csv: str | os.PathLike,
+        synthetic_manifest_csv: str | os.PathLike, manifest_csv: str | os.PathLike,
+        release_json: str | os.PathLike, volumes_dir: str | os.PathLike) -> dict:
+    """Copy the synthetic volumes that are no real scan and that no method flags into ``volumes_dir``; write
+    their manifest and release.json."""
     scores = pd.read_csv(scores_csv, dtype={"query_id": str, "neighbour_id": str})
     methods = settings.methods_of(list(dict.fromkeys(scores["method"])))
     thresholds = release_thresholds(scores, methods, settings.percentile)
@@ -89,7 +101,9 @@ def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_cs
     if unscored:
         raise ValueError(f"{scores_csv} has no scores for synthetic volumes {unscored} of {synthetic_manifest_csv}; "
                          "re-run the assessment on this synthetic set")
-    removed = verdicts[verdicts["flagged_by"].map(len) > 0]
+    real_scans = real_scan_matches(screen_csv, list(synthetic.index))
+    verdicts = verdicts.assign(real_scan=verdicts["id"].map(real_scans))
+    removed = verdicts[(verdicts["flagged_by"].map(len) > 0) | verdicts["real_scan"].notna()]
     kept = [i for i in synthetic.index if i not in set(removed["id"])]
 
     manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
@@ -101,21 +115,35 @@ def run(settings: Settings, scores_csv: str | os.PathLike, synthetic_manifest_cs
             rows.append({"id": volume_id, "path": Path(os.path.relpath(volumes_dir / source.name,
                                                                           manifest_csv.parent)).as_posix()})
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path"]))
+    screened = artefacts.read_json(f"{screen_csv}.json")
     statement = {
+        "screening": {
+            "against": "every real case ingested, training and held-out",
+            "n_real_cases": screened["n_real_cases"],
+            "n_real_by_split": screened["n_real_by_split"],
+            "rule": "a synthetic volume is a real scan when its canonical content is identical to a real case's "
+                    "(sha256 of the voxels) or its voxel-space Pearson correlation with one exceeds the threshold",
+            "threshold": screened["settings"]["threshold"],
+            "n_real_scans_removed": len(real_scans),
+        },
         "percentile": float(settings.percentile),
         "methods": list(methods),
         "thresholds": thresholds,
-        "rule": "a synthetic volume is released only when, for every method, its score against the training "
-                "set is at or below that method's threshold (higher score = more copy-like)",
+        "rule": "a synthetic volume is released only when it is no real scan and, for every method, its score "
+                "against the training set is at or below that method's threshold (higher score = more copy-like)",
         "n_synthetic": len(synthetic),
         "n_released": len(kept),
         "n_removed": len(removed),
-        "removed": removed.to_dict(orient="records"),
+        "removed": [{**row, "real_scan": row["real_scan"] if isinstance(row["real_scan"], dict) else None}
+                    for row in removed.to_dict(orient="records")],
     }
     artefacts.write_json(release_json, statement)
     for output in (manifest_csv, release_json):
-        artefacts.write_sidecar(output, settings=asdict(settings),
-                                inputs={"scores": scores_csv, "synthetic_manifest": synthetic_manifest_csv})
-    logger.info("release at the %g percentile of %s: %d of %d synthetic volumes kept, %d removed",
-                settings.percentile, ", ".join(methods), len(kept), len(synthetic), len(removed))
+        artefacts.write_sidecar(output, settings=asdict(settings), inputs={
+            "scores": scores_csv, "screen": screen_csv, "synthetic_manifest": synthetic_manifest_csv})
+    for volume_id, match in real_scans.items():
+        logger.warning("not released: %s is the scan of real case %s (patient %s, %s split)", volume_id,
+                       match["real_case"], match["patient_id"], match["split"])
+    logger.info("release at the %g percentile of %s: %d of %d synthetic volumes kept, %d removed (%d real scans)",
+                settings.percentile, ", ".join(methods), len(kept), len(synthetic), len(removed), len(real_scans))
     return statement

@@ -1,5 +1,5 @@
 # The audit around the detector: planted controls, baseline detectors, calibrated verdicts, image
-# quality and the filtered release.
+# quality, the screen of every synthetic volume against every real case, and the filtered release.
 
 
 rule plant_controls:
@@ -56,6 +56,24 @@ rule baselines:
         mem_mb=8000,
     script:
         "../../scripts/baselines.py"
+
+
+rule screen:
+    input:
+        unpack(screen_inputs),
+    output:
+        # per synthetic volume: is it a real case's scan (training or held-out), and whose
+        screen=f"{RESULTS}/screen/{{screen}}/screen.csv",
+    params:
+        settings=settings_of("screen"),
+    log:
+        f"{RESULTS}/logs/screen/{{screen}}.log",
+    conda:
+        AUDIT_ENV
+    resources:
+        mem_mb=2000,
+    script:
+        "../../scripts/screen.py"
 
 
 rule assess:

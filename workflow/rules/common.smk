@@ -44,6 +44,7 @@ wildcard_constraints:
     similarity=KEY,
     baselines=KEY,
     baselines_controls=KEY,
+    screen=KEY,
     volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}",
     experiment="|".join(EXPERIMENTS),
 
@@ -153,6 +154,17 @@ def baselines_controls_inputs(wildcards):
     }
 
 
+def screen_inputs(wildcards):
+    """Every real case (the ingested cases, the whole split) and the synthetic set they are screened against."""
+    ingest_key = PLAN.upstream("screen", wildcards.screen, "ingest")
+    return {
+        "cases": f"{RESULTS}/ingest/{ingest_key}/cases.csv",
+        "volumes": f"{RESULTS}/ingest/{ingest_key}/volumes",
+        "split": f"{RESULTS}/split/{PLAN.upstream('screen', wildcards.screen, 'split')}/split.csv",
+        **synthetic_set("screen", wildcards.screen),
+    }
+
+
 def experiment_files(name):
     """The stage outputs that experiment `name`'s assessment, quality and release read."""
     keys = PLAN.experiments[name]
@@ -164,6 +176,7 @@ def experiment_files(name):
         "baseline_statistics": f"{RESULTS}/baselines/{keys['baselines']}/statistics.csv",
         "control_baseline_scores": f"{RESULTS}/baselines_controls/{keys['baselines_controls']}/scores.csv",
         "control_baseline_statistics": f"{RESULTS}/baselines_controls/{keys['baselines_controls']}/statistics.csv",
+        "screen": f"{RESULTS}/screen/{keys['screen']}/screen.csv",
         "cases": f"{RESULTS}/ingest/{keys['ingest']}/cases.csv",
         "volumes": f"{RESULTS}/ingest/{keys['ingest']}/volumes",
         "split": f"{RESULTS}/split/{keys['split']}/split.csv",
@@ -177,7 +190,7 @@ def experiment_files(name):
 def assess_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
     names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "control_baseline_scores",
-             "control_baseline_statistics", "cases", "volumes",
+             "control_baseline_statistics", "screen", "cases", "volumes",
              "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
     return {name: files[name] for name in names}
 
@@ -197,6 +210,7 @@ def release_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
     return {
         "scores": f"{RESULTS}/experiments/{wildcards.experiment}/scores.csv",
+        "screen": files["screen"],
         "synthetic_manifest": files["synthetic_manifest"],
         "synthetic_volumes": files["synthetic_volumes"],
     }
