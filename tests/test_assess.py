@@ -75,6 +75,8 @@ def test_settings_are_checked():
         assess.Settings(percentile=100)
     with pytest.raises(ValueError, match="assess.montage_pairs = 0"):
         assess.Settings(montage_pairs=0)
+    with pytest.raises(ValueError, match="assess.threshold = 'tau'"):
+        assess.Settings(threshold="tau")
 
 
 # Planted controls: exact and flipped copies are found (above τ); the ±5° copy is missed; the held-out
@@ -154,8 +156,8 @@ def outputs_in(folder):
 def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     out = tmp_path / "assess"
     outputs = outputs_in(out)
-    summary = assess.run(assess.Settings(percentile=95.0, montage_pairs=2, training_images=True), neighbour_tables,
-                         outputs)
+    summary = assess.run(assess.Settings(percentile=95.0, montage_pairs=2, training_images=True, threshold="published"),
+                         neighbour_tables, outputs)
 
     written = pd.read_csv(outputs.memorization)
     assert len(written) == 1
@@ -164,7 +166,7 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     assert (row["n_train"], row["n_holdout"], row["n_synthetic"]) == (20, 10, 8)
     assert (row["n_mem"], row["pct_mem"], row["n_copies"], row["pct_copies"]) == (3, 15.0, 3, 37.5)
     # Intervals contain the estimates.
-    for column in ("tau", "pct_mem", "pct_copies"):
+    for column in ("threshold", "pct_mem", "pct_copies"):
         assert row[f"{column}_low"] <= row[column] <= row[f"{column}_high"], column
     # No held-out probe is above τ; the ±5° copy is missed, so the verdict says so, loudly.
     assert row["holdout_fpr"] == 0.0 and row["nominal_fpr"] == pytest.approx(0.05)
@@ -211,6 +213,42 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     for output in vars(outputs).values():
         assert json.loads(output.with_name(output.name + ".json").read_text())["tau"] == pytest.approx(TAU)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_the_calibrated_threshold_is_conformal_on_held_out_patients_and_its_rate_is_measured(neighbour_tables,
+                                                                                             tmp_path):
+    """Holdout → nearest-train scores 0.50, 0.53, ..., 0.77 (10 patients). At rate 0.2 the conformal rank is
+    ceil(0.8 * 11) = 9: the threshold is the 9th smallest, 0.74. Left out in turn, each patient meets the 8th
+    smallest of the other nine: 0.74 for the lowest eight (none above it), 0.71 for 0.74 and 0.77 (both
+    above): 2 of 10 flagged, measured; the rule promises 2 / 11 on average."""
+    outputs = outputs_in(tmp_path / "assess")
+    summary = assess.run(assess.Settings(percentile=80.0, montage_pairs=1), neighbour_tables, outputs)
+    row = pd.read_csv(outputs.memorization).iloc[0]
+    assert row["threshold_rule"] == "calibrated" and summary["threshold"] == pytest.approx(0.74)
+    assert row["tau_calibrated"] == pytest.approx(0.74)
+    assert row["tau"] == pytest.approx(0.804)  # published τ beside it: 0.80 + 0.2 * 0.02
+    assert (row["n_copies"], row["n_mem"]) == (4, 4)  # s3 (0.80) is above the calibrated threshold
+    assert (row["n_copies_published"], row["n_mem_published"]) == (3, 4)
+    assert row["holdout_fpr"] == pytest.approx(0.2)
+    assert row["expected_fpr"] == pytest.approx(2 / 11) and row["min_fpr"] == pytest.approx(1 / 11)
+    assert row["expected_fpr_low"] < 2 / 11 < row["expected_fpr_high"]
+    assert row["threshold_low"] <= row["threshold"] <= row["threshold_high"]
+    assert pd.read_csv(outputs.per_sample)["is_copy"].sum() == 4
+    comparison = pd.read_csv(outputs.comparison).set_index("method")
+    assert comparison.at["contrastive", "threshold"] == pytest.approx(0.74)
+    assert comparison.at["contrastive", "tau_published"] == pytest.approx(0.804)
+
+
+def test_too_few_held_out_patients_to_calibrate_make_the_verdict_inconclusive(neighbour_tables, tmp_path):
+    """Ten held-out patients cannot calibrate 5%: the smallest rate they can is 1 / 11. Nothing is called a copy."""
+    outputs = outputs_in(tmp_path / "assess")
+    summary = assess.run(assess.Settings(percentile=95.0, montage_pairs=1), neighbour_tables, outputs)
+    assert summary["verdict"].startswith("inconclusive: 10 held-out patients cannot calibrate a 5% false-positive "
+                                         "rate (the smallest they can is 9.1%)")
+    assert "hold out at least 19 patients" in summary["verdict"]
+    assert summary["threshold"] == float("inf") and summary["n_copies"] == 0 and summary["n_mem"] == 0
+    assert summary["n_copies_published"] == 3  # the published τ is still reported beside it
+    assert assess.minimum_holdout(95.0) == 19 and assess.minimum_holdout(80.0) == 4
 
 
 def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_path):

@@ -199,3 +199,51 @@ def test_mild_recall_pools_the_mild_strengths_present():
     assert calibration.mild_recall(metrics, mild=("exact", "rotate_10")) == pytest.approx(5 / 7)
     with pytest.raises(ValueError, match="no control probes of the mild strengths"):
         calibration.mild_recall(metrics[metrics["strength"] != "exact"])
+
+
+def test_the_conformal_threshold_is_the_rank_that_bounds_a_fresh_patients_rate():
+    # ceil(0.95 * 21) = 20: with 20 null scores the threshold is the largest, and 1 / 21 <= 0.05.
+    assert calibration.conformal_rank(20, 0.05) == 20
+    assert calibration.conformal_rank(19, 0.05) == 19  # 0.95 * 20 = 19 exactly, not 19.000000000000004
+    assert calibration.conformal_rank(18, 0.05) == 19  # > 18: no finite threshold
+    assert calibration.conformal_rank(10, 0.2) == 9
+    null = [0.1 * i for i in range(10)]
+    assert calibration.conformal_threshold(null, 0.2) == pytest.approx(0.8)
+    assert calibration.conformal_threshold(null[::-1], 0.2) == pytest.approx(0.8)  # order does not matter
+    assert calibration.conformal_threshold(null, 0.05) == float("inf")
+    with pytest.raises(ValueError, match="rate = 0"):
+        calibration.conformal_threshold(null, 0.0)
+
+
+def test_the_conformal_guarantee_holds_on_fresh_draws():
+    """Over many calibration sets of 19, a fresh draw exceeds the threshold at 1 / 20 on average: the rule's
+    promise, checked by simulation (exact for continuous scores: P = (n + 1 - k) / (n + 1))."""
+    rng = np.random.default_rng(0)
+    exceed = [rng.normal() > calibration.conformal_threshold(rng.normal(size=19), 0.05) for _ in range(20000)]
+    assert np.mean(exceed) == pytest.approx(1 / 20, abs=0.005)
+
+
+def test_the_realized_rate_of_a_conformal_threshold_has_a_beta_distribution():
+    expected, low, high = calibration.conformal_rate_interval(20, 0.05)
+    assert expected == pytest.approx(1 / 21)
+    assert (low, high) == (pytest.approx(0.0012651, abs=1e-6), pytest.approx(0.1684335, abs=1e-6))
+    assert calibration.conformal_rate_interval(10, 0.05) == (0.0, 0.0, 0.0)  # infinite threshold: nothing flagged
+
+
+def test_leave_one_out_measures_the_rate_instead_of_restating_it():
+    # Each of 0.0..0.9 against the conformal threshold of the other nine (rate 0.2: the ceil(0.8 * 10) = 8th smallest):
+    # only 0.8 and 0.9 beat theirs (0.7).
+    assert calibration.leave_one_out_flag_rate([0.1 * i for i in range(10)], 0.2) == (2, 10)
+    with pytest.raises(ValueError, match="at least 2"):
+        calibration.leave_one_out_flag_rate([0.5], 0.2)
+
+
+def test_the_bootstrap_refits_the_calibrated_threshold_on_held_out_scores():
+    rng = np.random.default_rng(0)
+    holdout, memorization, synthetic = rng.normal(size=40), rng.normal(size=30), rng.normal(1.0, 1.0, size=30)
+    intervals = calibration.bootstrap_memorization(holdout, memorization, synthetic, 95.0, n_resamples=200,
+                                                   rule="calibrated")
+    tau = calibration.conformal_threshold(holdout, 0.05)
+    assert intervals["tau"][0] <= tau <= intervals["tau"][1]
+    with pytest.raises(ValueError, match="rule = 'tau'"):
+        calibration.bootstrap_memorization(holdout, memorization, synthetic, 95.0, rule="tau")

@@ -19,6 +19,9 @@ def audit(tmp_path):
     scores = pd.concat([
         score_rows("contrastive", "calibration", [f"t{i}" for i in range(10)], ["h0"] * 10, calibration),
         score_rows("pixel_pearson", "calibration", [f"t{i}" for i in range(10)], ["h0"] * 10, calibration),
+        # Held-out patients → nearest training volume: 0.0..0.9 too (what the calibrated rule fits on).
+        score_rows("contrastive", "holdout", [f"h{i}" for i in range(10)], ["t0"] * 10, calibration),
+        score_rows("pixel_pearson", "holdout", [f"h{i}" for i in range(10)], ["t0"] * 10, calibration),
         # s0: a copy by both methods; s1: by pixel_pearson only; s2: a near-miss (0.8); s3: clean.
         score_rows("contrastive", "synthetic", ["s0", "s1", "s2", "s3"], ["t0", "t1", "t2", "t3"],
                    [0.99, 0.5, 0.8, 0.1]),
@@ -60,7 +63,7 @@ def run_release(tmp_path, audit, settings):
 
 
 def test_release_keeps_only_what_no_method_flags(tmp_path, audit):
-    out, statement = run_release(tmp_path, audit, release.Settings(percentile=95.0,
+    out, statement = run_release(tmp_path, audit, release.Settings(percentile=95.0, threshold="published",
                                                                    methods=("contrastive", "pixel_pearson")))
     assert statement["thresholds"] == {"contrastive": pytest.approx(0.855), "pixel_pearson": pytest.approx(0.855)}
     kept = pd.read_csv(out / "manifest.csv")
@@ -79,7 +82,8 @@ def test_release_keeps_only_what_no_method_flags(tmp_path, audit):
 
 
 def test_a_stricter_percentile_also_removes_near_misses(tmp_path, audit):
-    out, statement = run_release(tmp_path, audit, release.Settings(percentile=70.0, methods=("contrastive",)))
+    out, statement = run_release(tmp_path, audit, release.Settings(percentile=70.0, methods=("contrastive",),
+                                                                   threshold="published"))
     assert statement["thresholds"]["contrastive"] == pytest.approx(0.63)
     assert pd.read_csv(out / "manifest.csv")["id"].tolist() == ["s1", "s3"]
     assert [r["id"] for r in statement["removed"]] == ["s0", "s2"]
@@ -95,8 +99,23 @@ def test_release_settings_are_checked(tmp_path, audit):
     assert not (tmp_path / "release").exists()
 
 
+def test_the_calibrated_release_threshold_is_conformal_on_held_out_scores(tmp_path, audit):
+    """Held-out scores 0.0..0.9: at rate 0.2 the conformal rank is ceil(0.8 * 11) = 9, the 9th smallest: 0.8."""
+    out, statement = run_release(tmp_path, audit, release.Settings(percentile=80.0))
+    assert statement["threshold_rule"] == "calibrated"
+    assert statement["thresholds"] == {"contrastive": pytest.approx(0.8), "pixel_pearson": pytest.approx(0.8)}
+    assert pd.read_csv(out / "manifest.csv")["id"].tolist() == ["s2", "s3"]  # s2 scores 0.8: not above it
+    # Ten held-out patients cannot calibrate 5% (the conformal threshold is +inf): the release takes the
+    # largest held-out score instead, the strictest finite threshold, rather than releasing everything.
+    _, strict = run_release(tmp_path / "strict", audit, release.Settings(percentile=95.0))
+    assert strict["thresholds"] == {"contrastive": pytest.approx(0.9), "pixel_pearson": pytest.approx(0.9)}
+    assert [r["id"] for r in strict["removed"]] == ["s0"]
+    with pytest.raises(ValueError, match="release.threshold = 'tau'"):
+        release.Settings(threshold="tau")
+
+
 def test_all_methods_decide_by_default(tmp_path, audit):
-    _, statement = run_release(tmp_path, audit, release.Settings())
+    _, statement = run_release(tmp_path, audit, release.Settings(threshold="published"))
     assert statement["methods"] == ["contrastive", "pixel_pearson"]
     assert statement["n_released"] == 2
 
@@ -120,7 +139,7 @@ def test_real_scans_are_never_released_whatever_the_detectors_say(tmp_path, audi
     assert 0.99 < table.at["s2", "correlation"] < 1.0
 
     out, statement = run_release(tmp_path, (scores_csv, screen_csv, manifest),
-                                 release.Settings(percentile=95.0, methods=("contrastive",)))
+                                 release.Settings(percentile=95.0, methods=("contrastive",), threshold="published"))
     assert pd.read_csv(out / "manifest.csv")["id"].tolist() == ["s1"]
     removed = {r["id"]: r for r in statement["removed"]}
     assert removed["s3"]["flagged_by"] == [] and removed["s3"]["real_scan"]["real_case"] == "h1"

@@ -1,10 +1,14 @@
-"""Memorization from nearest neighbours (Dar et al.): threshold τ, N_mem, N_copies, tables, figures.
+"""Memorization from nearest neighbours (Dar et al.): thresholds, N_mem, N_copies, tables, figures.
 
-τ is fitted on held-out patients only: it is the ``percentile`` of the correlations between each
-training volume and its nearest *holdout* volume, i.e. how close an unseen patient gets to a
-training patient by chance. At the 95th percentile about 5% of unseen patients would be flagged, the
-false-positive floor. A training volume is memorized when its nearest synthetic volume correlates
-above τ (N_mem); a synthetic volume is a copy when its nearest training volume does (N_copies).
+Two thresholds per method, side by side. **Published** (Dar et al.'s τ): the ``percentile`` of the
+correlations between each training volume and its nearest *holdout* volume. It compares a training
+volume with the best of n_holdout patients, while a synthetic (or unseen) volume is compared with the
+best of n_train, so more unseen patients than the nominal 1 - percentile exceed it. **Calibrated**
+(the default, ``assess.threshold``): split conformal on the statistic it is applied to, each held-out
+patient's correlation with its nearest training volume; a fresh patient exceeds it with probability at
+most 1 - percentile / 100, and the rate is measured by leave-one-out over the held-out patients. A
+training volume is memorized when its nearest synthetic volume correlates above the threshold
+(N_mem); a synthetic volume is a copy when its nearest training volume does (N_copies).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ logger = logging.getLogger("medmem.assess")
 
 @dataclass(frozen=True)
 class Settings:
-    percentile: float = 95.0  # τ = this percentile of train → nearest-holdout correlations
+    percentile: float = 95.0  # τ = this percentile of train → nearest-holdout correlations; rate 1 - it / 100
+    threshold: str = "calibrated"  # which threshold the counts, verdict and figures read: calibrated | published
     montage_pairs: int = 6  # most similar synthetic/training pairs shown in the montage
     min_mild_recall: float = 0.9  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
     bootstrap_resamples: int = 1000  # confidence intervals for τ, N_mem and N_copies
@@ -50,6 +55,10 @@ class Settings:
                 or not 0 < self.percentile < 100:
             raise ValueError(f"assess.percentile = {self.percentile!r}: expected a number strictly between 0 and "
                              "100; Dar et al. use 95")
+        if self.threshold not in calibration.THRESHOLD_RULES:
+            raise ValueError(f"assess.threshold = {self.threshold!r}: expected one of "
+                             f"{list(calibration.THRESHOLD_RULES)} (calibrated: conformal on held-out patients; "
+                             "published: Dar et al.'s τ)")
         if not isinstance(self.montage_pairs, int) or isinstance(self.montage_pairs, bool) or self.montage_pairs < 1:
             raise ValueError(f"assess.montage_pairs = {self.montage_pairs!r}: expected an integer >= 1")
 
@@ -175,40 +184,72 @@ def read_scores(scores_csv: str | os.PathLike) -> pd.DataFrame:
 
 
 def assess_method(scores: pd.DataFrame, method: str, probes: pd.DataFrame, settings: Settings) -> dict:
-    """One method's threshold, counts with confidence intervals, p-values and control metrics."""
+    """One method's thresholds (published and calibrated), counts with confidence intervals, p-values, the
+    measured false-positive rate and control metrics, all at the threshold ``settings.threshold`` chooses."""
     sets = {name: part for name, part in scores[scores["method"] == method].groupby("set")}
     missing = sorted(set(CONTRASTIVE_SETS) - set(sets))
     if missing:
         raise ValueError(f"method {method!r} has no scores for the sets {missing}")
-    tau = threshold(sets["calibration"]["score"], settings.percentile)
-    counts = memorization(sets["memorization"]["score"], sets["synthetic"]["score"], tau)
+    holdout = sets["holdout"]["score"].to_numpy()
+    rate = 1 - settings.percentile / 100
+    tau_published = threshold(sets["calibration"]["score"], settings.percentile)
+    tau_calibrated = calibration.conformal_threshold(holdout, rate)
+    decision = tau_calibrated if settings.threshold == "calibrated" else tau_published
+    counts = memorization(sets["memorization"]["score"], sets["synthetic"]["score"], decision)
+    published_counts = memorization(sets["memorization"]["score"], sets["synthetic"]["score"], tau_published)
+    fitted_on = holdout if settings.threshold == "calibrated" else sets["calibration"]["score"].to_numpy()
     intervals = calibration.bootstrap_memorization(
-        sets["calibration"]["score"].to_numpy(), sets["memorization"]["score"].to_numpy(),
-        sets["synthetic"]["score"].to_numpy(), settings.percentile, settings.bootstrap_resamples,
-        settings.confidence, settings.seed)
+        fitted_on, sets["memorization"]["score"].to_numpy(), sets["synthetic"]["score"].to_numpy(),
+        settings.percentile, settings.bootstrap_resamples, settings.confidence, settings.seed, rule=settings.threshold)
     controls = probes.merge(sets["controls"][["query_id", "neighbour_id", "score"]].rename(
         columns={"query_id": "id"}), on="id", how="left", validate="one_to_one")
     unscored = controls.loc[controls["score"].isna(), "id"].tolist()
     if unscored:
         raise ValueError(f"method {method!r} has no scores for the probes {unscored[:5]} (of {len(unscored)})")
-    metrics = calibration.control_metrics(controls, tau)
+    metrics = calibration.control_metrics(controls, decision)
     synthetic = sets["synthetic"].assign(
-        threshold=tau, flagged=sets["synthetic"]["score"] > tau,
-        p_value=calibration.empirical_p_values(sets["synthetic"]["score"].to_numpy(), sets["holdout"]["score"].to_numpy()))
-    return {"method": method, "tau": tau, "counts": counts, "intervals": intervals, "metrics": metrics,
+        threshold=decision, flagged=sets["synthetic"]["score"] > decision,
+        p_value=calibration.empirical_p_values(sets["synthetic"]["score"].to_numpy(), holdout))
+    return {"method": method, "threshold": decision, "tau_published": tau_published,
+            "tau_calibrated": tau_calibrated, "counts": counts, "published_counts": published_counts,
+            "intervals": intervals, "metrics": metrics, "fpr": measured_fpr(settings, holdout, tau_published),
             "synthetic": synthetic, "controls": controls}
+
+
+def measured_fpr(settings: Settings, holdout: np.ndarray, tau_published: float) -> dict[str, float]:
+    """The false-positive rate of the decision threshold, measured on held-out patients, and what it promises.
+
+    calibrated: each held-out patient against the conformal threshold of the others (leave-one-out), so no
+    patient is tested against a threshold it helped fit; ``expected_fpr`` is the conformal rule's rate for a
+    fresh patient, with the interval its randomness leaves. published: the share of held-out patients above τ
+    (τ is fitted on training patients' scores); it promises nothing for this statistic (NaN).
+    ``min_fpr``: the smallest rate n_holdout patients can calibrate, 1 / (n_holdout + 1).
+    """
+    rate, n = 1 - settings.percentile / 100, holdout.size
+    if settings.threshold == "calibrated":
+        flagged, _ = calibration.leave_one_out_flag_rate(holdout, rate)
+        expected, expected_low, expected_high = calibration.conformal_rate_interval(n, rate, settings.confidence)
+    else:
+        flagged = int((holdout > tau_published).sum())
+        expected = expected_low = expected_high = float("nan")
+    low, high = calibration.proportion_interval(flagged, n, settings.confidence)
+    return {"holdout_fpr": flagged / n, "holdout_fpr_low": low, "holdout_fpr_high": high,
+            "expected_fpr": expected, "expected_fpr_low": expected_low, "expected_fpr_high": expected_high,
+            "min_fpr": 1 / (n + 1)}
 
 
 def comparison_row(result: dict, statistics: pd.DataFrame) -> dict:
     """One line of the comparison table: what a method finds, at which strength, at what false-positive rate."""
     counts, intervals, metrics = result["counts"], result["intervals"], result["metrics"].set_index("strength")
-    row = {"method": result["method"], "threshold": result["tau"],
+    row = {"method": result["method"], "threshold": result["threshold"],
+           "tau_published": result["tau_published"], "tau_calibrated": result["tau_calibrated"],
            "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
            "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
            "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
            "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
-           "holdout_fpr": metrics["fpr"].iloc[0], "holdout_fpr_low": metrics["fpr_low"].iloc[0],
-           "holdout_fpr_high": metrics["fpr_high"].iloc[0], "auc": metrics.at["all", "auc"],
+           "n_copies_published": result["published_counts"].n_copies,
+           "n_mem_published": result["published_counts"].n_mem,
+           **result["fpr"], "auc": metrics.at["all", "auc"],
            "precision_at_95_recall": metrics.at["all", "precision_at_95_recall"],
            "mild_recall": calibration.mild_recall(result["metrics"].reset_index(drop=True))}
     for strength in metrics.index.drop("all"):
@@ -220,6 +261,22 @@ def comparison_row(result: dict, statistics: pd.DataFrame) -> dict:
         where = statistic.set.removeprefix("controls:")
         row[f"{statistic.statistic}_{where}"] = statistic.value
     return row
+
+
+def uncalibrated(settings: Settings, n_holdout: int) -> str | None:
+    """The verdict when the held-out patients are too few to calibrate the false-positive rate; else None."""
+    rate = 1 - settings.percentile / 100
+    if settings.threshold != "calibrated" or calibration.conformal_rank(n_holdout, rate) <= n_holdout:
+        return None
+    return (f"inconclusive: {n_holdout} held-out patients cannot calibrate a {100 * rate:g}% false-positive rate "
+            f"(the smallest they can is {100 / (n_holdout + 1):.1f}%), so nothing is called a copy; hold out at "
+            f"least {minimum_holdout(settings.percentile)} patients, or lower assess.percentile")
+
+
+def minimum_holdout(percentile: float) -> int:
+    """Fewest held-out patients whose conformal threshold at rate 1 - percentile / 100 is finite: 1 / rate - 1."""
+    rate = 1 - percentile / 100
+    return math.ceil(round(1 / rate - 1, 9))
 
 
 def verdict(mild_recall: float, min_mild_recall: float) -> str:
@@ -252,34 +309,39 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     holdout_to_train = nearest["holdout_to_train"]
     mild = calibration.mild_recall(metrics)
     real_scans = screen.read(inputs.screen, published["synthetic"]["query_id"].tolist())
-    summary = {"tau": published["tau"], "tau_low": intervals["tau"][0], "tau_high": intervals["tau"][1],
+    summary = {"threshold_rule": settings.threshold, "threshold": published["threshold"],
+               "threshold_low": intervals["tau"][0], "threshold_high": intervals["tau"][1],
+               "tau": published["tau_published"], "tau_calibrated": published["tau_calibrated"],
                "percentile": float(settings.percentile), "n_train": counts.n_train,
                "n_holdout": len(holdout_to_train), "n_synthetic": counts.n_synthetic,
                "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
                "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
                "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
                "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
-               "nominal_fpr": (100.0 - settings.percentile) / 100.0,
-               "holdout_fpr": metrics["fpr"].iloc[0], "holdout_fpr_low": metrics["fpr_low"].iloc[0],
-               "holdout_fpr_high": metrics["fpr_high"].iloc[0],
+               "n_mem_published": published["published_counts"].n_mem,
+               "n_copies_published": published["published_counts"].n_copies,
+               "nominal_fpr": (100.0 - settings.percentile) / 100.0, **published["fpr"],
                "controls_auc": float(metrics.set_index("strength").at["all", "auc"]), "mild_recall": mild,
-               "confidence": settings.confidence, "verdict": verdict(mild, settings.min_mild_recall),
+               "confidence": settings.confidence,
+               "verdict": uncalibrated(settings, len(holdout_to_train)) or verdict(mild, settings.min_mild_recall),
                "n_real_scans": int(real_scans["real_scan"].sum())}
     log = logger.warning if summary["verdict"].startswith("inconclusive") else logger.info
     log("%s", summary["verdict"].upper() if summary["verdict"].startswith("inconclusive") else summary["verdict"])
-    logger.info("τ = %.4f [%.4f, %.4f]; memorized %d/%d training volumes (%.1f%% [%.1f, %.1f]), %d/%d synthetic "
-                "copies (%.1f%% [%.1f, %.1f]); held-out probes above τ: %.1f%% (nominal %.1f%%)",
-                summary["tau"], summary["tau_low"], summary["tau_high"], counts.n_mem, counts.n_train,
-                counts.pct_mem, summary["pct_mem_low"], summary["pct_mem_high"], counts.n_copies,
-                counts.n_synthetic, counts.pct_copies, summary["pct_copies_low"], summary["pct_copies_high"],
-                100 * summary["holdout_fpr"], 100 * summary["nominal_fpr"])
+    logger.info("%s threshold %.4f [%.4f, %.4f] (published τ %.4f, calibrated %.4f); memorized %d/%d training volumes "
+                "(%.1f%% [%.1f, %.1f]), %d/%d synthetic copies (%.1f%% [%.1f, %.1f]); held-out patients above it, "
+                "measured: %.1f%% [%.1f, %.1f] (nominal %.1f%%)", settings.threshold, summary["threshold"],
+                summary["threshold_low"], summary["threshold_high"], summary["tau"], summary["tau_calibrated"],
+                counts.n_mem, counts.n_train, counts.pct_mem, summary["pct_mem_low"], summary["pct_mem_high"],
+                counts.n_copies, counts.n_synthetic, counts.pct_copies, summary["pct_copies_low"],
+                summary["pct_copies_high"], 100 * summary["holdout_fpr"], 100 * summary["holdout_fpr_low"],
+                100 * summary["holdout_fpr_high"], 100 * summary["nominal_fpr"])
 
     flagged_by = pd.concat([r["synthetic"].loc[r["synthetic"]["flagged"], ["query_id", "method"]]
                             for r in results.values()]).groupby("query_id")["method"].agg(";".join)
     per_sample = published["synthetic"].rename(columns={"query_id": "synthetic_id",
                                                         "neighbour_id": "nearest_train_id", "score": "correlation"})
     per_sample = per_sample.assign(is_copy=per_sample["flagged"],
-                                   flagged_by=per_sample["synthetic_id"].map(flagged_by).fillna(""))
+                                   flagged_by=per_sample["synthetic_id"].map(flagged_by).astype(object).fillna(""))
     per_sample = per_sample.assign(
         real_scan=per_sample["synthetic_id"].map(real_scans["real_scan"]).astype(bool),
         nearest_real_id=per_sample["synthetic_id"].map(real_scans["nearest_real_id"]),
@@ -288,7 +350,7 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                              "real_scan", "nearest_real_id", "real_correlation"]]
     per_sample = per_sample.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
     per_training = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
-    per_training["memorized"] = per_training["correlation"] > published["tau"]
+    per_training["memorized"] = per_training["correlation"] > published["threshold"]
     per_training = per_training.merge(train_to_holdout.rename(columns={
         "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation"}),
         on="train_id", how="left", validate="one_to_one")
@@ -307,7 +369,7 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     artefacts.write_csv(outputs.controls, controls)
     artefacts.write_csv(outputs.comparison, comparison)
 
-    figures.plot_nn_correlations(per_sample["correlation"], holdout_to_train["correlation"], published["tau"],
+    figures.plot_nn_correlations(per_sample["correlation"], holdout_to_train["correlation"], published["threshold"],
                                  outputs.histogram)
     figures.plot_controls_roc({m: r["controls"] for m, r in results.items()}, CONTRASTIVE, outputs.roc)
     write_montage(settings, per_sample.head(settings.montage_pairs), inputs, outputs.montage)
@@ -315,7 +377,8 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     recorded = {name: value for name, value in asdict(inputs).items() if value is not None}
     for output in asdict(outputs).values():
         artefacts.write_sidecar(output, settings=asdict(settings), inputs=recorded, seed=settings.seed,
-                                tau=published["tau"], verdict=summary["verdict"])
+                                threshold_rule=settings.threshold, threshold=published["threshold"],
+                                tau=published["tau_published"], verdict=summary["verdict"])
     return summary
 
 

@@ -5,8 +5,13 @@ holdout volumes scored against the training set: patients the model never saw, s
 chance. Against it a query's empirical p-value is valid whenever the query and the holdout scores are
 exchangeable (conformal inference), with no assumption about the shape of the scores. Counts of
 flagged volumes get exact binomial (Clopper–Pearson) intervals and bootstrap intervals, so a
-reported 0% or 5% comes with the uncertainty a small cohort leaves. Pure numpy/pandas on purpose:
-the workflow takes no scipy dependency for a handful of formulas.
+reported 0% or 5% comes with the uncertainty a small cohort leaves.
+
+Two threshold rules: **published** (Dar et al.'s τ, a percentile of train → nearest-holdout scores:
+best of n_holdout, a different statistic from a query's best of n_train, so more unseen patients than
+its nominal rate exceed it) and **calibrated** (split conformal on the held-out patients' own
+nearest-training scores, the statistic it is applied to: the false-positive rate holds in finite
+samples, and is measured by leave-one-out).
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from medmem.settings_checks import is_int, is_number
 
 CONTROL_METRIC_COLUMNS = ["strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
                           "n_negatives", "false_positives", "fpr", "fpr_low", "fpr_high"]
 MILD_STRENGTHS = ("exact", "flip", "rotate_5")
+THRESHOLD_RULES = ("calibrated", "published")
 
 
 def empirical_p_values(scores: Sequence[float], null_scores: Sequence[float]) -> np.ndarray:
@@ -33,6 +40,64 @@ def empirical_p_values(scores: Sequence[float], null_scores: Sequence[float]) ->
     null = np.sort(_scores("null_scores", null_scores))
     at_least = null.size - np.searchsorted(null, scores, side="left")
     return (1 + at_least) / (1 + null.size)
+
+
+def conformal_rank(n: int, rate: float) -> int:
+    """The rank k (1-based, ascending) of the null score that is a conformal threshold at false-positive ``rate``.
+
+    k = ceil((1 - rate) (n + 1)): a fresh query exchangeable with the n null scores exceeds the k-th smallest
+    with probability (n + 1 - k) / (n + 1) <= rate. k > n means no finite threshold guarantees ``rate``: the
+    smallest achievable rate with n null scores is 1 / (n + 1).
+    """
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n = {n!r}: expected an integer >= 1 (the number of null scores)")
+    _check_open_unit("rate", rate)
+    # Rounding first keeps (1 - 0.05) * 20 = 19.000000000000004 from becoming 20.
+    return int(np.ceil(round((1 - rate) * (n + 1), 9)))
+
+
+def conformal_threshold(null_scores: Sequence[float], rate: float) -> float:
+    """A threshold that flags a fresh query (score > threshold) with probability at most ``rate``.
+
+    null_scores: (M,) held-out patients scored exactly as the queries are (their nearest training volume:
+    the best of n_train, like a synthetic volume). Split conformal inference: the conformal_rank-th smallest
+    null score; +inf when M is too small for ``rate`` (M < 1 / rate - 1), so that nothing is flagged rather
+    than flagged at an unknown rate. Ties and exchangeability make the guarantee exact, not asymptotic.
+    """
+    null = np.sort(_scores("null_scores", null_scores))
+    k = conformal_rank(null.size, rate)
+    return float(null[k - 1]) if k <= null.size else float("inf")
+
+
+def conformal_rate_interval(n: int, rate: float, confidence: float = 0.95) -> tuple[float, float, float]:
+    """What a conformal threshold from n null scores does to fresh queries: (expected rate, low, high).
+
+    The rate a fresh query is flagged at is itself random (it depends on which n patients calibrated):
+    Beta(n + 1 - k, k) distributed for k = conformal_rank(n, rate) (Vovk 2012; Angelopoulos & Bates 2021),
+    with mean (n + 1 - k) / (n + 1). Returns that mean and the central ``confidence`` interval; (0, 0, 0)
+    when k > n (the threshold is +inf: nothing is flagged).
+    """
+    k = conformal_rank(n, rate)
+    _check_open_unit("confidence", confidence)
+    if k > n:
+        return 0.0, 0.0, 0.0
+    distribution = stats.beta(n + 1 - k, k)
+    low, high = distribution.ppf([(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(distribution.mean()), float(low), float(high)
+
+
+def leave_one_out_flag_rate(null_scores: Sequence[float], rate: float) -> tuple[int, int]:
+    """Cross-fitted false positives: each null score against the conformal threshold of the other M - 1.
+
+    Returns (flagged, M). Each held-out patient is then an unseen patient for the threshold it is tested
+    against, so flagged / M measures the false-positive rate of the rule (fitted on M - 1) instead of
+    restating its construction.
+    """
+    null = _scores("null_scores", null_scores)
+    if null.size < 2:
+        raise ValueError(f"a leave-one-out rate needs at least 2 null scores, got {null.size}")
+    flagged = sum(bool(null[i] > conformal_threshold(np.delete(null, i), rate)) for i in range(null.size))
+    return int(flagged), int(null.size)
 
 
 def leave_one_out_p_values(null_scores: Sequence[float]) -> np.ndarray:
@@ -86,13 +151,15 @@ def allowed_false_positives(n: int, rate: float, alpha: float = 0.01) -> int:
 
 def bootstrap_memorization(calibration: Sequence[float], memorization: Sequence[float], synthetic: Sequence[float],
                            percentile: float, n_resamples: int = 1000, confidence: float = 0.95,
-                           seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile-bootstrap intervals for τ, % memorized training volumes and % synthetic copies.
+                           seed: int = 0, rule: str = "published") -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap intervals for the threshold, % memorized training volumes and % synthetic copies.
 
-    calibration: (Nc,) train → nearest-holdout scores (τ = their ``percentile``); memorization: (Nt,)
-    train → nearest-synthetic scores; synthetic: (Ns,) synthetic → nearest-train scores. Each array is
-    resampled with replacement independently (they come from different draws: the holdout patients,
-    the training patients, the samples), τ refitted, and both percentages recounted (strictly above τ).
+    calibration: (Nc,) the scores the threshold is fitted on — rule "published": train → nearest-holdout
+    scores, τ = their ``percentile``; rule "calibrated": holdout → nearest-train scores, the conformal
+    threshold at rate 1 - percentile / 100. memorization: (Nt,) train → nearest-synthetic scores;
+    synthetic: (Ns,) synthetic → nearest-train scores. Each array is resampled with replacement
+    independently (they come from different draws: the holdout patients, the training patients, the
+    samples), the threshold refitted, and both percentages recounted (strictly above it).
     Returns {"tau": (lo, hi), "pct_mem": (lo, hi), "pct_copies": (lo, hi)}.
     """
     calibration = _scores("calibration", calibration)
@@ -103,13 +170,19 @@ def bootstrap_memorization(calibration: Sequence[float], memorization: Sequence[
     if not is_int(n_resamples) or n_resamples < 2:
         raise ValueError(f"n_resamples = {n_resamples!r}: expected an integer >= 2 (1000 is usual)")
     _check_open_unit("confidence", confidence)
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule = {rule!r}: expected one of {list(THRESHOLD_RULES)}")
     rng = np.random.default_rng(seed)
     statistics = np.empty((n_resamples, 3))
     for i in range(n_resamples):
-        tau = np.percentile(rng.choice(calibration, calibration.size), percentile)
+        resampled = rng.choice(calibration, calibration.size)
+        tau = (np.percentile(resampled, percentile) if rule == "published"
+               else conformal_threshold(resampled, 1 - percentile / 100))
         statistics[i] = (tau, 100 * np.mean(rng.choice(memorization, memorization.size) > tau),
                          100 * np.mean(rng.choice(synthetic, synthetic.size) > tau))
-    bounds = np.percentile(statistics, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2], axis=0)
+    with np.errstate(invalid="ignore"):  # between two infinite thresholds numpy interpolates inf - inf
+        bounds = np.percentile(statistics, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2], axis=0)
+    bounds[np.isnan(bounds)] = np.inf  # only a threshold column can hold inf, and there nan means inf
     return {name: (float(bounds[0, j]), float(bounds[1, j])) for j, name in enumerate(("tau", "pct_mem", "pct_copies"))}
 
 
@@ -163,7 +236,7 @@ def control_metrics(controls: pd.DataFrame, threshold: float, confidence: float 
     unknown = sorted(set(controls["kind"].astype(str)) - {"copy", "holdout"})
     if unknown:
         raise ValueError(f"controls table has kinds {unknown}: expected only 'copy' and 'holdout'")
-    if not is_number(threshold):
+    if not is_number(threshold) and threshold != float("inf"):  # +inf: a threshold that flags nothing
         raise ValueError(f"threshold = {threshold!r}: expected a number")
     scores = _scores("controls score", controls["score"], allow_empty=True)
     is_copy = (controls["kind"] == "copy").to_numpy()

@@ -212,6 +212,13 @@ def check_settings(effective: dict, name: str) -> None:
         if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
             raise ValueError(
                 f"experiment {name!r}: controls.n_per_strength={n_per_strength} copies more training volumes "
+        if assess_settings.threshold == "calibrated" and n_holdout < assess.minimum_holdout(assess_settings.percentile):
+            raise ValueError(
+                f"experiment {name!r}: the calibrated threshold at assess.percentile={assess_settings.percentile} "
+                f"(a {100 - assess_settings.percentile:g}% false-positive rate) needs at least "
+                f"{assess.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
+                f"{n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add patients, "
+                "hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: published")
                 f"per strength than the split leaves ({n_patients - n_holdout}): lower it or set it to null")
 
 
@@ -244,6 +251,8 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
         check_settings(effective, name)
         plan.effective[name] = effective
+        if effective["release"]["threshold"] is None:
+            effective["release"]["threshold"] = effective["assess"]["threshold"]
         keys: dict[str, str] = {}
         for stage, (settings, inputs) in stage_graph(effective).items():
             input_keys = {s: keys[s] for s in inputs}

@@ -35,25 +35,29 @@ def save_png(figure: Figure, path: str | os.PathLike) -> None:
 
 def plot_nn_correlations(synthetic_to_train: Sequence[float], holdout_to_train: Sequence[float], tau: float,
                          path: str | os.PathLike) -> None:
-    """Histograms of nearest-training-volume correlation for synthetic and holdout volumes, τ marked.
+    """Histograms of nearest-training-volume correlation for synthetic and holdout volumes, the threshold marked.
 
     Holdout volumes show how close an unseen patient gets to the training set by chance; synthetic
-    volumes to the right of that distribution (above τ) are the suspected copies.
+    volumes to the right of that distribution (above the threshold) are the suspected copies. An infinite
+    threshold (too few held-out patients to calibrate) is said in the legend, not drawn.
     """
     synthetic, holdout = np.asarray(synthetic_to_train, float), np.asarray(holdout_to_train, float)
     if synthetic.size == 0 or holdout.size == 0:
         raise ValueError(f"need synthetic and holdout correlations to plot, got {synthetic.size} and {holdout.size}")
-    values = np.concatenate([synthetic, holdout, [tau]])
+    values = np.concatenate([synthetic, holdout, [tau] if np.isfinite(tau) else []])
     low, high = float(values.min()), float(values.max())
     bins = np.linspace(low - 1e-6, high + 1e-6, 31)
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
     for data, name, colour in ((holdout, "holdout", "tab:blue"), (synthetic, "synthetic", "tab:red")):
         above = int((data > tau).sum())
-        label = f"{name} → nearest train (n = {data.size}, {above} above τ)"
+        label = f"{name} → nearest train (n = {data.size}, {above} above the threshold)"
         axes.hist(data, bins=bins, color=colour, alpha=0.45, label=label)
         axes.hist(data, bins=bins, color=colour, histtype="step", linewidth=1.2)
-    axes.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:.4f}")
+    if np.isfinite(tau):
+        axes.axvline(tau, color="black", linestyle="--", label=f"threshold = {tau:.4f}")
+    else:
+        axes.plot([], [], " ", label="no finite threshold: too few held-out patients to calibrate")
     axes.set_xlabel("Pearson correlation with the nearest training volume")
     axes.set_ylabel("volumes")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -3,9 +3,11 @@
 Two screens, both must pass. First, the screen stage (screen.py) compared every synthetic volume with
 every real case, training and held-out: a volume that is a real case's scan (identical content, or a
 voxel correlation above ``screen.threshold``) is removed, naming the case. Second, each method's
-release threshold is the ``release.percentile`` of its calibration scores (training volumes scored
-against the holdout set, as τ is for the published method). At the assessment's own percentile this
-is τ; a lower percentile is stricter and also removes near-misses. A synthetic volume is released
+release threshold follows ``release.threshold`` (by default the assessment's rule): calibrated, the
+conformal threshold of its held-out patients' scores at rate 1 - ``release.percentile`` / 100 (see
+calibration.py); published, the ``release.percentile`` of its calibration scores (training volumes
+scored against the holdout set, as τ). A lower percentile is stricter and also removes near-misses.
+A synthetic volume is released
 only when its score is at or below the threshold of every listed method. ``release.json`` says how
 the set was screened, which thresholds and methods, and what was removed and why.
 """
@@ -22,21 +24,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medmem import artefacts, screen, volume_sets
+from medmem import artefacts, calibration, screen, volume_sets
 
 logger = logging.getLogger("medmem.release")
 
 
 @dataclass(frozen=True)
 class Settings:
-    percentile: float = 95.0  # per method: flag scores above this percentile of its calibration scores
+    percentile: float = 95.0  # per method: flag at false-positive rate 1 - percentile / 100 (or τ's percentile)
     methods: tuple[str, ...] | str = "all"  # "all": every method the experiment ran
+    threshold: str = "calibrated"  # calibrated (conformal on held-out patients) | published (Dar et al.'s τ)
 
     def __post_init__(self) -> None:
         if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
                 or not 0 < self.percentile < 100:
             raise ValueError(f"release.percentile = {self.percentile!r}: expected a number strictly between 0 "
                              "and 100; the assessment's percentile (95) releases what τ does not flag")
+        if self.threshold not in calibration.THRESHOLD_RULES:
+            raise ValueError(f"release.threshold = {self.threshold!r}: expected one of {list(calibration.THRESHOLD_RULES)}")
         if self.methods == "all":
             return
         methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else ()
@@ -55,14 +60,26 @@ class Settings:
         return self.methods
 
 
-def release_thresholds(scores: pd.DataFrame, methods: Sequence[str], percentile: float) -> dict[str, float]:
-    """Per method, the ``percentile`` of its calibration scores (unified score table, see baselines)."""
+def release_thresholds(scores: pd.DataFrame, methods: Sequence[str], percentile: float,
+                       rule: str = "published") -> dict[str, float]:
+    """Per method, its release threshold from the unified score table (see baselines).
+
+    published: the ``percentile`` of its calibration scores (train → nearest holdout), as τ. calibrated: the
+    conformal threshold of its held-out patients' scores at rate 1 - percentile / 100; where they are too few
+    for that rate (an infinite threshold, which would release everything) the largest held-out score, the
+    strictest finite one: a release errs towards removing.
+    """
     thresholds = {}
+    fitted_on = "calibration" if rule == "published" else "holdout"
     for method in methods:
-        calibration = scores.loc[(scores["method"] == method) & (scores["set"] == "calibration"), "score"]
-        if calibration.empty:
-            raise ValueError(f"no calibration scores for method {method!r}; was it assessed?")
-        thresholds[method] = float(np.percentile(calibration.to_numpy(np.float64), percentile))
+        values = scores.loc[(scores["method"] == method) & (scores["set"] == fitted_on), "score"]
+        if values.empty:
+            raise ValueError(f"no {fitted_on} scores for method {method!r}; was it assessed?")
+        values = values.to_numpy(np.float64)
+        if rule == "published":
+            thresholds[method] = float(np.percentile(values, percentile))
+        else:
+            thresholds[method] = min(calibration.conformal_threshold(values, 1 - percentile / 100), float(values.max()))
     return thresholds
 
 
@@ -94,7 +111,7 @@ def run(settings: Settings, scores_csv: str | os.PathLike, screen_csv: str | os.
     their manifest and release.json."""
     scores = pd.read_csv(scores_csv, dtype={"query_id": str, "neighbour_id": str})
     methods = settings.methods_of(list(dict.fromkeys(scores["method"])))
-    thresholds = release_thresholds(scores, methods, settings.percentile)
+    thresholds = release_thresholds(scores, methods, settings.percentile, settings.threshold)
     verdicts = flag_synthetic(scores, thresholds)
     synthetic = volume_sets.read_volume_table(synthetic_manifest_csv).set_index("id")
     unscored = sorted(set(synthetic.index) - set(verdicts["id"]))
@@ -127,6 +144,7 @@ def run(settings: Settings, scores_csv: str | os.PathLike, screen_csv: str | os.
             "n_real_scans_removed": len(real_scans),
         },
         "percentile": float(settings.percentile),
+        "threshold_rule": settings.threshold,
         "methods": list(methods),
         "thresholds": thresholds,
         "rule": "a synthetic volume is released only when it is no real scan and, for every method, its score "
