@@ -8,4 +8,5 @@ ingest.run(
     volumes_dir=snakemake.output.volumes,
     quarantine_csv=snakemake.output.quarantine,
     duplicates_csv=snakemake.output.duplicates,
+    memory_mb=snakemake.resources.get("mem_mb"),  # a volume too large for the job is a bad input
 )

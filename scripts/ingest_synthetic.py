@@ -6,4 +6,5 @@ ingest.run(
     ingest.Settings(**snakemake.params.settings),
     cases_csv=snakemake.output.manifest,
     volumes_dir=snakemake.output.volumes,
+    memory_mb=snakemake.resources.get("mem_mb"),  # a volume too large for the job is a bad input
 )

@@ -4,7 +4,9 @@ import gzip
 import hashlib
 import json
 import re
+import resource
 import shutil
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -268,12 +270,15 @@ PHILIPS_MPRAGE = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "phili
 
 def write_dicom_series(folder: Path, volume: np.ndarray, direction: np.ndarray, origin, spacing, series: int,
                        offsets: dict[int, float] | None = None, patient: str = "anonymous", shear: float = 0.0,
-                       tilted_slice: int | None = None) -> np.ndarray:
+                       tilted_slice: int | None = None, slice_tags: dict[int, dict[str, str]] | None = None,
+                       pixel_spacing: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
     """Write (i, j, k) ``volume`` as one extension-less DICOM file per slice k, named out of order.
 
     ``offsets``: slice k → its distance (mm) from ``origin`` along the normal (default k × spacing); leave
     a slice out to lose it. ``shear``: each slice also moves this share of its offset along the rows.
-    ``tilted_slice``: this slice gets another orientation. Returns the series' RAS affine, computed by hand.
+    ``tilted_slice``: this slice gets another orientation. ``slice_tags``: slice k → tags to give it other
+    values; ``pixel_spacing``: slice k → its own (column, row) spacing, mm. Returns the series' RAS affine,
+    computed by hand.
     """
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.round(volume).astype(np.int16).transpose(2, 1, 0))
@@ -287,12 +292,14 @@ def write_dicom_series(folder: Path, volume: np.ndarray, direction: np.ndarray, 
     for k, offset in offsets.items():
         position = np.asarray(origin, float) + direction[:, 2] * offset + direction[:, 0] * shear * offset
         slice_image = image[:, :, k]
+        slice_image.SetSpacing((pixel_spacing or {}).get(k, slice_image.GetSpacing()))
         tilted = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *(rotation(0, 10.0) @ direction[:, 1])))
         for tag, value in [("0010|0020", patient), ("0020|000d", f"{UID_ROOT}{series}.0"),
                            ("0020|000e", f"{UID_ROOT}{series}"), ("0020|0011", str(series)), ("0008|0060", "MR"),
                            ("0020|0037", tilted if k == tilted_slice else orientation),
                            ("0020|0032", "\\".join(f"{v:.4f}" for v in position)),
-                           ("0020|0013", str(k + 1)), ("0018|0050", f"{spacing[2]:g}")]:
+                           ("0020|0013", str(k + 1)), ("0018|0050", f"{spacing[2]:g}"),
+                           *(slice_tags or {}).get(k, {}).items()]:
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"IM{(k * 7) % n:04d}"))  # 7 and 12 are coprime: a shuffled order
         writer.Execute(slice_image)
@@ -379,6 +386,40 @@ def test_a_real_mr_as_a_dicom_series_ingests_exactly_like_its_nifti(tmp_path):
     assert pairs.at[0, "correlation"] > 0.9999
 
 
+def dicom_element(group: int, element: int, vr: str, value: bytes | str) -> bytes:
+    """One explicit-VR little-endian DICOM element."""
+    data = value.encode() if isinstance(value, str) else value
+    data += b"\0" * (len(data) % 2)
+    if vr == "OB":
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(data)) + data
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(data)) + data
+
+
+def write_dose_report(path: Path, series_uid: str) -> None:
+    """A DICOM structured report (as a CT's dose report is), without pixel data, written byte by byte."""
+    sop_class = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    meta = (dicom_element(0x0002, 0x0001, "OB", b"\0\1") + dicom_element(0x0002, 0x0002, "UI", sop_class)
+            + dicom_element(0x0002, 0x0003, "UI", series_uid + ".99")
+            + dicom_element(0x0002, 0x0010, "UI", "1.2.840.10008.1.2.1"))
+    body = (dicom_element(0x0008, 0x0016, "UI", sop_class) + dicom_element(0x0008, 0x0018, "UI", series_uid + ".99")
+            + dicom_element(0x0008, 0x0060, "CS", "SR") + dicom_element(0x0010, 0x0020, "LO", "anonymous")
+            + dicom_element(0x0020, 0x000E, "UI", series_uid))
+    group_length = dicom_element(0x0002, 0x0000, "UL", struct.pack("<I", len(meta)))
+    path.write_bytes(bytes(128) + b"DICM" + group_length + meta + body)
+
+
+def test_files_of_a_dicom_folder_that_hold_no_image_are_passed_over(tmp_path):
+    """Every file must be accounted for, but a dose report, a DICOMDIR-like index or a text file is no slice."""
+    folder = tmp_path / "in"
+    write_dicom_series(folder / "patient" / "ct", marker_volume(), np.eye(3), [0.0, 0.0, 0.0], INPUT_SPACING,
+                       series=3)
+    write_dose_report(folder / "patient" / "ct" / "dose_report", f"{UID_ROOT}3")
+    write_dose_report(folder / "patient" / "DOSE.dcm", f"{UID_ROOT}30")
+    (folder / "patient" / "notes.txt").write_text("exported by the PACS")
+    _, table = run(tmp_path, settings(path=folder, mr_percentiles=[0.0, 100.0]))
+    assert table["id"].tolist() == ["patient"] and table.at[0, "original_shape"] == "20x30x12"
+
+
 def test_a_real_enhanced_multiframe_dicom_reads_as_one_volume(tmp_path):
     """Philips MPRAGE from nibabel's test data: one enhanced multi-frame file, its pixel data blanked."""
     path = tmp_path / "mprage.dcm"
@@ -411,13 +452,12 @@ def test_the_foreground_crop_centres_the_grid_on_the_body_not_the_field_of_view(
     marker = (affine @ [30, 9, 25, 1])[:3]
     small = dict(path=folder, shape=(12, 12, 12), spacing=(2.0, 2.0, 2.0), mr_percentiles=[0.0, 100.0])
 
-    centre_csv, centre_table = run(tmp_path / "centre", settings(**small))
+    # Centred on the field of view (voxel 19.5 = 39 mm) the 24 mm grid misses the body entirely: all air, refused.
+    with pytest.raises(ValueError, match=r"body\.nii\.gz: the canonical grid is constant after resampling \(every "
+                                         r"voxel 0\).*data\.crop: foreground"):
+        run(tmp_path / "centre", settings(**small))
     fore_csv, fore_table = run(tmp_path / "foreground", settings(**small, crop="foreground"))
 
-    # Centred on the field of view (voxel 19.5 = 39 mm) the 24 mm grid misses the body entirely.
-    assert centre_table.at[0, "crop"] == "centre" and centre_table.at[0, "grid_centre"] == "39.0x39.0x39.0"
-    centred, _ = artefacts.load_nifti(centre_csv.parent / "volumes" / "body.nii.gz")
-    assert centred.max() == 0.0
     # Centred on the foreground's box the whole body is inside, the marker where it belongs.
     assert fore_table.at[0, "crop"] == "foreground"
     assert fore_table.at[0, "grid_centre"] == volume_io.format_triple(body_centre)
@@ -489,6 +529,82 @@ def dicom_slices(offsets: dict[int, float] | None = None, **geometry):
                                            series=7, offsets=offsets, **geometry)
 
 
+def slice_file(k: int, n: int = 12) -> str:
+    """The file write_dicom_series names slice k of n."""
+    return f"IM{(k * 7) % n:04d}"
+
+
+def with_damaged_slice(k: int):
+    """A DICOM series whose slice k is cut to half its length (GDCM then leaves it out of the series)."""
+    def make(path: Path) -> None:
+        dicom_slices()(path)
+        data = (path / slice_file(k)).read_bytes()
+        (path / slice_file(k)).write_bytes(data[: len(data) // 2])
+    return make
+
+
+def with_dangling_link(make):
+    """``make``'s input, and beside (or inside) it a symbolic link to a file that does not exist."""
+    def make_with_link(path: Path) -> None:
+        make(path)
+        (path / "IM9999").symlink_to(path / "gone")
+    return make_with_link
+
+
+def raw_nifti(volume: np.ndarray, qform=None, sform=None, **fields):
+    """A .nii written byte by byte: nibabel's save would quietly repair the header ``fields`` set here.
+
+    ``qform``/``sform``: (affine, code); unset: code 0. ``fields``: header fields to overwrite afterwards.
+    """
+    def make(path: Path) -> None:
+        header = nib.Nifti1Header()
+        header.set_data_dtype(volume.dtype)
+        header.set_data_shape(volume.shape)
+        header.set_zooms(INPUT_SPACING)
+        header.set_qform(*(qform or (None, 0)))
+        header.set_sform(*(sform or (None, 0)))
+        header.set_data_offset(352)
+        for key, value in fields.items():
+            header[key] = value
+        path.write_bytes(header.binaryblock + bytes(4) + volume.tobytes(order="F"))
+    return make
+
+
+def lying_nifti(compress: bool):
+    """A few kilobytes whose NIfTI header claims 1000 x 1000 x 1000 float32 voxels (4 GB)."""
+    def make(path: Path) -> None:
+        header = nib.Nifti1Header()
+        header.set_data_dtype(np.float32)
+        header.set_data_shape((1000, 1000, 1000))
+        header.set_sform(np.eye(4), code=1)
+        header.set_data_offset(352)
+        data = header.binaryblock + bytes(4) + marker_volume().tobytes()[:4096]
+        path.write_bytes(gzip.compress(data) if compress else data)
+    return make
+
+
+def metaimage(volume: np.ndarray, spacing: str, size: str | None = None):
+    """A MetaImage (.mha) written by hand with this ElementSpacing (and DimSize, default the volume's)."""
+    def make(path: Path) -> None:
+        size_text = size or " ".join(str(n) for n in volume.shape)
+        header = (f"ObjectType = Image\nNDims = 3\nDimSize = {size_text}\nElementSpacing = {spacing}\n"
+                  "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+        path.write_bytes(header.encode() + volume.astype(np.float32).tobytes(order="F"))
+    return make
+
+
+def off_centre_content(path: Path) -> None:
+    """40 voxels of 2 mm along each axis, varying only in the first four along R: outside a 64 mm grid at the centre."""
+    volume = np.zeros((40, 40, 40), np.float32)
+    volume[:4] = 500.0 + np.arange(40, dtype=np.float32)[None, :, None]
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+
+
+QFORM = np.diag([1.5, 1.0, 3.0, 1.0])
+FLIPPED = np.diag([-1.5, 1.0, 3.0, 1.0])  # QFORM mirrored left-right, at the same voxel size
+SINGULAR = np.diag([1.5, 1.0, 0.0, 1.0])
+
+
 def folder_without_dicom(path: Path) -> None:
     path.mkdir()
     (path / "notes.txt").write_text("no DICOM here")
@@ -503,7 +619,7 @@ BAD_INPUTS = {  # row: (file name, how to make it, the reason in the message)
                        r"truncated gzip file \(the compressed data ends early\)"),
     "corrupt_gzip": ("corrupt.nii.gz", corrupt_gzip, r"corrupt gzip file \(.+\); copy it again"),
     "truncated_nifti": ("short.nii", truncated(nifti(marker_volume())),
-                        r"truncated or damaged NIfTI file \(Expected 28800 bytes, got \d+ bytes"),
+                        r"truncated or damaged NIfTI file \(Expected 28800 bytes, got \d+ bytes of voxels"),
     "truncated_nrrd": ("cut.nrrd", truncated(itk_file(marker_volume())),
                        r"not a readable image \(.*expected 28800 bytes but received \d+"),
     "truncated_mha": ("clipped.mha", truncated(itk_file(marker_volume(), compress=False)),
@@ -530,6 +646,51 @@ BAD_INPUTS = {  # row: (file name, how to make it, the reason in the message)
     "dicom_mixed_orientations": ("localizer_mixed_in", dicom_slices(tilted_slice=4),
                                  r"the slices of series .* differ in orientation or size"),
     "folder_without_dicom": ("derivatives", folder_without_dicom, r"no DICOM series in this folder"),
+    # A slice GDCM cannot read is left out of every series; at either end it leaves no hole to see.
+    "dicom_damaged_last_slice": ("cut_last", with_damaged_slice(11), slice_file(11) + r": a DICOM image that GDCM "
+                                 r"reads into no series \(truncated or damaged\)"),
+    "dicom_damaged_first_slice": ("cut_first", with_damaged_slice(0), slice_file(0) + r": a DICOM image that GDCM"),
+    "dicom_pixel_spacing_differs": ("two_spacings", dicom_slices(pixel_spacing={6: (2.0, 2.0)}),
+                                    r"differ in pixel spacing \(0028\|0030\): 1.5x1.0 mm in IM0000, 2.0x2.0 mm in "
+                                    + slice_file(6)),
+    "dicom_two_patients": ("two_patients", dicom_slices(slice_tags={6: {"0010|0020": "someone else"}}),
+                           r"differ in PatientID \(0010\|0020\): 'anonymous' in IM0000, 'someone else' in "
+                           + slice_file(6) + "; one series must hold one patient's slices"),
+    # GDCM then also leaves out a good slice beside the link: listed after it.
+    "dicom_dangling_link": ("linked", with_dangling_link(dicom_slices()), r"IM9999: a symbolic link to \S*gone that "
+                            r"does not resolve \(dangling or a loop\); .*; also left out: IM0001"),
+    "dangling_link": ("moved.nii.gz", lambda path: path.symlink_to(path.parent / "elsewhere.nii.gz"),
+                      r"a symbolic link to \S*elsewhere\.nii\.gz that does not resolve \(dangling or a loop\)"),
+    "dangling_folder_link": ("patient07", lambda path: path.symlink_to(path.parent / "moved" / "patient07"),
+                             r"a symbolic link to \S*moved/patient07 that does not resolve"),
+    "link_loop": ("loop.nii.gz", lambda path: path.symlink_to(path), r"a symbolic link to \S*loop\.nii\.gz that "
+                  r"does not resolve \(dangling or a loop\)"),
+    "qform_sform_disagree": ("two_forms.nii", raw_nifti(marker_volume(), (QFORM, 1), (FLIPPED, 1)),
+                             r"its qform \(RAS 1.5x1.0x3.0 mm\) and sform \(LAS 1.5x1.0x3.0 mm\) disagree, placing "
+                             r"voxels up to 57 mm apart, so tools disagree on where the anatomy is \(ITK, which reads "
+                             r"for medmem, takes the [qs]form here, nibabel and FSL the sform, others the qform\)"),
+    "zero_pixdim": ("zero_pixdim.nii", raw_nifti(marker_volume(), (QFORM, 1), pixdim=[1, 1.5, 1, 0, 1, 1, 1, 1]),
+                    r"voxel size pixdim\[3\]=0 in its NIfTI header is not a positive number of mm"),
+    "singular_sform": ("singular.nii", raw_nifti(marker_volume(), sform=(SINGULAR, 2)),
+                       r"its sform \(code 2\) is singular: it maps the voxel grid onto fewer than 3 dimensions"),
+    "itk_and_nibabel_disagree": ("odd_sform.nii", raw_nifti(marker_volume(), sform=(np.diag([3.0, 2.0, 3.0, 1.0]), 2)),
+                                 r"ITK, which reads for medmem, and nibabel read its geometry differently \(ITK: RAS "
+                                 r"1.5x1.0x3.0 mm, nibabel: RAS 3.0x2.0x3.0 mm; voxels up to 40.7 mm apart\)"),
+    "no_orientation": ("no_forms.nii", raw_nifti(marker_volume()), r"sets neither a qform nor an sform \(both codes "
+                       r"are 0\), so the patient orientation is unknown"),
+    "negative_spacing": ("negative.mha", metaimage(marker_volume(), "-1.5 1 3"),
+                         r"voxel size -1.5x1.0x3.0 mm in its header is not positive and finite"),
+    "voxels_of_metres": ("metres.nii.gz", nifti(marker_volume(), np.diag([4000.0, 1000.0, 3000.0, 1.0])),
+                         r"its voxels are too coarse for the target grid \(32x32x32 voxels of \[2.0, 2.0, 2.0\] mm\), "
+                         r"which would cover fewer than two of them, and come out flat, along R: 0.016 of its 4000 mm voxels, A: 0.064"),
+    "grid_misses_the_content": ("off_centre.nii.gz", off_centre_content, r"the canonical grid is constant after "
+                                r"resampling \(every voxel 0\).*data\.crop: foreground"),
+    "complex": ("phase.nii.gz", nifti(marker_volume().astype(np.complex64) * (1 + 1j)),
+                r"complex-valued voxels \(phase/k-space data\?\): give a magnitude image"),
+    "lying_header": ("lying.nii", lying_nifti(compress=False), r"truncated or damaged NIfTI file \(Expected 4000000000 "
+                     r"bytes, got 4096 bytes of voxels: its header claims 1000x1000x1000 float32 voxels from byte 352"),
+    "lying_header_gzip": ("lying_gzip.nii.gz", lying_nifti(compress=True), r"truncated or damaged NIfTI file \(Expected "
+                          r"4000000000 bytes, got 4096 bytes"),
 }
 
 
@@ -579,6 +740,52 @@ def test_on_bad_input_skip_quarantines_every_bad_input_and_goes_on(tmp_path):
         assert re.match(re.escape(str(folder / name)) + ": .*" + reason, reasons[str(folder / name)]), name
     sidecar = json.loads(cases_csv.with_name("cases.csv.json").read_text())
     assert len(sidecar["quarantined"]) == len(BAD_INPUTS) and sidecar["n_cases"] == 1
+
+
+def test_a_lying_header_is_refused_before_its_voxels_are_allocated(tmp_path):
+    """A few kilobytes claiming 4 GB: refused from its header and its stream, without the memory a read would take."""
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kB
+    for name, compress in (("lying.nii", False), ("lying.nii.gz", True)):
+        lying_nifti(compress)(tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + r": truncated or damaged NIfTI file "
+                                             r"\(Expected 4000000000 bytes, got 4096 bytes"):
+            volume_io.read_file(tmp_path / name)
+    # A MetaImage's size cannot be checked against its file (its data may be compressed): the job's memory can.
+    metaimage(marker_volume(), "1 1 1", size="1000 1000 1000")(tmp_path / "lying.mha")
+    with pytest.raises(ValueError, match=r"lying\.mha: its header claims 1000x1000x1000 voxels of 4 byte\(s\); reading "
+                                         r"them needs about 22,888 MB .* more than the 4000 MB of the job"):
+        volume_io.read_file(tmp_path / "lying.mha", memory_mb=4000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb < 200 * 1024
+
+
+def test_a_volume_too_large_for_the_jobs_memory_is_refused_or_quarantined(tmp_path):
+    bad = good_and(tmp_path, "large.mha", metaimage(marker_volume(), "1 1 1", size="1000 1000 1000"))
+    out = tmp_path / "out"
+    # 20 GB: the good volume fits beside what the test process holds; 1000^3 voxels need more.
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r": its header claims 1000x1000x1000 voxels .* more "
+                                         r"than the 20000 MB of the job \(resources: mem_mb\) leave beside the \d+ MB "
+                                         r"ingest holds; give the ingest rule more memory"):
+        ingest.run(settings(path=bad.parent), out / "cases.csv", out / "volumes", memory_mb=20000)
+    table = ingest.run(settings(path=bad.parent, on_bad_input="skip"), out / "cases.csv", out / "volumes",
+                       quarantine_csv=out / "quarantine.csv", memory_mb=20000)
+    assert table["id"].tolist() == ["good"]
+    assert pd.read_csv(out / "quarantine.csv")["file"].tolist() == [str(bad)]
+
+
+def test_running_out_of_memory_on_one_case_is_that_cases_bad_input(tmp_path, monkeypatch):
+    bad = good_and(tmp_path, "huge.nii.gz", nifti(marker_volume()[::-1].copy()))
+    read_volume = volume_io.read_volume
+
+    def out_of_memory_on_huge(path, memory_mb=None):
+        if path.name == "huge.nii.gz":
+            raise MemoryError
+        return read_volume(path, memory_mb)
+
+    monkeypatch.setattr(volume_io, "read_volume", out_of_memory_on_huge)
+    refused(tmp_path, bad.parent, re.escape(str(bad)) + r": out of memory while reading it .*resources: mem_mb")
+    cases_csv, table = run(tmp_path, settings(path=bad.parent, on_bad_input="skip"))
+    assert table["id"].tolist() == ["good"]
+    assert pd.read_csv(cases_csv.with_name("quarantine.csv"))["file"].tolist() == [str(bad)]
 
 
 def test_on_bad_input_skip_still_stops_when_nothing_good_is_left(tmp_path):
@@ -754,6 +961,7 @@ def test_case_ids_strip_only_the_volume_suffix():
 IMAGE = np.zeros((24, 40), np.float32)  # (rows, columns), as SimpleITK and PNG store it
 IMAGE[4:20, 6:34] = 100.0
 IMAGE[5, 30] = 1000.0
+IMAGE[12, 20] = 200.0  # inside the centre crop, which would otherwise be one constant value (refused)
 
 
 def write_2d(path: Path, pixels: np.ndarray, spacing=(0.5, 1.0)) -> None:
@@ -781,8 +989,9 @@ def test_2d_images_arrive_in_every_format_with_the_marker_in_place(tmp_path):
 
     assert file_hashes(folder) == before
     pairs = pd.read_csv(cases_csv.with_name("duplicates.csv"))
-    # The three at 0.5 x 1.0 mm are one image; the PNGs, at 1 mm, are cropped elsewhere.
-    assert set(zip(pairs["id_a"], pairs["id_b"])) == {("dicom", "mha"), ("dicom", "slice"), ("mha", "slice")}
+    # The three at 0.5 x 1.0 mm are one image; the two PNGs, at 1 mm, are another crop of it.
+    assert set(zip(pairs["id_a"], pairs["id_b"])) == {("dicom", "mha"), ("dicom", "slice"), ("mha", "slice"),
+                                                      ("png16", "png8")}
     assert set(pairs["kind"]) == {"across_patients"} and set(pairs["action"]) == {"reported"}
     assert (pairs["correlation"] > 0.999).all()
     assert table["id"].tolist() == ["dicom", "mha", "png16", "png8", "slice"]

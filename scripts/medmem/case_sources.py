@@ -14,12 +14,16 @@ or a DICOM series folder; relative paths are relative to the manifest's folder),
 then ``<patient_id>_<file name without suffix>`` unless ``id`` names it.
 
 Listing refuses what no single case can fix (a missing folder or manifest, clashing ids, a patient
-given both splits, a file listed twice) before anything is read. A listed file that is missing or
-unreadable is the reader's to refuse, case by case (or to quarantine with ``data.on_bad_input: skip``).
+given both splits, a file listed twice, a manifest row with more cells than columns) before anything
+is read. A listed file that is missing or unreadable is the reader's to refuse, case by case (or to
+quarantine with ``data.on_bad_input: skip``): so is a folder's symbolic link that leads nowhere, which
+becomes a case of its own rather than a patient who silently vanishes, and so are the cases of a DICOM
+folder holding a file that no series took in (see dicom_series.left_out).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ class CaseSource:
     series: dicom_series.Series | None = None   # the DICOM series read from ``path`` when it is a folder
     given_split: str = ""                       # train | holdout from a manifest; "": the split stage draws it
     origin: str = ""                            # where it was listed, for messages ("listed in m.csv row 3")
+    unread: tuple[tuple[str, str], ...] = ()    # (file, why) a DICOM folder holds outside every series: refused
 
 
 def from_folder(folder: str | os.PathLike, spatial_dims: int = 3) -> list[CaseSource]:
@@ -58,6 +63,9 @@ def from_folder(folder: str | os.PathLike, spatial_dims: int = 3) -> list[CaseSo
             sources.extend(series_cases(path, patient_id=path.name, name=path.name))
         elif path.is_file() and (identifier := case_id(path, suffixes)) is not None:
             sources.append(CaseSource(identifier, identifier, path))
+        elif path.is_symlink() and not path.exists():  # dangling or a loop: it may have been a patient
+            identifier = case_id(path, suffixes) or path.name
+            sources.append(CaseSource(identifier, identifier, path))
     if not sources:
         series = " or DICOM series in subfolders" if spatial_dims == 3 else ""
         raise ValueError(f"{folder}: no volumes in this folder (looked for "
@@ -73,10 +81,11 @@ def series_cases(folder: Path, patient_id: str, name: str, given_split: str = ""
     A folder without any DICOM series still makes one case, which the reader refuses by name.
     """
     found = dicom_series.find_series(folder)
+    unread = dicom_series.left_out(folder, found)
     if len(found) <= 1:
-        return [CaseSource(name, patient_id, folder, found[0] if found else None, given_split, origin)]
-    return [CaseSource(f"{name}_{dicom_series.series_label(s, found)}", patient_id, folder, s, given_split, origin)
-            for s in found]
+        return [CaseSource(name, patient_id, folder, found[0] if found else None, given_split, origin, unread)]
+    return [CaseSource(f"{name}_{dicom_series.series_label(s, found)}", patient_id, folder, s, given_split, origin,
+                       unread) for s in found]
 
 
 def from_manifest(manifest: str | os.PathLike, spatial_dims: int = 3) -> list[CaseSource]:

@@ -8,9 +8,11 @@ with float32 intensities in [0, 1], so no later stage reads a header again. case
 case, its patient, its source, its original geometry, the intensities mapped to 0 and 1 and where
 the canonical grid was centred. Input files are only read, never modified.
 
-A bad input (unreadable, truncated, not 3D, NaN/Inf voxels, constant, smaller than a voxel, a DICOM
-series with holes) stops ingest with a message naming the file and the reason, before anything is
-written (``data.on_bad_input: error``), or (``skip``) is listed in quarantine.csv and left out.
+A bad input (unreadable, truncated, a header that lies about its size or geometry, too large for the
+job's memory, complex, not 3D, NaN/Inf voxels, constant, smaller than a voxel or coarser than the grid,
+a DICOM series with holes, a damaged slice or mixed slices, a link that leads nowhere) stops ingest with
+a message naming the file and the reason, before anything is written (``data.on_bad_input: error``),
+or (``skip``) is listed in quarantine.csv and left out.
 Near-duplicate cases are reported before anything trains (duplicates.py).
 
 2D mode (X-ray-like images): ``data.shape`` and ``data.spacing`` with two entries. The phantom is
@@ -131,13 +133,15 @@ class Settings:
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
-        quarantine_csv: str | os.PathLike | None = None, duplicates_csv: str | os.PathLike | None = None
-        ) -> pd.DataFrame:
+        quarantine_csv: str | os.PathLike | None = None, duplicates_csv: str | os.PathLike | None = None,
+        memory_mb: float | None = None) -> pd.DataFrame:
     """Write one canonical NIfTI per case into ``volumes_dir`` and ``cases_csv``, all atomically.
 
     ``quarantine_csv``: where the cases ``on_bad_input: skip`` left out are listed (they are also in the
     sidecar). ``duplicates_csv``: where near-duplicate pairs are reported; None skips the comparison
-    (a synthetic set may hold copies of each other: that is what is being measured).
+    (a synthetic set may hold copies of each other: that is what is being measured). ``memory_mb``: the
+    job's memory (the rule's resources); a volume whose reading would need more is a bad input, refused
+    before it is read; None: no limit.
     Nothing is written when an error stops the run.
     """
     cases_csv, volumes_dir = Path(cases_csv), Path(volumes_dir)
@@ -146,7 +150,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.
     if settings.source == "phantom":
         cases, inputs, seed = phantom_cases(settings), {}, settings.phantom.seed
     else:
-        cases, seed = file_cases(settings, sources, quarantined), None
+        cases, seed = file_cases(settings, sources, quarantined, memory_mb), None
         inputs = {"folder": settings.folder.path} if settings.source == "folder" else {"manifest": settings.manifest}
     rows, fingerprints = [], []
     with artefacts.atomic_directory(volumes_dir) as staging:
@@ -214,11 +218,12 @@ def phantom_cases(settings: Settings) -> Iterator[Case]:
         yield case, volume, affine, {"patient_id": case, "source_path": source, **record}
 
 
-def file_cases(settings: Settings, sources: list[CaseSource], quarantined: list[dict[str, str]]) -> Iterator[Case]:
+def file_cases(settings: Settings, sources: list[CaseSource], quarantined: list[dict[str, str]],
+               memory_mb: float | None = None) -> Iterator[Case]:
     """Each listed case read and made canonical; a bad one raises, or with on_bad_input: skip is quarantined."""
     for source in sources:
         try:
-            volume, affine, record = read_case(settings, source)
+            volume, affine, record = read_case(settings, source, memory_mb)
         except ValueError as error:
             if settings.on_bad_input == "error":
                 raise
@@ -229,19 +234,39 @@ def file_cases(settings: Settings, sources: list[CaseSource], quarantined: list[
         yield source.id, volume, affine, record
 
 
-def read_case(settings: Settings, source: CaseSource) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
-    """One case: read and checked, normalised on its own grid, then resampled once onto the canonical grid."""
+def read_case(settings: Settings, source: CaseSource, memory_mb: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """One case: read and checked, normalised on its own grid, then resampled once onto the canonical grid.
+
+    Running out of memory on it is this case's fault, not the run's: a ValueError naming it, which
+    on_bad_input: skip quarantines like any other.
+    """
+    try:
+        return canonical_case(settings, source, memory_mb)
+    except MemoryError:
+        raise ValueError(f"{source.path}: out of memory while reading it (its header claims more than the job can "
+                         "hold?); give the ingest rule more memory (resources: mem_mb), or crop or downsample this "
+                         "volume first") from None
+
+
+def canonical_case(settings: Settings, source: CaseSource, memory_mb: float | None
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """read_case's work: read, check, normalise, resample."""
     path, folder = source.path, settings.folder
     if not path.exists():
-        raise ValueError(f"{path}: file not found" + (f" ({source.origin})" if source.origin else ""))
+        raise ValueError(f"{path}: {volume_io.why_missing(path)}" + (f" ({source.origin})" if source.origin else ""))
+    if source.unread:
+        (name, reason), others = source.unread[0], [name for name, _ in source.unread[1:]]
+        raise ValueError(f"{path}: {name}: {reason}" + (f"; also left out: {', '.join(others)}" if others else ""))
     if path.is_dir() and len(settings.shape) == 3:
         if source.series is None:
             raise ValueError(f"{path}: no DICOM series in this folder (volume files in subfolders are not read): "
                              "put one patient's DICOM files here, or move the volume up beside the others")
-        image, values = volume_io.checked_volume(dicom_series.read_series(path, source.series), path)
+        image = dicom_series.read_series(path, source.series, memory_mb)
+        image, values = volume_io.checked_volume(image, path)
     else:
-        image, values = (volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image)(path)
-    volume_io.check_extent(image, settings.spacing, path)
+        image, values = (volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image)(path, memory_mb)
+    volume_io.check_extent(image, settings.spacing, settings.shape, path)
     if folder.modality == "ct":
         values, (low, high) = volume_io.window_ct(values, folder.ct_window, path), folder.ct_window
     else:
@@ -252,6 +277,8 @@ def read_case(settings: Settings, source: CaseSource) -> tuple[np.ndarray, np.nd
     else:
         centre = volume_io.field_of_view_centre(image)
     volume, affine = volume_io.resample_to_canonical(image, values, settings.shape, settings.spacing, centre)
+    volume = np.clip(volume, 0.0, 1.0)
+    volume_io.check_resampled(volume, path)
     record = {
         "patient_id": source.patient_id,
         "source_path": str(path.resolve()),
@@ -263,7 +290,7 @@ def read_case(settings: Settings, source: CaseSource) -> tuple[np.ndarray, np.nd
         "grid_centre": volume_io.format_triple(volume_io.grid_centre(centre)),
         "given_split": source.given_split,
     }
-    return np.clip(volume, 0.0, 1.0), affine, record
+    return volume, affine, record
 
 
 def report_duplicates(rows: list[dict[str, object]], fingerprints: list[np.ndarray],
