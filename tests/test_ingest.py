@@ -943,6 +943,36 @@ def test_bad_manifests_are_refused_naming_the_manifest_and_the_row(tmp_path, row
     assert file_hashes(tmp_path) == before and not (tmp_path / "out").exists()
 
 
+def test_manifest_rows_are_numbered_by_their_line_whatever_their_commas(tmp_path):
+    """Rows ending in commas, numeric patient ids, a blank line: pandas took the first column as the index."""
+    nib.save(nib.Nifti1Image(random_volume(1), np.eye(4)), tmp_path / "a.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,path\n1,a.nii.gz,\n\n2,gone.nii.gz,,\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'gone.nii.gz'}: file not found (listed in "
+                                                   f"{manifest} row 4)")):
+        run(tmp_path, manifest_settings(manifest))
+    _, table = run(tmp_path, manifest_settings(manifest, on_bad_input="skip"))
+    assert table[["id", "patient_id"]].values.tolist() == [["1", "1"]]
+
+
+RAW_MANIFEST_REFUSALS = {  # row: (the manifest's text, message)
+    "extra_cell": ("patient_id,path\np1,a.nii.gz\np2,a.nii.gz,,oops\n",
+                   r"manifest\.csv row 3: 4 cells \['p2', 'a\.nii\.gz', '', 'oops'\] for the 2 columns "
+                   r"\['patient_id', 'path'\]: remove the extra cells, or name their column"),
+    "empty_file": ("", r"manifest\.csv: empty: its first line must name the columns"),
+    "column_twice": ("patient_id,path,path\np1,a.nii.gz,a.nii.gz\n", r"names a column twice"),
+}
+
+
+@pytest.mark.parametrize("row", list(RAW_MANIFEST_REFUSALS))
+def test_malformed_manifests_are_refused_naming_the_row(tmp_path, row):
+    text, message = RAW_MANIFEST_REFUSALS[row]
+    nib.save(nib.Nifti1Image(random_volume(1), np.eye(4)), tmp_path / "a.nii.gz")
+    (tmp_path / "manifest.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, manifest_settings(tmp_path / "manifest.csv"))
+
+
 def test_a_missing_manifest_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"data\.manifest \S*nowhere\.csv does not exist: set data\.manifest to a CSV"):
         run(tmp_path, manifest_settings(tmp_path / "nowhere.csv"))

@@ -105,8 +105,7 @@ def from_manifest(manifest: str | os.PathLike, spatial_dims: int = 3) -> list[Ca
     if table.empty:
         raise ValueError(f"{manifest}: no rows: list one volume per row (patient_id, path)")
     rows = []
-    for index, row in table.iterrows():
-        line = int(index) + 2  # the header is line 1
+    for line, row in table.iterrows():
         where = f"{manifest} row {line}"
         patient, text = row["patient_id"].strip(), row["path"].strip()
         given, explicit_id = row.get("split", "").strip(), row.get("id", "").strip()
@@ -175,11 +174,39 @@ def check_name(name: str, where: str) -> None:
 
 
 def read_manifest(manifest: Path) -> pd.DataFrame:
-    """The manifest as text: every cell a string, none turned into NaN (a patient may be called "NA")."""
+    """The manifest as text, indexed by the line each row starts on: every cell a string (a patient may be
+    called "NA"), trailing empty cells dropped, missing ones empty, blank lines skipped.
+
+    Read with the csv module, not pandas: pandas takes the first column as the index when rows end in a
+    comma, and numbers rows without the blank lines, so its row numbers would name the wrong lines.
+    """
     try:
-        return pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        with manifest.open(newline="", encoding="utf-8-sig") as stream:
+            reader = csv.reader(stream, skipinitialspace=True)
+            header = _without_trailing_empty(next(reader, []))
+            rows, lines, line = [], [], reader.line_num + 1
+            for cells in reader:
+                cells = _without_trailing_empty(cells)
+                if len(cells) > len(header):
+                    raise ValueError(f"{manifest} row {line}: {len(cells)} cells {cells} for the {len(header)} "
+                                     f"columns {header}: remove the extra cells, or name their column")
+                if cells:
+                    rows.append(cells + [""] * (len(header) - len(cells)))
+                    lines.append(line)
+                line = reader.line_num + 1
+    except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"{manifest}: not a readable CSV ({' '.join(str(error).split())})") from None
+    if not header:
+        raise ValueError(f"{manifest}: empty: its first line must name the columns, e.g. patient_id,path")
+    if len(set(header)) < len(header):
+        raise ValueError(f"{manifest}: header {header} names a column twice: name each column once")
+    return pd.DataFrame(rows, columns=header, index=lines, dtype=str)
+
+
+def _without_trailing_empty(cells: list[str]) -> list[str]:
+    while cells and not cells[-1].strip():
+        cells = cells[:-1]
+    return cells
 
 
 def manifest_inputs(manifest: str | os.PathLike) -> list[str]:
