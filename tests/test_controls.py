@@ -5,11 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmem import artefacts, controls, volume_sets
+import torch
+import yaml
+
+import test_autoencoder
+from medmem import artefacts, autoencoder, controls, volume_sets
 from procedural_cohort import ISOTROPIC_4MM, ellipsoid_volumes, write_cohort
 
+ROOT = test_autoencoder.ROOT
 SIZE = 16
-RANDOM_STRENGTHS = ("rotate_5", "rotate_10", "noise", "intensity", "translate", "elastic")
+RANDOM_STRENGTHS = ("rotate_5", "rotate_10", "noise", "intensity", "translate", "elastic", "combined")
+N_STRENGTHS = len(controls.STRENGTHS)  # 10
 
 
 def correlation(a, b):
@@ -199,7 +205,8 @@ def test_settings_are_checked():
     assert controls.Settings().strengths == controls.STRENGTHS
     assert controls.Settings(strengths=["flip", "exact"]).strengths == ("flip", "exact")  # YAML list → tuple
     with pytest.raises(ValueError, match=r"unknown strengths \['blur'\]; valid strengths: exact, flip, rotate_5, "
-                                         r"rotate_10, noise, intensity, translate, elastic"):
+                                         r"rotate_10, noise, intensity, translate, elastic, reconstruction, "
+                                         r"combined$"):
         controls.Settings(strengths=["exact", "blur"])
     with pytest.raises(ValueError, match=r"controls.strengths lists \['flip'\] more than once"):
         controls.Settings(strengths=["flip", "exact", "flip"])
@@ -246,17 +253,24 @@ def test_run_plants_copies_and_holdout_negatives(cohort, tmp_path):
     written = pd.read_csv(manifest, dtype=str)
     assert list(written.columns) == ["id", "path", "kind", "strength", "source_id"]
     pd.testing.assert_frame_equal(written, table.astype(str))
-    assert len(written) == 8 * 2 + 3 and written["id"].is_unique
+    # 10 strengths x 2 copies; each of the 3 holdout volumes twice (as it is, reconstructed); 3 averages.
+    assert len(written) == N_STRENGTHS * 2 + 3 * 3 and written["id"].is_unique
     copies = written[written["kind"] == "copy"]
     assert copies.groupby("strength").size().to_dict() == {s: 2 for s in controls.STRENGTHS}
     assert list(dict.fromkeys(copies["strength"])) == list(controls.STRENGTHS)  # planted in settings order
     assert set(copies["source_id"]) <= set(train_ids)
     assert all(copies.groupby("strength")["source_id"].nunique() == 2)  # without replacement
     assert (copies["id"] == "probe-" + copies["strength"] + "-" + copies["source_id"]).all()
-    negatives = written[written["kind"] == "holdout"]
-    assert list(negatives["source_id"]) == holdout_ids and set(negatives["strength"]) == {"none"}
+    negatives = written[(written["kind"] == "holdout") & (written["strength"] == "none")]
+    assert list(negatives["source_id"]) == holdout_ids
     assert list(negatives["id"]) == [f"probe-holdout-{i}" for i in holdout_ids]
-    assert set(written["kind"]) == {"copy", "holdout"}
+    reconstructed = written[(written["kind"] == "holdout") & (written["strength"] == "reconstruction")]
+    assert list(reconstructed["source_id"]) == holdout_ids
+    assert list(reconstructed["id"]) == [f"probe-holdout_reconstruction-{i}" for i in holdout_ids]
+    averages = written[written["kind"] == "average"]
+    assert list(averages["id"]) == ["probe-average-00", "probe-average-01", "probe-average-02"]
+    assert set(averages["strength"]) == {"none"}
+    assert set(written["kind"]) == {"copy", "holdout", "average"}
 
     # Paths are relative to the manifest's folder and every probe is readable, canonical, with its affine.
     assert all(not p.startswith("/") for p in written["path"])
@@ -271,13 +285,22 @@ def test_run_plants_copies_and_holdout_negatives(cohort, tmp_path):
         assert artefacts.load_nifti(paths[row.id])[0].tobytes() == source.tobytes()
     for row, holdout_path in zip(negatives.itertuples(), holdout_paths):
         assert artefacts.load_nifti(paths[row.id])[0].tobytes() == artefacts.load_nifti(holdout_path)[0].tobytes()
+    # Without an autoencoder, reconstructions are band_limit's, of copies and holdout volumes alike.
+    for table_rows in (reconstructed, copies[copies["strength"] == "reconstruction"]):
+        for row in table_rows.itertuples():
+            source = artefacts.load_nifti(cases[row.source_id])[0]
+            expected = np.clip(controls.band_limit(source), 0, 1).astype(np.float32)
+            np.testing.assert_array_equal(artefacts.load_nifti(paths[row.id])[0], expected)
     probe_files = {p.name for p in (tmp_path / "controls" / "volumes").iterdir()}
     assert probe_files == {f"{i}.nii.gz" for i in written["id"]}  # nothing else, no staging left behind
 
     sidecar = json.loads(manifest.with_name("manifest.csv.json").read_text())
     assert sidecar["settings"] == {"strengths": list(controls.STRENGTHS), "n_per_strength": 2, "seed": 0}
-    assert sidecar["seed"] == 0 and sidecar["n_probes"] == 19 and sidecar["n_holdout"] == 3
+    assert sidecar["seed"] == 0 and sidecar["n_probes"] == 29 and sidecar["n_holdout"] == 3
+    assert sidecar["n_average"] == 3
     assert sidecar["strengths"] == controls.STRENGTH_DEFINITIONS
+    assert sidecar["negatives"] == controls.NEGATIVE_DEFINITIONS
+    assert "band-limited as an autoencoder would" in sidecar["strengths"]["reconstruction"]
     assert set(sidecar["inputs"]) == {"cases", "split"}
 
 
@@ -291,9 +314,12 @@ def test_run_is_reproducible_and_each_strength_independent_of_the_others(cohort,
         assert a.tobytes() == b.tobytes(), row.id
     # Planting noise alone gives the same noise probes as planting every strength.
     alone, noise_only = plant(cohort, tmp_path / "c", strengths=["noise"], n_per_strength=2, seed=4)
-    assert set(noise_only["strength"]) == {"noise", "none"}
+    assert set(noise_only["strength"]) == {"noise", "none", "reconstruction"}
     noise = table[table["strength"] == "noise"].reset_index(drop=True)
     pd.testing.assert_frame_equal(noise_only[noise_only["kind"] == "copy"].reset_index(drop=True), noise)
+    # The negatives do not depend on the strengths either: the averages draw from a stream of their own.
+    pd.testing.assert_frame_equal(noise_only[noise_only["kind"] != "copy"].reset_index(drop=True),
+                                  table[table["kind"] != "copy"].reset_index(drop=True))
     for row in noise.itertuples():
         assert (artefacts.load_nifti(alone.parent / row.path)[0].tobytes()
                 == artefacts.load_nifti(first.parent / row.path)[0].tobytes())
@@ -307,7 +333,7 @@ def test_run_copies_every_training_volume_by_default(cohort, tmp_path):
     train_ids, _ = volume_sets.split_paths(cohort[0], cohort[1], "train")
     for strength in ("exact", "translate"):
         assert list(table.loc[table["strength"] == strength, "source_id"]) == train_ids
-    assert (table["kind"] == "holdout").sum() == 3
+    assert (table["kind"] == "holdout").sum() == 6 and (table["kind"] == "average").sum() == 3
 
 
 def test_run_refuses_more_copies_than_training_volumes(cohort, tmp_path):
@@ -327,6 +353,8 @@ PINNED_3D = {
     "intensity": (241.5237, 1745.6522, 1838.4838, 1781.9315),
     "translate": (212.7108, 1111.5449, 1193.9170, 1154.1366),
     "elastic": (218.5089, 1536.8821, 1576.4734, 1641.7742),
+    "reconstruction": (212.2413, 1540.5577, 1615.7461, 1567.8432),  # band_limit: no autoencoder given
+    "combined": (221.4258, 1428.3571, 1669.3735, 1637.3681),
 }
 
 
@@ -422,10 +450,10 @@ def test_run_plants_2d_probes(tmp_path):
     manifest = tmp_path / "controls" / "manifest.csv"
     table = controls.run(controls.Settings(n_per_strength=2, seed=0), cases_csv, split_csv, manifest,
                          tmp_path / "controls" / "volumes")
-    assert len(table) == 8 * 2 + 2
+    assert len(table) == N_STRENGTHS * 2 + 2 * 3
     paths = volume_sets.read_volume_table(manifest).set_index("id")["path"]
     probes, _ = volume_sets.load_volumes(paths.tolist())
-    assert probes.shape == (18, 1, SIZE, SIZE) and probes.min() >= 0 and probes.max() <= 1
+    assert probes.shape == (26, 1, SIZE, SIZE) and probes.min() >= 0 and probes.max() <= 1
     cases = volume_sets.read_volume_table(cases_csv).set_index("id")["path"]
     for row in table[table["strength"].isin(["exact", "flip"])].itertuples():
         source = artefacts.load_nifti(cases[row.source_id])[0]
@@ -435,3 +463,149 @@ def test_run_plants_2d_probes(tmp_path):
     assert sidecar["strengths"] == controls.strength_definitions(2)
     assert "one in-plane angle" in sidecar["strengths"]["rotate_5"]
     assert controls.strength_definitions(3) == controls.STRENGTH_DEFINITIONS
+
+
+# Realistic copies and trap negatives.
+
+
+def test_band_limit_keeps_coarse_anatomy_and_loses_what_is_finer_than_the_latent_grid():
+    # A one-voxel checkerboard averages to 0.5 in every 4-voxel cell; back up and blurred it stays 0.5
+    # wherever the blur does not reach outside the grid (zero there).
+    checkerboard = (np.indices((SIZE,) * 3).sum(axis=0) % 2).astype(np.float32)
+    limited = controls.band_limit(checkerboard)
+    assert limited.dtype == np.float64 and limited.shape == checkerboard.shape
+    np.testing.assert_allclose(limited[2:-2, 2:-2, 2:-2], 0.5, atol=1e-12)
+    assert limited[0, 0, 0] < 0.5  # zero outside, as for every resampled probe
+    # A large ball survives on a 4³-cell grid, a small one (under a cell across) is smeared away.
+    large, small = centred_ball(radius=5.0), centred_ball(radius=1.0)
+    assert correlation(large, controls.band_limit(large)) > 0.9
+    assert correlation(small, controls.band_limit(small)) < correlation(large, controls.band_limit(large)) - 0.1
+    # Any grid, divisible by the factor or not, in 3D and in 2D.
+    for shape in ((13, 14, 15), (SIZE, 10)):
+        odd = np.random.default_rng(0).random(shape).astype(np.float32)
+        assert controls.band_limit(odd).shape == shape
+    # A constant interior stays that constant: averaging, interpolating and a normalised blur keep levels.
+    flat = np.full((SIZE,) * 3, 0.4, np.float32)
+    np.testing.assert_allclose(controls.band_limit(flat)[2:-2, 2:-2, 2:-2], 0.4, atol=1e-12)
+
+
+def test_band_limit_mimics_the_default_autoencoder():
+    defaults = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["autoencoder"]
+    assert controls.BAND_LIMIT_FACTOR == autoencoder.Settings(**defaults).downsampling
+    assert controls.BAND_LIMIT_FACTOR == autoencoder.Settings().downsampling
+
+
+def test_combined_shifts_along_one_axis_turns_a_little_reconstructs_then_renoises():
+    flat = np.zeros((SIZE,) * 3, np.float32)
+    flat[2:-2, 2:-2, 2:-2] = 0.5  # 10 std of the combined noise from both bounds
+    seen = []
+
+    def spy(volume):  # an identity "autoencoder" that records what it was given
+        seen.append(volume.copy())
+        return volume
+
+    for seed in range(8):
+        probe = controls.transform(flat, "combined", np.random.default_rng(seed), reconstruct=spy)
+        moved = seen[-1]
+        assert moved.dtype == np.float32 and moved.min() >= 0 and moved.max() <= 1
+        # Rotation about the centre keeps the centre of mass; the whole-voxel shift moves it along one axis.
+        index = np.indices(flat.shape).reshape(3, -1)
+        shift = index @ moved.ravel().astype(np.float64) / moved.sum() - (SIZE - 1) / 2
+        assert np.sum(np.abs(shift) > 0.5) == 1 and 0.8 < np.abs(shift).max() < 2.2, shift
+        # Noise is added after the reconstruction, with the documented std.
+        inside = (moved > 0.45) & (moved < 0.55)
+        residual = probe[inside].astype(np.float64) - moved[inside]
+        assert residual.std() == pytest.approx(controls.COMBINED_NOISE_STD, rel=0.1)
+    assert len(seen) == 8  # one reconstruction per probe
+    assert controls.COMBINED_NOISE_STD < controls.NOISE_STD and controls.COMBINED_ROTATION_DEGREES <= 3
+
+
+def test_realistic_copies_stay_recognisable(volumes):
+    for strength, least in (("reconstruction", 0.75), ("combined", 0.65)):
+        values = [correlation(source, controls.transform(source, strength, np.random.default_rng(seed)))
+                  for seed in range(3) for source in volumes]
+        assert min(values) > least, (strength, min(values))
+    # A reconstruction draws nothing: it is the same from any generator.
+    np.testing.assert_array_equal(controls.transform(volumes[0], "reconstruction", np.random.default_rng(0)),
+                                  controls.transform(volumes[0], "reconstruction", np.random.default_rng(9)))
+
+
+def test_average_is_the_voxel_mean_and_refuses_mixed_grids(volumes):
+    mean = controls.average([volumes[0], volumes[1], volumes[2]])
+    assert mean.dtype == np.float32
+    np.testing.assert_allclose(mean, (volumes[0].astype(np.float64) + volumes[1] + volumes[2]) / 3, atol=1e-7)
+    with pytest.raises(ValueError, match="averaging volumes of different shapes"):
+        controls.average([volumes[0], volumes[0][:-1]])
+
+
+def test_run_plants_averages_of_training_volumes_as_negatives(cohort, tmp_path):
+    manifest, table = plant(cohort, tmp_path, strengths=["exact"], seed=0)
+    train_ids, _ = volume_sets.split_paths(cohort[0], cohort[1], "train")
+    cases = volume_sets.read_volume_table(cohort[0]).set_index("id")["path"]
+    paths = volume_sets.read_volume_table(manifest).set_index("id")["path"]
+    averages = table[table["kind"] == "average"]
+    assert len(averages) == (table["strength"] == "reconstruction").sum() == 3  # one per holdout volume
+    for row in averages.itertuples():
+        members = row.source_id.split("+")
+        assert 3 <= len(members) <= 4 and len(set(members)) == len(members)  # 5 needs more than 4 patients
+        assert set(members) <= set(train_ids)
+        expected = controls.average([artefacts.load_nifti(cases[m])[0] for m in members])
+        np.testing.assert_array_equal(artefacts.load_nifti(paths[row.id])[0], expected)
+        # Similar to each member, a copy of none: below what an exact copy scores.
+        assert max(correlation(artefacts.load_nifti(cases[m])[0], expected) for m in members) < 0.99
+    _, again = plant(cohort, tmp_path / "again", strengths=["flip"], seed=0)
+    assert again[again["kind"] == "average"]["source_id"].tolist() == averages["source_id"].tolist()
+    _, other = plant(cohort, tmp_path / "other", strengths=["exact"], seed=1)
+    assert other[other["kind"] == "average"]["source_id"].tolist() != averages["source_id"].tolist()
+
+
+def test_run_refuses_too_few_training_volumes_to_average(tmp_path):
+    cases_csv, split_csv = write_cohort(tmp_path / "cohort", ellipsoid_volumes(4, SIZE, seed=5), n_train=2)
+    with pytest.raises(ValueError, match=r"2 training volumes; the average negatives need at least 3"):
+        controls.run(controls.Settings(strengths=["exact"]), cases_csv, split_csv, tmp_path / "c" / "manifest.csv",
+                     tmp_path / "c" / "volumes")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_autoencoder(tmp_path_factory):
+    """A tiny MONAI AutoencoderKL, trained for a few epochs on its cohort (tests/test_autoencoder.py)."""
+    folder = tmp_path_factory.mktemp("autoencoder")
+    test_autoencoder.train(folder)
+    return folder, folder / "autoencoder.pt"
+
+
+def test_reconstruction_goes_through_the_experiments_autoencoder(trained_autoencoder, tmp_path):
+    folder, model_path = trained_autoencoder
+    reconstruct = controls.autoencoder_reconstruction(model_path, torch.device("cpu"))
+    model, _ = autoencoder.load(model_path, torch.device("cpu"))
+    cases = volume_sets.read_volume_table(folder / "cases.csv").set_index("id")["path"]
+    source = artefacts.load_nifti(cases.iloc[0])[0]
+    # The posterior mean, decoded: deterministic, the same twice, and as autoencoder.encode/decode give it.
+    with torch.no_grad():
+        direct = model.decode(model.encode(torch.from_numpy(source)[None, None])[0])[0, 0].numpy()
+    np.testing.assert_allclose(reconstruct(source), direct, atol=1e-6)
+    probe = controls.transform(source, "reconstruction", np.random.default_rng(0), reconstruct)
+    np.testing.assert_array_equal(probe, controls.transform(source, "reconstruction", np.random.default_rng(5),
+                                                            reconstruct))
+    np.testing.assert_allclose(probe, np.clip(direct, 0, 1), atol=1e-6)
+    assert correlation(source, probe) > 0.3  # six epochs of training: the coarse anatomy comes back
+    with pytest.raises(ValueError, match=r"was trained on shape \(16, 16, 16\), the volume to reconstruct has "
+                                         r"shape \(16, 16, 8\)"):
+        reconstruct(source[..., :8])
+
+    # The stage: copies and held-out patients through that autoencoder, and the sidecar says so.
+    manifest = tmp_path / "controls" / "manifest.csv"
+    table = controls.run(controls.Settings(strengths=["reconstruction", "combined"], n_per_strength=2, seed=0),
+                         folder / "cases.csv", folder / "split.csv", manifest, tmp_path / "controls" / "volumes",
+                         autoencoder_path=model_path, device=torch.device("cpu"))
+    paths = volume_sets.read_volume_table(manifest).set_index("id")["path"]
+    for row in table[table["strength"] == "reconstruction"].itertuples():
+        expected = np.clip(reconstruct(artefacts.load_nifti(cases[row.source_id])[0]), 0, 1)
+        np.testing.assert_allclose(artefacts.load_nifti(paths[row.id])[0], expected, atol=1e-6)
+    assert (table["strength"] == "reconstruction").sum() == 2 + 2  # two copies, both holdout volumes
+    sidecar = json.loads(manifest.with_name("manifest.csv.json").read_text())
+    assert sidecar["inputs"]["autoencoder"] == str(model_path)
+    assert sidecar["strengths"] == {s: controls.strength_definitions(3, autoencoder=True)[s]
+                                    for s in ("reconstruction", "combined")}
+    assert "through the experiment's autoencoder" in sidecar["negatives"]["holdout_reconstruction"]

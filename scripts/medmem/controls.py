@@ -1,10 +1,13 @@
 """Stage plant controls: known copies and known strangers, planted beside the synthetic set.
 
 Positive probes are copies of training volumes at graded strengths, from an exact copy to a mildly
-deformed one; negative probes are the holdout volumes, patients the generator never saw. Each
-assessment scores the probes like synthetic volumes, so it shows whether its detector finds copies
-it is known to contain (and up to which strength) and leaves unseen patients alone. Probes are never
-counted in N_mem or N_copies.
+deformed one, and the copies a memorizing latent diffusion model really makes: through the
+experiment's own autoencoder, slightly shifted and turned, re-noised. Negative probes are patients
+the generator never saw (the holdout volumes, as they are and through the same reconstruction) and
+traps that resemble everyone without copying anyone (voxel averages of a few training volumes).
+Each assessment scores the probes like synthetic volumes, so it shows whether its detector finds
+copies it is known to contain (and up to which strength) and leaves non-copies alone. Probes are
+never counted in N_mem or N_copies.
 
 Volumes are canonical (ingest): (D, H, W) float32 in [0, 1], RAS+ (array axis 0 runs left → right),
 isotropic voxels; in 2D mode (H, W) images, with array axis 0 running left → right as well. The
@@ -24,10 +27,26 @@ strengths (``strength_definitions`` says each in words, for the README and the s
 - ``elastic``: warped by a smooth random displacement field: each component at each point of a
   coarse ``ELASTIC_CONTROL_POINTS``³ grid (² in 2D) uniform in ± ``ELASTIC_MAX_DISPLACEMENT``
   voxels, upsampled trilinearly (bilinearly) to every voxel; resampled likewise, zero outside.
+- ``reconstruction``: through the experiment's autoencoder, deterministically (encoder mean →
+  decoder), clipped to [0, 1]. Where the synthetic source has no autoencoder (``folder``, ``gan``),
+  ``band_limit`` mimics one: area-average down by ``BAND_LIMIT_FACTOR``, trilinear (bilinear) back
+  up, a Gaussian blur of σ = ``BAND_LIMIT_SIGMA`` voxels, zero outside.
+- ``combined``: what a memorizing LDM's copy looks like: shifted by 1 or 2 voxels along one random
+  axis, rotated by angles uniform in ± ``COMBINED_ROTATION_DEGREES``, reconstructed as above, then
+  Gaussian noise of std ``COMBINED_NOISE_STD`` (less than ``noise``'s), clipped to [0, 1].
+
+Negatives (``kind`` in the manifest; ``strength`` names what was done to them, ``source_id`` whose
+volume it is): ``holdout`` / ``none``, every holdout volume unchanged; ``holdout`` /
+``reconstruction``, every holdout volume through the reconstruction above (an unseen patient,
+blurred, is still not a copy); ``average`` / ``none``, as many voxel means as there are holdout
+volumes, each of ``AVERAGE_SIZES`` (3 to 5) training volumes drawn without replacement
+(``source_id`` lists them joined by ``+``).
 
 All randomness comes from the ``np.random.Generator`` handed in; resampling runs on the CPU in
 float64 with torch's ``affine_grid``/``grid_sample`` (align_corners=False throughout), so a probe is
-the same on every machine.
+the same on every machine. The one exception: reconstructions through the experiment's autoencoder
+run on the job's device in float32 (a GPU where the job has one: at real sizes the CPU would take
+hours), so they can differ by rounding between a CPU and a GPU run.
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -43,16 +63,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 
-from medmem import artefacts, volume_sets
+from medmem import artefacts, autoencoder, volume_sets
 from medmem.settings_checks import check_int
 
 logger = logging.getLogger("medmem.controls")
 
-Strength = Literal["exact", "flip", "rotate_5", "rotate_10", "noise", "intensity", "translate", "elastic"]
+# New strengths go last: each strength's random stream is keyed by its index here.
+Strength = Literal["exact", "flip", "rotate_5", "rotate_10", "noise", "intensity", "translate", "elastic",
+                   "reconstruction", "combined"]
 STRENGTHS: tuple[str, ...] = get_args(Strength)
 # Copies a good detector must find: mirrored or barely turned anatomy is still the same patient.
 MILD_STRENGTHS: tuple[str, ...] = ("exact", "flip", "rotate_5")
+# The copies a memorizing LDM makes: decoded by its autoencoder, a little shifted, re-noised.
+REALISTIC_STRENGTHS: tuple[str, ...] = ("reconstruction", "combined")
 
 FLIP_AXIS = 0  # RAS+: array axis 0 runs left → right, the body's near-symmetry plane is across it
 ROTATION_DEGREES = {"rotate_5": 5.0, "rotate_10": 10.0}  # bound of each of the three angles (2D: the one)
@@ -61,16 +87,28 @@ INTENSITY_FACTOR_RANGES = ((0.8, 0.9), (1.1, 1.2))  # darker or brighter, by 10-
 TRANSLATION_VOXELS = (1, 2)  # shift magnitudes along each axis, each with a random sign
 ELASTIC_CONTROL_POINTS = 4  # per axis, spanning the whole volume (corners included)
 ELASTIC_MAX_DISPLACEMENT = 1.5  # voxels, bound of each displacement component at each control point
+# The downsampling of the default autoencoder, 2 ** (levels - 1) (autoencoder.Settings.downsampling; a test
+# keeps them equal): what band_limit mimics where the experiment has no autoencoder of its own.
+BAND_LIMIT_FACTOR = 4
+BAND_LIMIT_SIGMA = 0.5  # voxels: a light blur after the trilinear upsampling, as a decoder's smoothing
+COMBINED_ROTATION_DEGREES = 2.5  # bound of each angle of the combined copy's rotation
+COMBINED_NOISE_STD = 0.02  # the combined copy's re-noising, smaller than NOISE_STD
+AVERAGE_SIZES = (3, 4, 5)  # training volumes per average negative, drawn uniformly
+AVERAGE_STREAM = 1000  # random stream of the averages, apart from the strengths' streams 0, 1, ...
 
 # Resampling mode of torch's interpolate per number of spatial dimensions.
 _LINEAR_MODES = {2: "bilinear", 3: "trilinear"}
 
 
-def strength_definitions(spatial_dims: int = 3) -> dict[str, str]:
-    """Each strength in words for (D, H, W) volumes (3) or (H, W) images (2), for the README and sidecar."""
+def strength_definitions(spatial_dims: int = 3, autoencoder: bool = False) -> dict[str, str]:
+    """Each strength in words for (D, H, W) volumes (3) or (H, W) images (2), for the README and sidecar.
+
+    ``autoencoder``: whether reconstructions go through the experiment's autoencoder (else band_limit's mimic).
+    """
     _check_spatial_dims(spatial_dims)
     interpolation, thing = ("trilinear", "volume") if spatial_dims == 3 else ("bilinear", "image")
     rotation = "by three angles, one about each axis, each" if spatial_dims == 3 else "by one in-plane angle"
+    reconstruction = reconstruction_definition(spatial_dims, autoencoder)
     return {
         "exact": f"the training {thing}, unchanged",
         "flip": f"mirrored left-right (array axis {FLIP_AXIS} of the RAS+ {thing})",
@@ -85,6 +123,32 @@ def strength_definitions(spatial_dims: int = 3) -> dict[str, str]:
         "elastic": f"smooth random displacement: each component uniform in ±{ELASTIC_MAX_DISPLACEMENT:g} voxels at "
                    f"{ELASTIC_CONTROL_POINTS}{'³' if spatial_dims == 3 else '²'} control points spanning the "
                    f"{thing}, upsampled {interpolation}ly; {interpolation} resampling, zero outside",
+        "reconstruction": f"{reconstruction}, clipped to [0, 1]",
+        "combined": f"shifted by {' or '.join(map(str, TRANSLATION_VOXELS))} voxels (random sign) along one random "
+                    f"axis, rotated about the centre {rotation} uniform in ±{COMBINED_ROTATION_DEGREES:g}° "
+                    f"({interpolation}, zero outside), {reconstruction}, then additive Gaussian noise, std "
+                    f"{COMBINED_NOISE_STD:g}, clipped to [0, 1]",
+    }
+
+
+def reconstruction_definition(spatial_dims: int = 3, autoencoder: bool = False) -> str:
+    """The reconstruction in words: through the experiment's autoencoder, or band_limit's mimic of one."""
+    if autoencoder:
+        return "through the experiment's autoencoder (encoder mean, decoded)"
+    interpolation = "trilinear" if spatial_dims == 3 else "bilinear"
+    return (f"band-limited as an autoencoder would (none in this experiment): area-averaged down by "
+            f"{BAND_LIMIT_FACTOR} per axis, {interpolation} back up, Gaussian blur σ = {BAND_LIMIT_SIGMA:g} voxels")
+
+
+def negative_definitions(spatial_dims: int = 3, autoencoder: bool = False) -> dict[str, str]:
+    """Each negative (named kind, or kind_strength where the strength is not 'none') in words, for the sidecar."""
+    thing = "volume" if spatial_dims == 3 else "image"
+    return {
+        "holdout": f"a holdout {thing}, unchanged",
+        "holdout_reconstruction": f"a holdout {thing}, {reconstruction_definition(spatial_dims, autoencoder)}, "
+                                  "clipped to [0, 1]",
+        "average": f"the voxel mean of {min(AVERAGE_SIZES)} to {max(AVERAGE_SIZES)} training {thing}s drawn without "
+                   "replacement",
     }
 
 
@@ -94,7 +158,7 @@ def _check_spatial_dims(spatial_dims: object) -> None:
 
 
 STRENGTH_DEFINITIONS = strength_definitions(3)
-NEGATIVE_DEFINITION = "a holdout volume, unchanged"
+NEGATIVE_DEFINITIONS = negative_definitions(3)
 
 MANIFEST_COLUMNS = ["id", "path", "kind", "strength", "source_id"]
 
@@ -125,11 +189,18 @@ class Settings:
         check_int("controls.seed", self.seed, minimum=0)
 
 
-def transform(volume: np.ndarray, strength: str, rng: np.random.Generator) -> np.ndarray:
+# A reconstruction: a canonical (D, H, W) or (H, W) array in, the same shape out (any float dtype, unclipped).
+Reconstruct = Callable[[np.ndarray], np.ndarray]
+
+
+def transform(volume: np.ndarray, strength: str, rng: np.random.Generator,
+              reconstruct: Reconstruct | None = None) -> np.ndarray:
     """(D, H, W) float32 in [0, 1] -> (D, H, W) float32 in [0, 1]: one probe at ``strength``.
 
     A 2D (H, W) image gives an (H, W) probe. The input is never modified; every random draw comes
     from ``rng`` (3D draws exactly what it drew before 2D existed, so 3D probes are unchanged).
+    ``reconstruct`` (reconstruction, combined): the experiment's autoencoder (``autoencoder_reconstruction``);
+    None: ``band_limit``, the mimic of one.
     """
     volume = np.asarray(volume)
     if volume.ndim not in _LINEAR_MODES:
@@ -158,8 +229,18 @@ def transform(volume: np.ndarray, strength: str, rng: np.random.Generator) -> np
     elif strength == "translate":
         shifts = rng.choice(TRANSLATION_VOXELS, size=volume.ndim) * rng.choice((-1, 1), size=volume.ndim)
         probe = translate(volume, shifts)
-    else:  # elastic
+    elif strength == "elastic":
         probe = warp(volume, elastic_displacement(volume.shape, rng))
+    elif strength == "reconstruction":
+        probe = (reconstruct or band_limit)(volume)
+    else:  # combined: shifted and turned a little, through the autoencoder, re-noised
+        n_angles = 3 if volume.ndim == 3 else 1
+        angles = rng.uniform(-1, 1, size=n_angles) * math.radians(COMBINED_ROTATION_DEGREES)
+        shifts = np.zeros(volume.ndim, dtype=np.int64)
+        shifts[rng.integers(volume.ndim)] = rng.choice(TRANSLATION_VOXELS) * rng.choice((-1, 1))
+        moved = np.clip(rotate(translate(volume, shifts), angles), 0, 1).astype(np.float32)
+        probe = (reconstruct or band_limit)(moved)
+        probe = probe + rng.normal(0.0, COMBINED_NOISE_STD, size=volume.shape)
     # Interpolation weights can overshoot 1 by a rounding error; noise and intensity leave [0, 1] by design.
     return np.ascontiguousarray(np.clip(probe, 0, 1), dtype=np.float32)
 
@@ -251,6 +332,51 @@ def warp(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
     return _sample(volume, grid)
 
 
+def band_limit(volume: np.ndarray, factor: int = BAND_LIMIT_FACTOR, sigma: float = BAND_LIMIT_SIGMA) -> np.ndarray:
+    """What an autoencoder does to a (D, H, W) volume or (H, W) image, where the experiment has none: (float64).
+
+    The latent grid keeps 1 / ``factor`` of each axis (area averaging, ceil(size / factor) cells, so any size
+    works), the decoder interpolates back (trilinear, bilinear in 2D; align_corners=False) and smooths
+    (MONAI's separable Gaussian, σ = ``sigma`` voxels, zero outside): detail finer than the latent grid is lost.
+    """
+    _check_spatial_dims(volume.ndim)
+    tensor = torch.from_numpy(np.asarray(volume, dtype=np.float64))[None, None]
+    coarse = F.interpolate(tensor, size=[math.ceil(size / factor) for size in volume.shape], mode="area")
+    fine = F.interpolate(coarse, size=volume.shape, mode=_LINEAR_MODES[volume.ndim], align_corners=False)
+    # MONAI builds the kernel in float32; in float64 and renormalised, a constant level stays exactly that level.
+    kernel = gaussian_1d(torch.tensor(float(sigma)), approx="sampled").to(torch.float64)
+    kernel = kernel / kernel.sum()
+    return separable_filtering(fine, [kernel] * volume.ndim, mode="zeros")[0, 0].numpy()
+
+
+def autoencoder_reconstruction(model_path: str | os.PathLike, device: torch.device) -> Reconstruct:
+    """The experiment's autoencoder as a reconstruction: encoder mean → decoder, one volume at a time.
+
+    Deterministic (no latent sampling); the decoder's output is returned unclipped (transform clips it).
+    """
+    model, checkpoint = autoencoder.load(model_path, device)
+    expected = tuple(checkpoint["volume_shape"])
+
+    def reconstruct(volume: np.ndarray) -> np.ndarray:
+        if tuple(volume.shape) != expected:
+            raise ValueError(f"{model_path} was trained on shape {expected}, the volume to reconstruct has shape "
+                             f"{tuple(volume.shape)}; re-run plant_controls on the autoencoder's own data")
+        means = autoencoder.encode(model, np.asarray(volume, dtype=np.float32)[None, None], device)
+        return autoencoder.decode(model, means, device)[0, 0].numpy()
+
+    return reconstruct
+
+
+def average(volumes: list[np.ndarray]) -> np.ndarray:
+    """The voxel mean of canonical volumes (or images) of one shape: like each of them, a copy of none (float32)."""
+    shapes = {tuple(v.shape) for v in volumes}
+    if len(shapes) != 1:
+        raise ValueError(f"averaging volumes of different shapes {sorted(shapes)}; controls average canonical "
+                         "volumes of one grid, re-run ingest")
+    mean = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in volumes]), axis=0)
+    return np.ascontiguousarray(np.clip(mean, 0, 1), dtype=np.float32)
+
+
 def _sample(volume: np.ndarray, grid: torch.Tensor) -> np.ndarray:
     """Trilinear sample of a (D, H, W) volume at a (1, D, H, W, 3) normalised grid; zero outside.
     Bilinear for an (H, W) image at a (1, H, W, 2) grid."""
@@ -260,13 +386,17 @@ def _sample(volume: np.ndarray, grid: torch.Tensor) -> np.ndarray:
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
-        manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike) -> pd.DataFrame:
+        manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
+        autoencoder_path: str | os.PathLike | None = None, device: torch.device | None = None) -> pd.DataFrame:
     """Write every probe into ``volumes_dir`` (atomically) and the probe manifest + sidecar.
 
     Per strength, ``n_per_strength`` training volumes are drawn without replacement from
     ``np.random.default_rng([seed, index of the strength in STRENGTHS])``, which then drives that
     strength's transforms: a strength's probes do not change when other strengths are added or
-    removed. Every holdout volume is a negative probe, saved unchanged.
+    removed. Every holdout volume is a negative probe twice, unchanged and reconstructed; as many
+    averages of training volumes as there are holdout volumes are drawn from
+    ``np.random.default_rng([seed, AVERAGE_STREAM])``. Reconstructions go through the autoencoder at
+    ``autoencoder_path`` (on ``device``, CPU by default) when given, else through ``band_limit``.
     """
     manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
     train_ids, train_paths = volume_sets.split_paths(cases_csv, split_csv, "train")
@@ -282,6 +412,9 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     if n_copies > len(train_ids):
         raise ValueError(f"controls.n_per_strength = {n_copies} exceeds the {len(train_ids)} training volumes in "
                          f"{split_csv}; set it to at most {len(train_ids)}, or null to copy every training volume")
+    if len(train_ids) < min(AVERAGE_SIZES):
+        raise ValueError(f"{split_csv}: {len(train_ids)} training volumes; the average negatives need at least "
+                         f"{min(AVERAGE_SIZES)} (an average of fewer is too close to a copy): add training patients")
 
     sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each training volume is read once
 
@@ -295,7 +428,11 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     if spatial_dims not in _LINEAR_MODES:
         raise ValueError(f"{train_paths[0]}: shape {load(train_ids[0], train_paths[0])[0].shape}; controls copy "
                          "canonical (D, H, W) volumes or (H, W) images, re-run ingest")
-    definitions = strength_definitions(spatial_dims)
+    with_autoencoder = autoencoder_path is not None
+    definitions = strength_definitions(spatial_dims, with_autoencoder)
+    reconstruct = (autoencoder_reconstruction(autoencoder_path, device or torch.device("cpu"))
+                   if with_autoencoder else None)
+    logger.info("reconstructions: %s", reconstruction_definition(spatial_dims, with_autoencoder))
 
     rows = []
     with artefacts.atomic_directory(volumes_dir) as staging:
@@ -312,26 +449,52 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             correlations = []
             for index in chosen:
                 source, affine = load(train_ids[index], train_paths[index])
-                probe = transform(source, strength, rng)
+                probe = transform(source, strength, rng, reconstruct)
                 correlations.append(_correlation(source, probe))
                 plant(f"probe-{strength}-{train_ids[index]}", probe, affine, "copy", strength, train_ids[index])
             logger.info("%s: %d copies of training volumes (%s); correlation with the source mean %.4f, "
                         "min %.4f", strength, n_copies, definitions[strength], np.mean(correlations),
                         np.min(correlations))
+        negatives = negative_definitions(spatial_dims, with_autoencoder)
+        correlations = []
         for holdout_id, path in zip(holdout_ids, holdout_paths):
             volume, affine = artefacts.load_nifti(path)
             plant(f"probe-holdout-{holdout_id}", volume, affine, "holdout", "none", holdout_id)
-        logger.info("holdout: %d negative probes (%s)", len(holdout_ids), NEGATIVE_DEFINITION)
+            # The reconstruction draws nothing: the generator only satisfies transform's signature.
+            reconstructed = transform(volume, "reconstruction", np.random.default_rng(0), reconstruct)
+            correlations.append(_correlation(volume, reconstructed))
+            plant(f"probe-holdout_reconstruction-{holdout_id}", reconstructed, affine, "holdout", "reconstruction",
+                  holdout_id)
+        logger.info("holdout: %d negative probes (%s) and %d reconstructed (%s; correlation with the source mean "
+                    "%.4f)", len(holdout_ids), negatives["holdout"], len(holdout_ids),
+                    negatives["holdout_reconstruction"], np.mean(correlations))
+        rng = np.random.default_rng([settings.seed, AVERAGE_STREAM])
+        sizes = [size for size in AVERAGE_SIZES if size <= len(train_ids)]
+        width = max(2, len(str(len(holdout_ids) - 1)))
+        nearest = []
+        for index in range(len(holdout_ids)):
+            members = np.sort(rng.choice(len(train_ids), size=rng.choice(sizes), replace=False))
+            loaded = [load(train_ids[i], train_paths[i]) for i in members]
+            mean = average([volume for volume, _ in loaded])
+            nearest.append(max(_correlation(volume, mean) for volume, _ in loaded))
+            plant(f"probe-average-{index:0{width}d}", mean, loaded[0][1], "average", "none",
+                  "+".join(train_ids[i] for i in members))
+        logger.info("average: %d negative probes (%s); correlation with the closest member mean %.4f, max %.4f",
+                    len(holdout_ids), negatives["average"], np.mean(nearest), np.max(nearest))
 
     table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     artefacts.write_csv(manifest_csv, table)
+    inputs = {"cases": cases_csv, "split": split_csv}
+    if with_autoencoder:
+        inputs["autoencoder"] = autoencoder_path
+    n_negatives = int((table["kind"] != "copy").sum())
     artefacts.write_sidecar(
-        manifest_csv, settings=asdict(settings), inputs={"cases": cases_csv, "split": split_csv},
+        manifest_csv, settings=asdict(settings), inputs=inputs,
         seed=settings.seed, n_probes=len(table), n_copies_per_strength=n_copies, n_holdout=len(holdout_ids),
-        strengths={s: definitions[s] for s in settings.strengths}, negatives=NEGATIVE_DEFINITION,
+        n_average=len(holdout_ids), strengths={s: definitions[s] for s in settings.strengths}, negatives=negatives,
         volumes_dir=volumes_dir)
-    logger.info("planted %d probes (%d copies, %d holdout) in %s", len(table), len(table) - len(holdout_ids),
-                len(holdout_ids), volumes_dir)
+    logger.info("planted %d probes (%d copies, %d negatives) in %s", len(table), len(table) - n_negatives,
+                n_negatives, volumes_dir)
     return table
 
 
