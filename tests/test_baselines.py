@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from medmem import artefacts, baselines
+from medmem import artefacts, baselines, controls
 from procedural_cohort import ellipsoid_volumes, write_cohort
 
 SHAPE = (12, 12, 12)
@@ -29,6 +30,7 @@ def test_settings_refuse_bad_values():
     for kwargs, key in [({"methods": ()}, "baselines.methods"), ({"methods": ("ssim", "lpips")}, "baselines.methods"),
                         ({"methods": ("ssim", "ssim")}, "baselines.methods"),
                         ({"ssim_candidates": 0}, "baselines.ssim_candidates"),
+                        ({"shift_candidates": 0}, "baselines.shift_candidates"),
                         ({"carlini_alpha": 0.0}, "baselines.carlini_alpha"),
                         ({"carlini_alpha": "0.5"}, "baselines.carlini_alpha"),
                         ({"carlini_neighbours": 2.5}, "baselines.carlini_neighbours"),
@@ -64,6 +66,8 @@ def test_an_exact_copy_gets_the_top_score_and_its_source(method):
         assert (scores[2] > others).all()
     if method in ("pixel_pearson", "ssim"):
         assert scores[2] == pytest.approx(1.0, abs=1e-6)
+    if method == "shift_pearson":  # its sums over the overlap are float32 matrix products
+        assert scores[2] == pytest.approx(1.0, abs=1e-5)
     if method in ("carlini", "authenticity"):
         assert scores[2] > 1e3 and np.isfinite(scores[2])  # a copy is flagged natively (> 1), finitely
 
@@ -80,6 +84,63 @@ def test_ssim_of_identical_volumes_is_one_and_window_shrinks_on_small_volumes():
     assert baselines.ssim_window((40, 16, 40)) == (7, pytest.approx(1.5 * 7 / 11))
     with pytest.raises(ValueError, match="too small for SSIM"):
         baselines.ssim_window((5, 12, 12))
+
+
+def test_shift_pearson_finds_a_shifted_copy_that_plain_pearson_loses():
+    volumes = ellipsoid_volumes(10, 12, seed=7)
+    reference = flat(volumes[:8])
+    settings = baselines.Settings()
+    for shift, plain_neighbour, plain in [((1, 0, 0), 4, 0.717313), ((1, 1, 1), 0, 0.587503)]:
+        copy = controls.translate(volumes[4], shift)  # vacated voxels zero, as the planted translate control
+        queries = flat([copy, volumes[8], volumes[9]])
+        neighbours, scores = baselines.score("pixel_pearson", settings, queries, reference, reference, False, SHAPE)
+        assert neighbours[0] == plain_neighbour and scores[0] == pytest.approx(plain, abs=1e-5)
+        neighbours, scores = baselines.score("shift_pearson", settings, queries, reference, reference, False, SHAPE)
+        assert neighbours[0] == 4 and scores[0] == pytest.approx(1.0, abs=1e-5)
+        # Fresh volumes keep their (smoothed) correlation with their nearest other volume.
+        np.testing.assert_allclose(scores[1:], [0.977440, 0.952734], atol=1e-5)
+    # Beyond SHIFT_VOXELS the copy is no longer matched: 3 voxels along one axis.
+    copy = flat([controls.translate(volumes[4], (3, 0, 0))])
+    assert baselines.score("shift_pearson", settings, copy, reference, reference, False, SHAPE)[1][0] == \
+        pytest.approx(0.936999, abs=1e-5)
+
+
+def brute_force_shift_pearson(query, reference):
+    """The definition, written out: smoothed volumes, np.corrcoef over the overlap at every shift."""
+    best = -1.0
+    for shift in itertools.product(range(-baselines.SHIFT_VOXELS, baselines.SHIFT_VOXELS + 1), repeat=query.ndim):
+        in_query = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, query.shape))
+        in_reference = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, query.shape))
+        best = max(best, np.corrcoef(query[in_query].ravel().astype(np.float64), reference[in_reference].ravel())[0, 1])
+    return best
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 9), (16, 13)], ids=["3d", "2d"])
+def test_shift_pearson_is_the_best_overlap_correlation_in_any_chunking(shape, monkeypatch):
+    rng = np.random.default_rng(3)
+    # Noise inside a zero border of 2 voxels (canonical volumes have a background), so a copy moved by 2
+    # loses nothing.
+    inside = np.zeros(shape, dtype=np.float32)
+    inside[(slice(2, -2),) * len(shape)] = 1
+    reference = rng.random((6, math.prod(shape)), dtype=np.float32) * inside.ravel()
+    shifted = controls.translate(reference[2].reshape(shape), (2, -1, 1)[:len(shape)])
+    queries = np.concatenate([rng.random((3, math.prod(shape)), dtype=np.float32), flat([shifted])])
+    settings = baselines.Settings(shift_candidates=6)  # every reference volume: compare with the brute force
+    neighbours, scores = baselines.score("shift_pearson", settings, queries, reference, reference, False, shape)
+    smooth_queries = baselines.smooth(queries, shape).reshape(-1, *shape)
+    smooth_reference = baselines.smooth(reference, shape).reshape(-1, *shape)
+    expected = np.array([[brute_force_shift_pearson(q, r) for r in smooth_reference] for q in smooth_queries])
+    np.testing.assert_array_equal(neighbours, expected.argmax(axis=1))
+    np.testing.assert_allclose(scores, expected.max(axis=1), atol=1e-5)
+    assert neighbours[3] == 2 and scores[3] == pytest.approx(1.0, abs=1e-5)
+    # Steps of one query and 7 shifts give the same scores as one step for everything.
+    monkeypatch.setattr(baselines, "SHIFT_BATCH_VOXELS", 7 * math.prod(shape))
+    chunked = baselines.score("shift_pearson", settings, queries, reference, reference, False, shape)
+    np.testing.assert_array_equal(chunked[0], neighbours)
+    np.testing.assert_allclose(chunked[1], scores, atol=1e-6)
+    with pytest.raises(ValueError, match="too small for shifts"):
+        baselines.score("shift_pearson", settings, queries[:, :2 * 12], reference[:, :2 * 12], reference[:, :2 * 12],
+                        False, (2, 12))
 
 
 def test_carlini_pinned_by_hand():
