@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 import medmem
+from medmem import staging
 
 # Versions recorded in every sidecar, so a result can be traced to the software that made it.
 RECORDED_PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "faiss-cpu", "pandas", "snakemake")
@@ -35,8 +36,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Keep the suffix so libraries that choose a format by extension (nibabel, pandas) still work.
-    suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    prefix, suffix = staging.affixes(target, keep_suffixes=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -53,7 +54,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; rename it onto ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    prefix, suffix = staging.affixes(target, keep_suffixes=False)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
