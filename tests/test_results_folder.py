@@ -1,12 +1,15 @@
-"""The temporaries of killed runs (medmem.staging): recognised by the names atomic writes give them,
-removed, and nothing else is."""
+"""The results folder kept by one run at a time (medmem.run_lock), and the temporaries of killed runs
+(medmem.staging): recognised by the names atomic writes give them, removed, and nothing else is."""
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from medmem import artefacts, staging
+import pytest
+
+from medmem import artefacts, run_lock, staging
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -58,3 +61,31 @@ def test_the_temporaries_of_a_killed_run_are_found_and_only_they_are_removed(tmp
     assert [p.relative_to(results).parent.as_posix() for p in stale] == ["detector/k", "ingest/k"]
     assert staging.remove_stale(results, protected=[results / "inputs"]) == stale
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def hold_lock(results: Path) -> subprocess.Popen:
+    """Another run's main process: holds the lock on ``results`` until it is killed."""
+    code = (f"import sys, time; sys.path.insert(0, {str(SCRIPTS)!r}); from medmem import run_lock; "
+            f"run_lock.acquire({str(results)!r}, checkout='/elsewhere/medmem'); print('held', flush=True); "
+            "time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_the_lock_refuses_a_second_run_names_the_first_and_dies_with_it(tmp_path):
+    results = tmp_path / "results"
+    holder = hold_lock(results)
+    try:
+        with pytest.raises(run_lock.ResultsFolderLocked) as error:
+            run_lock.acquire(results, checkout=ROOT)
+        message = str(error.value)
+        assert f"results folder {results} is in use by another run: pid {holder.pid} on host" in message
+        assert "checkout /elsewhere/medmem" in message and "Wait for that run to finish" in message
+    finally:
+        holder.kill()  # SIGKILL: its record stays in the file, its lock does not
+        holder.wait()
+    lock_file = run_lock.acquire(results, checkout=ROOT)  # no stale lock to remove
+    assert lock_file == results / run_lock.LOCK_FILE and f"pid {os.getpid()} on host" in run_lock.holder(lock_file)
+    run_lock.release(results)
+    assert lock_file.read_text() == ""  # released: nobody is named
