@@ -1,4 +1,5 @@
-"""Rule plant_controls: copies of training volumes at graded strengths + holdout negatives → probes."""
+"""Rule plant_controls: copies of training volumes at graded strengths (reconstructions through the experiment's
+autoencoder where it has one) + negatives (holdout volumes, reconstructed too; averages of training volumes)."""
 from medmem import controls, runtime
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
@@ -8,4 +9,6 @@ controls.run(
     split_csv=snakemake.input.split,
     manifest_csv=snakemake.output.manifest,
     volumes_dir=snakemake.output.volumes,
+    autoencoder_path=snakemake.input.autoencoder if "autoencoder" in snakemake.input.keys() else None,
+    device=runtime.select_device(snakemake.params.device),
 )

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmem import artefacts, assess, figures
+from medmem import artefacts, assess, calibration, figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -306,3 +306,110 @@ def test_montage_of_2d_images_shows_each_image_whole(tmp_path):
                              tmp_path / "mixed.png")
     with pytest.raises(ValueError, match="t0: shape .* not of the same kind as the synthetic images"):
         figures.plot_montage([(image, volume, ("s0", "t0"), 0.9, True)], tmp_path / "mixed.png")
+
+
+# The verdict, measured on planted controls: mild and realistic copies found, traps spared.
+
+
+def control_table(mild=(0.99, 0.97, 0.95), realistic=(0.9, 0.8, 0.75, 0.72), reconstructed_flagged=1,
+                  averages_flagged=0, traps=True):
+    """Probe scores against a threshold of 0.7: 20 held-out patients (none above), 20 of each trap."""
+    rows = [("copy", strength, score) for strength, score in zip(("exact", "flip", "rotate_5"), mild)]
+    rows += [("copy", "reconstruction" if i % 2 == 0 else "combined", score) for i, score in enumerate(realistic)]
+    rows += [("holdout", "none", 0.3 + 0.01 * i) for i in range(20)]
+    if traps:
+        rows += [("holdout", "reconstruction", 0.8 if i < reconstructed_flagged else 0.4) for i in range(20)]
+        rows += [("average", "none", 0.85 if i < averages_flagged else 0.5) for i in range(20)]
+    return calibration.control_metrics(pd.DataFrame(rows, columns=["kind", "strength", "score"]), 0.7)
+
+
+def test_verdict_is_conclusive_when_copies_are_found_and_traps_spared():
+    # 20 traps at a 5% rate: more than 4 flagged has probability 0.0026 (<= 0.01), more than 3 has 0.016.
+    assert calibration.allowed_false_positives(20, 0.05, assess.TRAP_ALPHA) == 4
+    settings = assess.Settings(percentile=95.0)
+    text = assess.verdict(control_table(reconstructed_flagged=4, averages_flagged=2), settings)
+    assert text == ("conclusive: measured on planted controls, the detector finds known copies (recall 1.00 on "
+                    "exact, flip and ±5° copies; 1.00 on reconstructed and combined copies) and spares the traps "
+                    "(reconstructed held-out patients 4 of 20, at most 4 allowed; averages of training patients 2 of "
+                    "20, at most 4 allowed at a 5% false-positive rate)")
+    assert "by construction" not in text
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    (dict(realistic=(0.9, 0.6, 0.5, 0.72)),
+     "inconclusive: the detector misses realistic copies (recall 0.50 on reconstructed and combined copies, below "
+     "0.90)"),
+    (dict(realistic=()),
+     "inconclusive: no realistic copies were planted to measure it on (add reconstruction and combined to "
+     "controls.strengths)"),
+    (dict(reconstructed_flagged=5),
+     "inconclusive: the detector flags traps (reconstructed held-out patients: 5 of 20, more than the 4 a 5% "
+     "false-positive rate explains at level 0.01)"),
+    (dict(averages_flagged=9),
+     "inconclusive: the detector flags traps (averages of training patients: 9 of 20, more than the 4 a 5% "
+     "false-positive rate explains at level 0.01)"),
+    (dict(traps=False),
+     "inconclusive: no reconstructed held-out patients were planted to measure the traps on (re-run "
+     "plant_controls); no averages of training patients were planted to measure the traps on (re-run "
+     "plant_controls)"),
+    # Every failed condition is said, the mild copies first; a perfect mild recall never hides the others.
+    (dict(mild=(0.99, 0.5, 0.4), averages_flagged=5),
+     "inconclusive: the detector misses known copies (recall 0.33 on exact, flip and ±5° copies, below 0.90); "
+     "the detector flags traps (averages of training patients: 5 of 20, more than the 4 a 5% false-positive rate "
+     "explains at level 0.01)"),
+])
+def test_verdict_says_which_condition_failed(table, message):
+    assert assess.verdict(control_table(**table), assess.Settings(percentile=95.0)) == message
+
+
+def test_verdict_thresholds_are_settings():
+    table = control_table(realistic=(0.9, 0.8, 0.6, 0.5))  # realistic recall 0.5
+    assert assess.verdict(table, assess.Settings(min_realistic_recall=0.5)).startswith("conclusive")
+    assert assess.verdict(table, assess.Settings(min_realistic_recall=0.6)).startswith("inconclusive")
+    # A looser rate (80th percentile: 20%) explains more flagged traps: up to 8 of 20.
+    loose = assess.Settings(percentile=80.0)
+    assert assess.verdict(control_table(averages_flagged=8), loose).startswith("conclusive")
+    assert "9 of 20, more than the 8 a 20% false-positive rate" in assess.verdict(control_table(averages_flagged=9),
+                                                                                  loose)
+    with pytest.raises(ValueError, match="assess.min_realistic_recall=1.5"):
+        assess.Settings(min_realistic_recall=1.5)
+
+
+def test_run_reports_each_trap_and_the_realistic_recall(neighbour_tables, tmp_path):
+    """Beside the fixture's probes: a reconstructed and a combined copy (both found), ten reconstructed held-out
+    patients (none above τ) and ten averages (one above): the new columns of memorization.csv and comparison.csv."""
+    extra = [("probe-reconstruction-t03", "copy", "reconstruction", "t03", 0.95),
+             ("probe-combined-t04", "copy", "combined", "t04", 0.93)] + [
+        (f"probe-holdout_reconstruction-h{i}", "holdout", "reconstruction", f"h{i}", 0.4 + 0.03 * i)
+        for i in range(10)] + [
+        (f"probe-average-{i:02d}", "average", "none", "t00+t01+t02", 0.95 if i == 0 else 0.3) for i in range(10)]
+    probes = PROBES + extra
+    artefacts.write_csv(neighbour_tables.controls_manifest, pd.DataFrame(
+        {"id": [p[0] for p in probes], "path": [f"volumes/{p[0]}.nii.gz" for p in probes],
+         "kind": [p[1] for p in probes], "strength": [p[2] for p in probes], "source_id": [p[3] for p in probes]}))
+    artefacts.write_csv(neighbour_tables.controls_to_train, nearest_table(
+        [p[0] for p in probes], [p[3].split("+")[0] for p in probes], [p[4] for p in probes]))
+    baseline = pd.read_csv(neighbour_tables.control_baseline_scores)
+    baseline = pd.concat([baseline, pd.DataFrame({"method": "pixel_pearson", "set": "controls",
+                                                  "query_id": [p[0] for p in extra], "neighbour_id": "t00",
+                                                  "score": [0.9, 0.9] + [0.3] * 20})], ignore_index=True)
+    artefacts.write_csv(neighbour_tables.control_baseline_scores, baseline)
+    outputs = outputs_in(tmp_path / "assess")
+    summary = assess.run(assess.Settings(percentile=95.0, montage_pairs=1, threshold="published"), neighbour_tables,
+                         outputs)
+    assert summary["realistic_recall"] == 1.0
+    assert (summary["n_average"], summary["flagged_average"], summary["flag_rate_average"]) == (10, 1, 0.1)
+    assert (summary["n_holdout_reconstruction"], summary["flagged_holdout_reconstruction"]) == (10, 0)
+    # One of ten averages flagged is what a 5% rate explains; the verdict fails on the mild copies only.
+    assert summary["verdict"] == ("inconclusive: the detector misses known copies (recall 0.67 on exact, flip and "
+                                  "±5° copies, below 0.90)")
+    comparison = pd.read_csv(outputs.comparison).set_index("method")
+    assert comparison.at["contrastive", "flag_rate_average"] == 0.1
+    assert comparison.at["contrastive", "flag_rate_average_low"] < 0.1 < comparison.at["contrastive",
+                                                                                        "flag_rate_average_high"]
+    assert comparison.at["contrastive", "flag_rate_holdout_reconstruction"] == 0.0
+    assert comparison.at["pixel_pearson", "flag_rate_average"] == 0.0
+    assert comparison.at["contrastive", "recall_combined"] == 1.0 and "recall_average" not in comparison.columns
+    controls = pd.read_csv(outputs.controls)
+    negatives = controls[(controls["method"] == "contrastive") & (controls["role"] == "negative")]
+    assert negatives["strength"].tolist() == ["holdout", "holdout_reconstruction", "average"]

@@ -165,21 +165,71 @@ def test_bootstrap_memorization_brackets_the_estimate_and_narrows_with_data():
 def test_control_metrics_pinned():
     metrics = calibration.control_metrics(CONTROLS, 0.7)
     assert list(metrics.columns) == calibration.CONTROL_METRIC_COLUMNS
-    # Strengths in order of appearance, not sorted, then the pooled row.
-    assert metrics["strength"].tolist() == ["rotate_10", "exact", "all"]
-    assert metrics["n_probes"].tolist() == [4, 3, 7]
-    assert metrics["n_found"].tolist() == [2, 3, 5]
-    np.testing.assert_allclose(metrics["recall"], [0.5, 1.0, 5 / 7])
+    # Strengths in order of appearance, not sorted, then the pooled row, then the one negative.
+    assert metrics["role"].tolist() == ["positive"] * 3 + ["negative"]
+    assert metrics["strength"].tolist() == ["rotate_10", "exact", "all", "holdout"]
+    copies = metrics[metrics["role"] == "positive"]
+    assert copies["n_probes"].tolist() == [4, 3, 7]
+    assert copies["n_found"].tolist() == [2, 3, 5]
+    np.testing.assert_allclose(copies["recall"], [0.5, 1.0, 5 / 7])
     # rotate_10 beats 5 + 3 + 2 + 5 of the 20 pairs; exact beats all 15; pooled 30 / 35.
-    np.testing.assert_allclose(metrics["auc"], [0.75, 1.0, 6 / 7])
+    np.testing.assert_allclose(copies["auc"], [0.75, 1.0, 6 / 7])
     # 95% recall needs every copy: rotate_10 down to 0.4 flags 3 negatives (4/7); exact none;
     # all seven copies with the same 3 negatives: 7/10.
-    np.testing.assert_allclose(metrics["precision_at_95_recall"], [4 / 7, 1.0, 0.7])
-    assert metrics["n_negatives"].tolist() == [5, 5, 5]
-    assert metrics["false_positives"].tolist() == [1, 1, 1]
+    np.testing.assert_allclose(copies["precision_at_95_recall"], [4 / 7, 1.0, 0.7])
+    assert metrics["n_negatives"].tolist() == [5, 5, 5, 5]
+    assert metrics["false_positives"].tolist() == [1, 1, 1, 1]
     np.testing.assert_allclose(metrics["fpr"], 0.2)
     np.testing.assert_allclose(metrics["fpr_low"], 0.0051, atol=1e-4)
     np.testing.assert_allclose(metrics["fpr_high"], 0.7164, atol=1e-4)
+    held_out = metrics.iloc[3]
+    assert (held_out["n_probes"], held_out["n_found"]) == (5, 1)
+    assert held_out[["recall", "auc", "precision_at_95_recall"]].isna().all()
+
+
+# The new negatives beside them: four reconstructed held-out patients (0.75 and 0.71 above 0.7) and ten
+# averages of training patients (one above). A copy strength sharing the name "reconstruction" stays apart.
+TRAPS = pd.concat([CONTROLS, pd.DataFrame(
+    [("holdout", "reconstruction", s) for s in (0.75, 0.4, 0.71, 0.6)]
+    + [("average", "none", s) for s in (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.9)]
+    + [("copy", "reconstruction", s) for s in (0.85, 0.69)],
+    columns=["kind", "strength", "score"])], ignore_index=True)
+
+
+def test_control_metrics_report_every_negative_kind_and_rank_copies_against_held_out_patients_only():
+    metrics = calibration.control_metrics(TRAPS, 0.7)
+    assert metrics["strength"].tolist() == ["rotate_10", "exact", "reconstruction", "all", "holdout",
+                                            "holdout_reconstruction", "average"]
+    assert metrics["role"].tolist() == ["positive"] * 4 + ["negative"] * 3
+    table = metrics.set_index("strength")
+    # Unchanged against the five held-out patients, whatever the traps score (the 0.9 average among them).
+    pd.testing.assert_frame_equal(table.loc[["rotate_10", "exact"]],
+                                  calibration.control_metrics(CONTROLS, 0.7).set_index("strength").iloc[:2])
+    # reconstruction: 0.85 beats all five, 0.69 beats four; recall 1 / 2.
+    assert table.at["reconstruction", "auc"] == pytest.approx(0.9)
+    assert table.at["reconstruction", "recall"] == 0.5
+    assert (table.loc[["rotate_10", "all"], "fpr"] == 0.2).all()  # copies' rows: the held-out patients' rate
+    assert table.loc["holdout_reconstruction", ["n_negatives", "false_positives"]].tolist() == [4, 2]
+    assert table.at["holdout_reconstruction", "fpr"] == 0.5
+    assert table.loc["average", ["n_probes", "n_found", "fpr"]].tolist() == [10, 1, 0.1]
+    # Clopper–Pearson, 95%: 2 of 4 is [0.0676, 0.9324]; 1 of 10 is [0.0025, 0.4450].
+    np.testing.assert_allclose(table.loc["holdout_reconstruction", ["fpr_low", "fpr_high"]].astype(float),
+                               [0.0676, 0.9324], atol=1e-4)
+    np.testing.assert_allclose(table.loc["average", ["fpr_low", "fpr_high"]].astype(float), [0.0025, 0.4450],
+                               atol=1e-4)
+    assert calibration.realistic_recall(metrics) == 0.5
+    assert math.isnan(calibration.realistic_recall(calibration.control_metrics(CONTROLS, 0.7)))
+    assert calibration.mild_recall(metrics) == 1.0  # exact only: the negatives' rows never count
+    assert calibration.negative_name("holdout", "none") == "holdout"
+    assert calibration.negative_name("holdout", "reconstruction") == "holdout_reconstruction"
+
+
+def test_the_strength_groups_are_those_of_the_controls():
+    from medmem import controls  # torch: imported here, as calibration itself does not
+
+    assert calibration.MILD_STRENGTHS == controls.MILD_STRENGTHS
+    assert calibration.REALISTIC_STRENGTHS == controls.REALISTIC_STRENGTHS
+    assert set(calibration.NEGATIVE_KINDS) == set(controls.negative_definitions()) - {"holdout_reconstruction"}
 
 
 def test_control_metrics_refuses_tables_without_negatives_or_copies():
@@ -189,8 +239,13 @@ def test_control_metrics_refuses_tables_without_negatives_or_copies():
         calibration.control_metrics(CONTROLS[CONTROLS["kind"] == "holdout"], 0.7)
     with pytest.raises(ValueError, match=r"lacks columns \['score'\]"):
         calibration.control_metrics(CONTROLS.drop(columns="score"), 0.7)
-    with pytest.raises(ValueError, match=r"kinds \['negative'\]"):
+    with pytest.raises(ValueError, match=r"kinds \['negative'\]: expected 'copy' or a negative kind \('holdout', "
+                                         r"'average'\)"):
         calibration.control_metrics(CONTROLS.replace({"kind": {"holdout": "negative"}}), 0.7)
+    # Traps alone cannot rank copies: the held-out patients unchanged are the reference.
+    only_traps = TRAPS[(TRAPS["kind"] != "holdout") | (TRAPS["strength"] != "none")]
+    with pytest.raises(ValueError, match=r"no holdout probes \(kind 'holdout', strength 'none'\)"):
+        calibration.control_metrics(only_traps, 0.7)
 
 
 def test_mild_recall_pools_the_mild_strengths_present():

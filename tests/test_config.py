@@ -102,6 +102,18 @@ def test_controls_and_control_baselines_are_shared_by_experiments(config):
     assert baseline["baselines"] != long["baselines"]
 
 
+def test_the_controls_read_the_autoencoder_where_the_synthetic_source_has_one(config):
+    config["experiments"] = {"ldm": {}, "vae": {"synthetic": {"source": "vae"}}, "gan": {"synthetic": {"source": "gan"}}}
+    plan = make_plan(config, SCHEMA)
+    keys = plan.experiments
+    for name in ("ldm", "vae"):
+        assert plan.run("controls", keys[name]["controls"]).inputs == {"split": keys[name]["split"],
+                                                                       "autoencoder": keys[name]["autoencoder"]}
+    assert keys["ldm"]["controls"] == keys["vae"]["controls"]  # one autoencoder, one set of controls
+    assert plan.run("controls", keys["gan"]["controls"]).inputs == {"split": keys["gan"]["split"]}
+    assert keys["gan"]["controls"] != keys["ldm"]["controls"]  # band-limited instead of reconstructed
+
+
 def test_training_images_auto_follows_the_data_source(config, tmp_path):
     assert make_plan(config, SCHEMA).effective["baseline"]["assess"]["training_images"] is True
     config["data"].update(source="folder", folder={**config["data"]["folder"], "path": str(tmp_path)})
@@ -151,10 +163,18 @@ def test_a_training_length_study_shares_one_diffusion_run(config):
 def test_a_training_size_study_shares_the_instrument_and_trains_one_generator_per_fraction(config):
     plan = make_plan(load_study(config, "training_size"), SCHEMA)
     keys = plan.experiments
-    # The detector, the controls and the calibration baselines read the whole split: one each.
-    for shared in ("split", "detector", "controls", "baselines_controls"):
+    # The detector reads the whole split: one for all.
+    for shared in ("split", "detector"):
         assert len({k[shared] for k in keys.values()}) == 1, shared
     assert len({k["autoencoder"] for k in keys.values()}) == 3
+    # The controls (and the baselines on them) reconstruct through each fraction's own autoencoder: one per
+    # generator, yet each copies every training patient of the whole split, as τ and the detector see them.
+    for stage in ("controls", "baselines_controls"):
+        assert len({k[stage] for k in keys.values()}) == 3, stage
+    controls = plan.run("controls", keys["patients_025"]["controls"])
+    assert controls.inputs == {"split": keys["patients_025"]["split"],
+                               "autoencoder": keys["patients_025"]["autoencoder"]}
+    assert plan.upstream("controls", controls.key, "split") == keys["patients_025"]["split"]
     # The whole training split needs no subset stage, so it shares everything with a plain run.
     assert "train_subset" not in keys["patients_100"]
     assert keys["patients_100"] == make_plan(config, SCHEMA).experiments["baseline"]

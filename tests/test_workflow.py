@@ -26,7 +26,7 @@ def tiny_config() -> dict:
     config["data"]["shape"] = [16, 16, 16]
     config["data"]["spacing"] = [8.0, 8.0, 8.0]
     config["data"]["phantom"]["n_patients"] = 28  # 21 train (enough for a 95th percentile), 7 holdout
-    config["split"].update(min_holdout=5)
+    config["split"].update(min_holdout=5, holdout_fraction=0.25)
     config["autoencoder"].update(epochs=3, adversarial_warmup_epochs=2, batch_size=4)
     config["diffusion"].update(channels=[16, 32], norm_num_groups=8, epochs=4, batch_size=8)
     config["sample"].update(steps=5, n_samples=12)
@@ -188,8 +188,9 @@ def test_rerun_plans_nothing_and_a_changed_experiment_replans_only_its_branch(ti
 
 
 def test_controls_are_planted_found_and_calibrated(tiny_run):
-    """Every assessment plants copies and held-out negatives; exact copies are always found, and held-out
-    patients exceed τ no more often than a calibrated 5% rate explains."""
+    """Every assessment plants copies (realistic ones through the experiment's autoencoder among them) and
+    negatives (held-out patients, reconstructed too, and averages of training patients); exact copies are always
+    found, and held-out patients exceed τ no more often than a calibrated 5% rate explains."""
     from medmem import calibration
 
     results = tiny_run / "results"
@@ -201,7 +202,14 @@ def test_controls_are_planted_found_and_calibrated(tiny_run):
         contrastive = controls[controls["method"] == "contrastive"].set_index("strength")
         assert contrastive.at["exact", "recall"] == 1.0
         assert contrastive.at["exact", "n_probes"] == 21  # every training volume is copied once per strength
-        assert set(comparison.index) == {"contrastive", "pixel_pearson", "ssim", "carlini", "meehan", "authenticity"}
+        assert contrastive.at["reconstruction", "n_probes"] == contrastive.at["combined", "n_probes"] \
+            == contrastive.at["exact", "n_probes"]
+        negatives = contrastive[contrastive["role"] == "negative"]
+        assert negatives.index.tolist() == ["holdout", "holdout_reconstruction", "average"]
+        assert (negatives["n_probes"] == memorization["n_holdout"]).all()  # one average per held-out patient
+        assert {"realistic_recall", "flag_rate_average", "flag_rate_holdout_reconstruction"} <= set(comparison.columns)
+        assert set(comparison.index) == {"contrastive", "pixel_pearson", "ssim", "carlini", "meehan", "authenticity",
+                                         "shift_pearson"}
         # Exact copies are found by every per-volume method. Meehan's test is a set-level test: its
         # per-volume share of U saturates at 1 for calibration volumes too, so its threshold is 1 and no
         # probe exceeds it; its C_T on the exact copies is what shows them.
@@ -310,25 +318,29 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
 
 
 @pytest.mark.parametrize("study, expected", [
-    # One 400-epoch diffusion run, four checkpoints sampled.
-    ("training_length", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 1, "sample": 4,
-                         "embed": 7, "screen": 4, "assess": 4, "total": 44}),
-    ("augmentation", {"train_autoencoder": 1, "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5,
-                      "screen": 2, "assess": 2, "total": 29}),
-    # Model size changes the autoencoder too; the detector is shared.
-    ("model_size", {"train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3, "sample": 3, "embed": 6,
-                    "screen": 3, "assess": 3, "total": 40}),
-    # The VAE is the LDM's own autoencoder: one autoencoder for both; the GAN trains on its own.
-    ("model_families", {"train_autoencoder": 1, "train_diffusion": 1, "sample": 1, "sample_vae": 1, "train_gan": 1,
-                        "sample_gan": 1, "train_detector": 1, "embed": 6, "screen": 3, "assess": 3, "total": 37}),
+    # One 400-epoch diffusion run, four checkpoints sampled. The controls reconstruct through the experiment's
+    # autoencoder: one set of controls (and of baselines on them, and one embedding) per autoencoder.
+    ("training_length", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
+                         "train_diffusion": 1, "sample": 4, "embed": 7, "screen": 4, "assess": 4, "total": 44}),
+    ("augmentation", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
+                      "train_diffusion": 2, "sample": 2, "embed": 5, "screen": 2, "assess": 2, "total": 29}),
+    # Model size changes the autoencoder too, and with it the controls; the detector is shared.
+    ("model_size", {"train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3, "train_detector": 1,
+                    "train_diffusion": 3, "sample": 3, "embed": 8, "screen": 3, "assess": 3, "total": 46}),
+    # The VAE is the LDM's own autoencoder: one autoencoder and one set of controls for both; the GAN trains on
+    # its own, its controls band-limit (it has no autoencoder).
+    ("model_families", {"train_autoencoder": 1, "plant_controls": 2, "baselines_controls": 2, "train_diffusion": 1,
+                        "sample": 1, "sample_vae": 1, "train_gan": 1, "sample_gan": 1, "train_detector": 1,
+                        "embed": 7, "screen": 3, "assess": 3, "total": 40}),
     # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
-    ("training_size", {"train_subset": 2, "train_autoencoder": 3, "train_detector": 1, "train_diffusion": 3,
-                       "sample": 3, "embed": 6, "similarity": 3, "screen": 3, "assess": 3, "total": 42}),
+    ("training_size", {"train_subset": 2, "train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3,
+                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "embed": 8, "similarity": 3,
+                       "screen": 3, "assess": 3, "total": 48}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "experiments" / f"{study}.yaml"))
-    for shared in ("ingest", "split", "plant_controls", "baselines_controls", "report"):
+    for shared in ("ingest", "split", "report"):
         assert jobs[shared] == 1, shared
     assert {rule: jobs[rule] for rule in expected} == expected
 

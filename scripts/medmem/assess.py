@@ -34,15 +34,17 @@ class Settings:
     threshold: str = "calibrated"  # which threshold the counts, verdict and figures read: calibrated | published
     montage_pairs: int = 6  # most similar synthetic/training pairs shown in the montage
     min_mild_recall: float = 0.9  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
+    min_realistic_recall: float = 0.9  # ... and below this one on reconstruction/combined probes (a second recall)
     bootstrap_resamples: int = 1000  # confidence intervals for τ, N_mem and N_copies
     confidence: float = 0.95
     training_images: bool = False  # show training volumes in figures (patient images on real data)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_float("assess.min_mild_recall", self.min_mild_recall, positive=False)
-        if self.min_mild_recall > 1:
-            raise ValueError(f"assess.min_mild_recall={self.min_mild_recall!r} must be a recall in [0, 1]")
+        for name in ("min_mild_recall", "min_realistic_recall"):
+            check_float(f"assess.{name}", getattr(self, name), positive=False)
+            if getattr(self, name) > 1:
+                raise ValueError(f"assess.{name}={getattr(self, name)!r} must be a recall in [0, 1]")
         check_int("assess.bootstrap_resamples", self.bootstrap_resamples, 1)
         check_float("assess.confidence", self.confidence)
         if not self.confidence < 1:
@@ -251,10 +253,12 @@ def comparison_row(result: dict, statistics: pd.DataFrame) -> dict:
            "n_mem_published": result["published_counts"].n_mem,
            **result["fpr"], "auc": metrics.at["all", "auc"],
            "precision_at_95_recall": metrics.at["all", "precision_at_95_recall"],
-           "mild_recall": calibration.mild_recall(result["metrics"].reset_index(drop=True))}
-    for strength in metrics.index.drop("all"):
+           "mild_recall": calibration.mild_recall(result["metrics"].reset_index(drop=True)),
+           **control_summary(result["metrics"])}
+    strengths = metrics.index[metrics["role"] == "positive"].drop("all")
+    for strength in strengths:
         row[f"recall_{strength}"] = metrics.at[strength, "recall"]
-    for strength in metrics.index.drop("all"):
+    for strength in strengths:
         row[f"auc_{strength}"] = metrics.at[strength, "auc"]
     # Set-level statistics (Meehan's C_T, the authentic fraction): of the synthetic set, and of each strength's copies.
     for statistic in statistics[statistics["method"] == result["method"]].itertuples():
@@ -279,12 +283,66 @@ def minimum_holdout(percentile: float) -> int:
     return math.ceil(round(1 / rate - 1, 9))
 
 
-def verdict(mild_recall: float, min_mild_recall: float) -> str:
-    """Whether the headline numbers can be trusted: the detector must find mild known copies."""
-    if mild_recall < min_mild_recall:
-        return (f"inconclusive: the detector misses known copies (recall {mild_recall:.2f} on exact, flip and "
-                f"±5° copies, below {min_mild_recall:.2f})")
-    return f"conclusive: the detector finds known copies (recall {mild_recall:.2f} on exact, flip and ±5° copies)"
+# The negatives that look like copies without being one (the held-out patients unchanged calibrate the threshold):
+# each in words for the verdict.
+TRAPS = {"holdout_reconstruction": "reconstructed held-out patients", "average": "averages of training patients"}
+# A trap fails when as many flags would happen with probability <= TRAP_ALPHA at the threshold's rate.
+TRAP_ALPHA = 0.01
+
+
+def control_summary(metrics: pd.DataFrame) -> dict[str, float]:
+    """The realistic recall and each trap's flag rate (n, flagged, rate and interval), from control_metrics."""
+    negatives = metrics[metrics["role"] == "negative"].set_index("strength")
+    row = {"realistic_recall": calibration.realistic_recall(metrics)}
+    for trap in TRAPS:
+        present = trap in negatives.index
+        row[f"n_{trap}"] = int(negatives.at[trap, "n_negatives"]) if present else 0
+        row[f"flagged_{trap}"] = int(negatives.at[trap, "false_positives"]) if present else 0
+        for column, suffix in (("fpr", ""), ("fpr_low", "_low"), ("fpr_high", "_high")):
+            row[f"flag_rate_{trap}{suffix}"] = float(negatives.at[trap, column]) if present else float("nan")
+    return row
+
+
+def verdict(metrics: pd.DataFrame, settings: Settings) -> str:
+    """Whether the headline numbers can be trusted, measured on the planted controls (control_metrics at the
+    decision threshold). Conclusive only when the detector finds the known copies, both the mild ones (recall
+    on exact, flip and ±5° copies >= min_mild_recall) and the realistic ones (recall on reconstruction and
+    combined copies >= min_realistic_recall, a second recall), and spares the traps: each of TRAPS flagged at
+    most calibration.allowed_false_positives(n, 1 - percentile / 100, TRAP_ALPHA) times, the most that the
+    threshold's false-positive rate explains. Otherwise inconclusive, saying every condition that failed.
+    """
+    mild = calibration.mild_recall(metrics)
+    summary = control_summary(metrics)
+    realistic = summary["realistic_recall"]
+    rate = 1 - settings.percentile / 100
+    failed, found = [], [f"recall {mild:.2f} on exact, flip and ±5° copies"]
+    if mild < settings.min_mild_recall:
+        failed.append(f"the detector misses known copies (recall {mild:.2f} on exact, flip and ±5° copies, below "
+                      f"{settings.min_mild_recall:.2f})")
+    if np.isnan(realistic):
+        failed.append("no realistic copies were planted to measure it on (add reconstruction and combined to "
+                      "controls.strengths)")
+    elif realistic < settings.min_realistic_recall:
+        failed.append(f"the detector misses realistic copies (recall {realistic:.2f} on reconstructed and combined "
+                      f"copies, below {settings.min_realistic_recall:.2f})")
+    else:
+        found.append(f"{realistic:.2f} on reconstructed and combined copies")
+    spared = []
+    for trap, words in TRAPS.items():
+        n, flagged = summary[f"n_{trap}"], summary[f"flagged_{trap}"]
+        if n == 0:
+            failed.append(f"no {words} were planted to measure the traps on (re-run plant_controls)")
+            continue
+        allowed = calibration.allowed_false_positives(n, rate, TRAP_ALPHA)
+        if flagged > allowed:
+            failed.append(f"the detector flags traps ({words}: {flagged} of {n}, more than the {allowed} a "
+                          f"{100 * rate:g}% false-positive rate explains at level {TRAP_ALPHA:g})")
+        else:
+            spared.append(f"{words} {flagged} of {n}, at most {allowed} allowed")
+    if failed:
+        return "inconclusive: " + "; ".join(failed)
+    return (f"conclusive: measured on planted controls, the detector finds known copies ({'; '.join(found)}) and "
+            f"spares the traps ({'; '.join(spared)} at a {100 * rate:g}% false-positive rate)")
 
 
 def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
@@ -322,8 +380,8 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                "n_copies_published": published["published_counts"].n_copies,
                "nominal_fpr": (100.0 - settings.percentile) / 100.0, **published["fpr"],
                "controls_auc": float(metrics.set_index("strength").at["all", "auc"]), "mild_recall": mild,
-               "confidence": settings.confidence,
-               "verdict": uncalibrated(settings, len(holdout_to_train)) or verdict(mild, settings.min_mild_recall),
+               **control_summary(metrics), "confidence": settings.confidence,
+               "verdict": uncalibrated(settings, len(holdout_to_train)) or verdict(metrics, settings),
                "n_real_scans": int(real_scans["real_scan"].sum())}
     log = logger.warning if summary["verdict"].startswith("inconclusive") else logger.info
     log("%s", summary["verdict"].upper() if summary["verdict"].startswith("inconclusive") else summary["verdict"])

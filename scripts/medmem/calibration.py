@@ -24,9 +24,14 @@ from scipy import stats
 
 from medmem.settings_checks import is_int, is_number
 
-CONTROL_METRIC_COLUMNS = ["strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
+CONTROL_METRIC_COLUMNS = ["role", "strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
                           "n_negatives", "false_positives", "fpr", "fpr_low", "fpr_high"]
 MILD_STRENGTHS = ("exact", "flip", "rotate_5")
+REALISTIC_STRENGTHS = ("reconstruction", "combined")  # as controls.py (which this module does not import: torch)
+# Probe kinds that are no copy: held-out patients (unchanged, or strength "reconstruction") and averages of
+# training patients. A negative is named by negative_name: "holdout", "holdout_reconstruction", "average".
+NEGATIVE_KINDS = ("holdout", "average")
+HELD_OUT = "holdout"  # the negative copies are ranked against (AUC, precision): held-out patients, unchanged
 THRESHOLD_RULES = ("calibrated", "published")
 
 
@@ -220,45 +225,67 @@ def precision_at_recall(positive: Sequence[float], negative: Sequence[float], re
     return float(np.max(true_positives[enough] / (true_positives[enough] + false_positives[enough])))
 
 
-def control_metrics(controls: pd.DataFrame, threshold: float, confidence: float = 0.95) -> pd.DataFrame:
-    """How well a method, with its threshold, finds planted copies and passes over unseen patients.
+def negative_name(kind: str, strength: str) -> str:
+    """A negative probe's name: its kind, with what was done to it unless nothing was ("holdout_reconstruction")."""
+    return kind if strength == "none" else f"{kind}_{strength}"
 
-    controls: one row per probe with columns kind ("copy" | "holdout"), strength and score (higher =
-    more copy-like). Returns one row per copy strength (in order of appearance) and a last row "all",
-    with columns CONTROL_METRIC_COLUMNS: n_probes, n_found (score > threshold), recall, auc and
-    precision_at_95_recall (each strength's copies against every holdout probe), and, repeated on every
-    row since the negatives are shared, n_negatives, false_positives (holdout score > threshold), fpr
-    and its Clopper–Pearson interval fpr_low, fpr_high at ``confidence``.
+
+def control_metrics(controls: pd.DataFrame, threshold: float, confidence: float = 0.95) -> pd.DataFrame:
+    """How well a method, with its threshold, finds planted copies and passes over non-copies.
+
+    controls: one row per probe with columns kind ("copy" or one of NEGATIVE_KINDS), strength and score
+    (higher = more copy-like). Returns, with columns CONTROL_METRIC_COLUMNS:
+    - role "positive": one row per copy strength (in order of appearance) and a row "all" pooling them:
+      n_probes, n_found (score > threshold), recall, auc and precision_at_95_recall (the copies against the
+      held-out patients unchanged, the negative HELD_OUT), and, repeated on every row since they are shared,
+      HELD_OUT's n_negatives, false_positives (score > threshold), fpr and its Clopper–Pearson interval
+      fpr_low, fpr_high at ``confidence``;
+    - role "negative": one row per negative (strength = negative_name, HELD_OUT first, then in order of
+      appearance) with its own n_negatives = n_probes, false_positives = n_found, fpr (its flag rate) and
+      interval; recall, auc and precision_at_95_recall are NaN.
     """
     missing = [c for c in ("kind", "strength", "score") if c not in controls.columns]
     if missing:
         raise ValueError(f"controls table lacks columns {missing} (columns: {list(controls.columns)})")
-    unknown = sorted(set(controls["kind"].astype(str)) - {"copy", "holdout"})
+    unknown = sorted(set(controls["kind"].astype(str)) - {"copy", *NEGATIVE_KINDS})
     if unknown:
-        raise ValueError(f"controls table has kinds {unknown}: expected only 'copy' and 'holdout'")
+        raise ValueError(f"controls table has kinds {unknown}: expected 'copy' or a negative kind "
+                         f"({', '.join(repr(k) for k in NEGATIVE_KINDS)})")
     if not is_number(threshold) and threshold != float("inf"):  # +inf: a threshold that flags nothing
         raise ValueError(f"threshold = {threshold!r}: expected a number")
     scores = _scores("controls score", controls["score"], allow_empty=True)
     is_copy = (controls["kind"] == "copy").to_numpy()
-    negatives = scores[~is_copy]
+    names = np.array([negative_name(str(kind), str(strength))
+                      for kind, strength in zip(controls["kind"], controls["strength"])], dtype=object)
+    negatives = scores[~is_copy & (names == HELD_OUT)]
     if negatives.size == 0:
-        raise ValueError("controls table has no holdout probes: the false-positive rate and the AUC need unseen "
-                         "patients as negatives; add holdout probes (kind 'holdout') to the controls")
+        raise ValueError("controls table has no holdout probes (kind 'holdout', strength 'none'): the "
+                         "false-positive rate and the AUC need unseen patients as negatives; add holdout probes "
+                         "to the controls")
     if not is_copy.any():
         raise ValueError("controls table has no copy probes: recall needs planted copies of training volumes; "
                          "add probes with kind 'copy'")
-    false_positives = int((negatives > threshold).sum())
-    fpr_low, fpr_high = proportion_interval(false_positives, negatives.size, confidence)
+
+    def flagged(values: np.ndarray) -> dict:
+        false_positives = int((values > threshold).sum())
+        low, high = proportion_interval(false_positives, values.size, confidence)
+        return {"n_negatives": values.size, "false_positives": false_positives,
+                "fpr": false_positives / values.size, "fpr_low": low, "fpr_high": high}
+
+    held_out = flagged(negatives)
     strengths = controls.loc[is_copy, "strength"].astype(str).to_numpy()
     rows = []
     for strength in [*pd.unique(strengths), "all"]:
         positives = scores[is_copy][strengths == strength] if strength != "all" else scores[is_copy]
         n_found = int((positives > threshold).sum())
-        rows.append({"strength": strength, "n_probes": positives.size, "n_found": n_found,
+        rows.append({"role": "positive", "strength": strength, "n_probes": positives.size, "n_found": n_found,
                      "recall": n_found / positives.size, "auc": roc_auc(positives, negatives),
-                     "precision_at_95_recall": precision_at_recall(positives, negatives, 0.95),
-                     "n_negatives": negatives.size, "false_positives": false_positives,
-                     "fpr": false_positives / negatives.size, "fpr_low": fpr_low, "fpr_high": fpr_high})
+                     "precision_at_95_recall": precision_at_recall(positives, negatives, 0.95), **held_out})
+    for name in dict.fromkeys([HELD_OUT, *names[~is_copy]]):
+        rates = flagged(scores[~is_copy & (names == name)])
+        rows.append({"role": "negative", "strength": name, "n_probes": rates["n_negatives"],
+                     "n_found": rates["false_positives"], "recall": np.nan, "auc": np.nan,
+                     "precision_at_95_recall": np.nan, **rates})
     return pd.DataFrame(rows, columns=CONTROL_METRIC_COLUMNS)
 
 
@@ -268,11 +295,29 @@ def mild_recall(metrics: pd.DataFrame, mild: Sequence[str] = MILD_STRENGTHS) -> 
     Mild copies (exact, flipped, slightly rotated) are what any working detector must find; a method
     that misses them cannot vouch for a low memorization count.
     """
-    rows = metrics[metrics["strength"].isin(list(mild))]
+    rows = _positive(metrics)
+    rows = rows[rows["strength"].isin(list(mild))]
     if rows.empty:
         raise ValueError(f"no control probes of the mild strengths {list(mild)} (strengths present: "
-                         f"{metrics['strength'].tolist()}); generate controls with at least one of them")
+                         f"{_positive(metrics)['strength'].tolist()}); generate controls with at least one of them")
     return float(rows["n_found"].sum() / rows["n_probes"].sum())
+
+
+def realistic_recall(metrics: pd.DataFrame, realistic: Sequence[str] = REALISTIC_STRENGTHS) -> float:
+    """Recall pooled over the realistic strengths present (reconstruction, combined); NaN when none was planted.
+
+    A second recall beside mild_recall, never pooled with it: these are the copies a memorizing LDM really
+    makes (decoded by its autoencoder, a little shifted, re-noised), and perfect exact copies must not hide
+    that a detector misses them.
+    """
+    rows = _positive(metrics)
+    rows = rows[rows["strength"].isin(list(realistic))]
+    return float(rows["n_found"].sum() / rows["n_probes"].sum()) if not rows.empty else float("nan")
+
+
+def _positive(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The copy rows of a control_metrics table (tables from before negatives had rows are all copies)."""
+    return metrics[metrics["role"] == "positive"] if "role" in metrics.columns else metrics
 
 
 def _scores(name: str, values: Sequence[float], allow_empty: bool = False) -> np.ndarray:

@@ -12,12 +12,15 @@ import copy
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
+
+from medmem.input_content import manifest_paths
 
 # The stages of an audit and the stages whose outputs each reads. The synthetic set comes from one
 # model family — the latent diffusion model (autoencoder → diffusion → sample), the autoencoder
@@ -54,7 +57,7 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
             deep_merge(effective["data"], {"source": "folder", "folder": {"path": effective["synthetic"]["folder"]}}),
             ())
     synthetic = SYNTHETIC_STAGES[source]
-    stages["controls"] = (effective["controls"], ("split",))
+    stages["controls"] = (effective["controls"], ("split", "autoencoder") if source in ("ldm", "vae") else ("split",))
     stages["detector"] = (effective["detector"], ("split",))
     stages["similarity"] = ({}, ("detector", synthetic, "controls"))
     # Baselines on the controls (and the calibration and holdout sets) do not depend on the synthetic set:
@@ -92,6 +95,7 @@ class Plan:
     experiments: dict[str, dict[str, str]] = field(default_factory=dict)
     effective: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, StageRun]] = field(default_factory=dict)
+    results: str = "results"  # the folder for every artefact, as the config names it (`~` expanded)
 
     def run(self, stage: str, key: str) -> StageRun:
         return self.runs[stage][key]
@@ -208,10 +212,6 @@ def check_settings(effective: dict, name: str) -> None:
                 f"experiment {name!r}: τ at assess.percentile={assess_settings.percentile} needs at least "
                 f"{needed} training volumes, the split leaves {n_patients - n_holdout}: add patients or "
                 f"lower assess.percentile")
-        n_per_strength = effective["controls"]["n_per_strength"]
-        if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
-            raise ValueError(
-                f"experiment {name!r}: controls.n_per_strength={n_per_strength} copies more training volumes "
         if assess_settings.threshold == "calibrated" and n_holdout < assess.minimum_holdout(assess_settings.percentile):
             raise ValueError(
                 f"experiment {name!r}: the calibrated threshold at assess.percentile={assess_settings.percentile} "
@@ -219,6 +219,10 @@ def check_settings(effective: dict, name: str) -> None:
                 f"{assess.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
                 f"{n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add patients, "
                 "hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: published")
+        n_per_strength = effective["controls"]["n_per_strength"]
+        if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
+            raise ValueError(
+                f"experiment {name!r}: controls.n_per_strength={n_per_strength} copies more training volumes "
                 f"per strength than the split leaves ({n_patients - n_holdout}): lower it or set it to null")
 
 
@@ -243,20 +247,121 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         effective = deep_merge(defaults, overrides)
         check_schema({**effective, **{k: config[k] for k in RUN_KEYS if k in config}}, schema,
                      f"experiments.{name}")
+        expand_user_paths(effective)
         # The release follows τ unless told to be stricter.
         if effective["release"]["percentile"] is None:
             effective["release"]["percentile"] = effective["assess"]["percentile"]
+        if effective["release"]["threshold"] is None:
+            effective["release"]["threshold"] = effective["assess"]["threshold"]
         # Training-patient images appear in figures only where the data is not patient data, or on request.
         show = effective["assess"]["training_images"]
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
         check_settings(effective, name)
+        check_input_paths(effective, name)
         plan.effective[name] = effective
-        if effective["release"]["threshold"] is None:
-            effective["release"]["threshold"] = effective["assess"]["threshold"]
         keys: dict[str, str] = {}
         for stage, (settings, inputs) in stage_graph(effective).items():
             input_keys = {s: keys[s] for s in inputs}
             keys[stage] = stage_key(stage, settings, input_keys)
             plan.runs.setdefault(stage, {})[keys[stage]] = StageRun(stage, keys[stage], settings, input_keys)
         plan.experiments[name] = keys
+    plan.results = check_results(config["results"], plan.effective)
     return plan
+
+
+# Settings that name the user's files and folders: `~` is expanded in each, as a shell would.
+USER_PATHS = (("data", "folder", "path"), ("data", "manifest"), ("synthetic", "folder"), ("quality", "fid_weights"))
+
+
+def expand_user_paths(effective: dict) -> None:
+    """Expand `~` in the USER_PATHS of ``effective``, in place (before stage keys are computed)."""
+    for *sections, key in USER_PATHS:
+        section = effective
+        for name in sections:
+            section = section[name]
+        if isinstance(section.get(key), str):
+            section[key] = os.path.expanduser(section[key])
+
+
+def input_folders(effective: dict) -> list[tuple[str, Path]]:
+    """(what, path) of every file and folder an experiment reads cases from: real cases first, then the
+    synthetic folder. ``what`` names the setting, for messages."""
+    data, found = effective["data"], []
+    if data["source"] == "folder":
+        found.append((f"data.folder.path={data['folder']['path']}", Path(data["folder"]["path"])))
+    elif data["source"] == "manifest":
+        found += [(f"{path}, listed in data.manifest={data['manifest']}", path)
+                  for path in manifest_paths(data["manifest"])]
+    if effective["synthetic"]["source"] == "folder":
+        found.append((f"synthetic.folder={effective['synthetic']['folder']}", Path(effective["synthetic"]["folder"])))
+    return found
+
+
+def overlap(inner: Path, outer: Path) -> str | None:
+    """How ``inner`` relates to ``outer`` on disk (symbolic links followed): "is", "lies inside",
+    "contains", or None when they are apart."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    if inner == outer:
+        return "is"
+    if outer in inner.parents:
+        return "lies inside"
+    if inner in outer.parents:
+        return "contains"
+    return None
+
+
+def check_input_paths(effective: dict, name: str) -> None:
+    """The data an experiment reads exists, and its synthetic folder holds no real case."""
+    where = f"experiment {name!r}"
+    data, synthetic = effective["data"], effective["synthetic"]
+    expected = []
+    if data["source"] == "folder":
+        expected.append(("data.folder.path", data["folder"]["path"], True, "a folder with one volume per patient"))
+    if data["source"] == "manifest":
+        expected.append(("data.manifest", data["manifest"], False,
+                         "a CSV with columns patient_id, path (and optionally split, id)"))
+    if synthetic["source"] == "folder":
+        expected.append(("synthetic.folder", synthetic["folder"], True, "the folder of synthetic volumes to audit"))
+    for key, value, folder, what in expected:
+        path = Path(value)
+        if not (path.is_dir() if folder else path.is_file()):
+            problem = ("is not a folder" if folder else "is a folder") if path.exists() else "does not exist"
+            raise ValueError(f"{where}: {key}={value} {problem} (resolved: {path.resolve()}): set {key} to {what}")
+    if synthetic["source"] != "folder":
+        return
+    # A synthetic folder among the real cases would audit (and release) the patients themselves.
+    folder = Path(synthetic["folder"])
+    for what, path in input_folders(effective)[:-1]:
+        relation = overlap(folder, path)
+        if relation:
+            raise ValueError(
+                f"{where}: synthetic.folder={synthetic['folder']} {relation} {what}: real patients' cases. The "
+                "audit would count those patients as synthetic volumes, and the release would publish them. Set "
+                "synthetic.folder to a folder that holds only synthetic volumes, outside every folder of real "
+                "cases (and with none inside it)")
+
+
+def check_results(results: str, effective: dict[str, dict]) -> str:
+    """The results folder with `~` expanded; refused when empty, a file, or among any experiment's inputs."""
+    if not results.strip():
+        raise ValueError(f"config: results={results!r} is empty, which would put every artefact under the file "
+                         "system's root: set results to the folder for every artefact, e.g. `results: results`")
+    expanded = os.path.expanduser(results)
+    resolved = Path(os.path.realpath(expanded))
+    if resolved == Path(resolved.anchor):
+        raise ValueError(f"config: results={results!r} is the file system's root: set results to a folder of "
+                         "its own, e.g. `results: results`")
+    for folder in (resolved, *resolved.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "is a file" if folder == resolved else f"lies inside {folder}, which is a file"
+            raise ValueError(f"config: results={results!r} {where}, not a folder: set results to a folder "
+                             "(made when missing), e.g. `results: results`")
+    for name, settings in effective.items():
+        for what, path in input_folders(settings):
+            relation = overlap(resolved, path)
+            if relation in ("is", "lies inside"):
+                raise ValueError(
+                    f"config: results={results!r} {relation} {what} (experiment {name!r}), a folder that ingest "
+                    "reads: outputs and logs would be written among the input data, and read back as cases. "
+                    "Set results to a folder outside every input folder, e.g. `results: results`")
+    return expanded

@@ -133,6 +133,11 @@ def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_
     save_png(figure, path)
 
 
+def held_out_scores(table: pd.DataFrame) -> np.ndarray:
+    """The scores of a probe table's held-out patients unchanged: the negatives the ROC ranks copies against."""
+    return table.loc[(table["kind"] == "holdout") & (table["strength"] == "none"), "score"].to_numpy(float)
+
+
 def plot_controls_roc(controls: dict[str, pd.DataFrame], highlight: str, path: str | os.PathLike) -> None:
     """ROC curves of the planted controls: copies (positives) against held-out patients (negatives).
 
@@ -143,13 +148,13 @@ def plot_controls_roc(controls: dict[str, pd.DataFrame], highlight: str, path: s
     pooled, per_strength = figure.subplots(1, 2)
     for method, table in controls.items():
         positive = table.loc[table["kind"] == "copy", "score"].to_numpy(float)
-        negative = table.loc[table["kind"] == "holdout", "score"].to_numpy(float)
+        negative = held_out_scores(table)
         fpr, tpr, _ = calibration.roc_curve(positive, negative)
         auc = calibration.roc_auc(positive, negative)
         pooled.plot(fpr, tpr, drawstyle="steps-post", linewidth=2.2 if method == highlight else 1.2,
                     label=f"{method} (AUC {auc:.3f})")
     table = controls[highlight]
-    negative = table.loc[table["kind"] == "holdout", "score"].to_numpy(float)
+    negative = held_out_scores(table)
     for strength, part in table[table["kind"] == "copy"].groupby("strength", sort=False):
         positive = part["score"].to_numpy(float)
         fpr, tpr, _ = calibration.roc_curve(positive, negative)

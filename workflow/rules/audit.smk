@@ -2,19 +2,25 @@
 # quality, the screen of every synthetic volume against every real case, and the filtered release.
 
 
+# A GPU rule: the reconstruction probes go through the experiment's autoencoder, once per training volume
+# per realistic strength and once per holdout volume (hours on a CPU at real sizes). Without an autoencoder
+# (synthetic.source folder or gan) it band-limits on the CPU; with no GPU in sight it runs on the CPU.
 rule plant_controls:
     input:
-        unpack(cohort_inputs("controls")),
+        unpack(controls_inputs),
     output:
         manifest=f"{RESULTS}/controls/{{controls}}/manifest.csv",
         volumes=directory(f"{RESULTS}/controls/{{controls}}/volumes"),
     params:
         settings=settings_of("controls"),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/plant_controls/{{controls}}.log",
+    threads: 1
     conda:
-        DATA_ENV
+        TRAIN_ENV
     resources:
+        gpu=1,
         mem_mb=4000,
     script:
         "../../scripts/plant_controls.py"

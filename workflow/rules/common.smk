@@ -4,8 +4,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
-from medmem.case_sources import manifest_inputs
-from medmem.config import SYNTHETIC_STAGES, make_plan, synthetic_stage
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+
+from medmem import run_lock, staging
+from medmem.config import SYNTHETIC_STAGES, input_folders, make_plan, synthetic_stage
+from medmem.input_content import CACHE_FILE, content_digest, source_paths
 
 
 # Experiments given on the command line (--configfile my.yaml, --config) replace the default ones, so
@@ -14,11 +18,12 @@ from medmem.config import SYNTHETIC_STAGES, make_plan, synthetic_stage
 if "experiments" in workflow.config_settings.overwrite_config:
     config["experiments"] = workflow.config_settings.overwrite_config["experiments"]
 
+# Also checks the paths in the config (results, the data, the synthetic folder) before any job runs.
 PLAN = make_plan(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
-RESULTS = config["results"]
+RESULTS = PLAN.results
 EXPERIMENTS = list(PLAN.experiments)
 # Conda environments (--software-deployment-method conda), one per group of rules, pinned like pyproject.toml.
-DATA_ENV = "../../envs/data.yaml"  # ingest, split, train_subset, ingest_synthetic, plant_controls (CPU)
+DATA_ENV = "../../envs/data.yaml"  # ingest, split, train_subset, ingest_synthetic (CPU)
 TRAIN_ENV = "../../envs/train.yaml"  # the GPU rules (resources: gpu=1): pytorch's CUDA build, MONAI
 AUDIT_ENV = "../../envs/audit.yaml"  # similarity, baselines, assess, quality, release, report (CPU; faiss)
 
@@ -63,29 +68,56 @@ def split_file(stage, key):
         return f"{RESULTS}/split/{PLAN.upstream(stage, key, 'split')}/split.csv"
 
 
-def cohort_inputs(stage):
-    """input function: the canonical cases and the split that `stage` (at its key) reads."""
+def cohort_inputs(stage, whole_split=False):
+    """input function: the canonical cases and the split that `stage` (at its key) reads; with `whole_split`,
+    the whole split even where an input of `stage` (the autoencoder of the controls) read a training subset."""
 
     def inputs(wildcards):
-        ingest_key = PLAN.upstream(stage, wildcards[stage], "ingest")
+        key = wildcards[stage]
+        ingest_key = PLAN.upstream(stage, key, "ingest")
+        if whole_split:
+            split = f"{RESULTS}/split/{PLAN.upstream(stage, key, 'split')}/split.csv"
+        else:
+            split = split_file(stage, key)
         return {
             "cases": f"{RESULTS}/ingest/{ingest_key}/cases.csv",
             "volumes": f"{RESULTS}/ingest/{ingest_key}/volumes",
-            "split": split_file(stage, wildcards[stage]),
+            "split": split,
         }
 
     return inputs
 
 
-def ingest_source(wildcards):
-    """What ingest reads, so that a change to it re-runs ingest: the user's folder, or the manifest and the
-    files and DICOM folders it lists (those that exist: a missing one is ingest's to report or quarantine)."""
-    settings = PLAN.run("ingest", wildcards.ingest).settings
-    if settings["source"] == "folder":
-        return [settings["folder"]["path"]]
-    if settings["source"] == "manifest":
-        return [settings["manifest"], *manifest_inputs(settings["manifest"])]
-    return []
+_INPUT_DIGESTS = {}
+
+
+def input_content(stage):
+    """params function: a digest of every file that `stage` (ingest, ingest_synthetic) reads from the user's
+    data, so that a replaced, added or removed file re-runs it and a touch does not (input_content.py). The
+    files are not the rule's inputs: Snakemake would re-run it whenever a folder's modification time moves."""
+
+    def digest(wildcards):
+        key = (stage, wildcards[stage])
+        if key not in _INPUT_DIGESTS:  # once per plan: a job's params are what was planned
+            settings = PLAN.run(stage, wildcards[stage]).settings
+            _INPUT_DIGESTS[key] = content_digest(source_paths(settings), Path(RESULTS) / CACHE_FILE)
+        return _INPUT_DIGESTS[key]
+
+    return digest
+
+
+onstart:
+    # Only the main process of a run that executes jobs gets here (not a dry run, and not the processes
+    # Snakemake starts for jobs, which it runs with --no-hooks). Lock the results folder for as long as this
+    # process lives, then remove what killed runs left staged in it: no job of any run is writing there now.
+    if workflow.is_main_process:
+        try:
+            run_lock.acquire(RESULTS, checkout=Path(workflow.basedir).parent)
+        except run_lock.ResultsFolderLocked as error:
+            raise WorkflowError(str(error)) from None
+        inputs = [path for settings in PLAN.effective.values() for _, path in input_folders(settings)]
+        for path in staging.remove_stale(RESULTS, protected=inputs):
+            logger.info(f"Removed the temporary output of a killed run: {path}")
 
 
 def diffusion_weights(wildcards):
@@ -103,6 +135,16 @@ def synthetic_set(stage, key):
         "synthetic_manifest": f"{RESULTS}/{source}/{inputs[source]}/manifest.csv",
         "synthetic_volumes": f"{RESULTS}/{source}/{inputs[source]}/volumes",
     }
+
+
+def controls_inputs(wildcards):
+    """The cases and the whole split (the controls copy every training patient, as τ and the detector use them)
+    and, where the synthetic source has one, the experiment's autoencoder: reconstructions go through it."""
+    inputs = cohort_inputs("controls", whole_split=True)(wildcards)
+    keys = PLAN.run("controls", wildcards.controls).inputs
+    if "autoencoder" in keys:
+        inputs["autoencoder"] = f"{RESULTS}/autoencoder/{keys['autoencoder']}/autoencoder.pt"
+    return inputs
 
 
 def controls_set(stage, key):
@@ -149,7 +191,7 @@ def baselines_inputs(wildcards):
 
 def baselines_controls_inputs(wildcards):
     return {
-        **cohort_inputs("baselines_controls")(wildcards),
+        **cohort_inputs("baselines_controls", whole_split=True)(wildcards),
         **controls_set("baselines_controls", wildcards.baselines_controls),
     }
 

@@ -1,6 +1,6 @@
+# The user's files are not inputs of ingest and ingest_synthetic: params.inputs (their content's digest)
+# re-runs them when a file is replaced, added or removed, and a touch re-runs nothing (README, "Reproducing a run").
 rule ingest:
-    input:
-        ingest_source,
     output:
         cases=f"{RESULTS}/ingest/{{ingest}}/cases.csv",
         volumes=directory(f"{RESULTS}/ingest/{{ingest}}/volumes"),
@@ -10,6 +10,7 @@ rule ingest:
         duplicates=f"{RESULTS}/ingest/{{ingest}}/duplicates.csv",
     params:
         settings=settings_of("ingest"),
+        inputs=input_content("ingest"),
     log:
         f"{RESULTS}/logs/ingest/{{ingest}}.log",
     conda:
@@ -55,13 +56,12 @@ rule train_subset:
 
 
 rule ingest_synthetic:
-    input:
-        lambda wildcards: PLAN.run("ingest_synthetic", wildcards.ingest_synthetic).settings["folder"]["path"],
     output:
         manifest=f"{RESULTS}/ingest_synthetic/{{ingest_synthetic}}/manifest.csv",
         volumes=directory(f"{RESULTS}/ingest_synthetic/{{ingest_synthetic}}/volumes"),
     params:
         settings=settings_of("ingest_synthetic"),
+        inputs=input_content("ingest_synthetic"),
     log:
         f"{RESULTS}/logs/ingest_synthetic/{{ingest_synthetic}}.log",
     conda:
