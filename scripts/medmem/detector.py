@@ -1,10 +1,24 @@
-"""Self-supervised contrastive copy detector for 3D volumes or 2D images (Dar et al.; SimCLR-style NT-Xent).
+"""Self-supervised contrastive copy detector for 3D volumes or 2D images (SimCLR-style NT-Xent, SSCD).
 
-The encoder learns to tell training patients apart: two randomly rotated/flipped views of one
-volume are a positive pair, every other volume in the batch is a negative. A synthetic volume that
-copies a training patient then lands next to that patient in embedding space, while a new patient
-does not. Later stages use the embedding (``ContrastiveEncoder.embed``); the projection head only
-serves the loss, as in SimCLR, because the layer before it keeps more of the image.
+The encoder learns to tell training patients apart: two random views of one volume are a positive
+pair, every other volume in the batch is a negative. A synthetic volume that copies a training patient
+then lands next to that patient in embedding space, while a new patient does not. Later stages use
+the embedding (``ContrastiveEncoder.embed``), compared by Pearson correlation (similarity.py).
+
+Two recipes (``Settings.recipe``):
+
+- ``dar``: Dar et al.'s detector as medmem ran it before issue 13: views are a rotation of ± 5° about
+  every axis and random flips; NT-Xent on a projection head, as in SimCLR; the data's own grid. It
+  never sees a shift, a blur or a reconstruction, so it misses copies a memorizing generator really
+  makes (a 1-voxel shift, an autoencoder's smoothing).
+- ``sscd`` (the default), after Pizzi et al.'s SSCD copy detector: views that cover what such copies
+  undergo (``Views``: translations and crops, zoom, elastic warps, down/up-sampling, blur, noise,
+  intensity and gamma, besides rotation and flips); NT-Xent directly on the centred embeddings that
+  similarity compares (``contrast``; a head's extra layer lets the invariances stop short of the
+  embedding); SSCD's KoLeo entropy term, which pushes every view away from its nearest non-matching
+  view so embeddings spread instead of crowding; and a fixed working grid (``input_size``), as SSCD
+  resizes every image, so a finer cohort is seen at the scale the recipe was tuned on. SSCD's score
+  normalization lives in similarity.py (``similarity.score``).
 
 The number of spatial dimensions (3: (D, H, W) volumes, 2: (H, W) images) comes from the training
 data; the checkpoint records it in its model arguments, so the encoder rebuilds from the file alone.
@@ -16,8 +30,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -31,20 +46,103 @@ from medmem import artefacts, runtime, volume_sets
 logger = logging.getLogger("medmem.detector")
 
 
+Recipe = Literal["sscd", "dar"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
+Contrast = Literal["embedding", "projection"]
+CONTRASTS: tuple[str, ...] = get_args(Contrast)
+
+
+@dataclass(frozen=True)
+class Views:
+    """How ``augment`` turns one volume into each of its two training views; a size of 0 switches a view off.
+
+    Geometric sizes are shares of the grid's side, so a 64³ grid shifts and warps by twice the voxels
+    of a 32³ one (the same anatomy moves); blur and down-sampling are in voxels, the scale at which an
+    autoencoder loses detail whatever the grid. The geometric views are drawn for every view (their
+    size uniform in ± the bound, so near-identity views occur too), in one resampling; each
+    degradation is applied with ``degradation_probability``.
+    """
+
+    rotation_degrees: float = 5.0   # about every axis (one in-plane angle in 2D), uniform in ± this
+    flip_probability: float = 0.5   # each axis flipped with this probability
+    translation: float = 0.0        # shift along each axis uniform in ± this share of its side; what leaves is lost
+    zoom: float = 0.0               # scale about the centre uniform in [1 - zoom, 1 + zoom]: a crop or a wider field
+    elastic: float = 0.0            # smooth warp: each component at 4³ (4²) control points in ± this share of the side
+    downsample_factor: float = 1.0  # down- (area) then up-sampling (linear) by a factor in [1, this]; 1 is off
+    blur_sigma: float = 0.0         # Gaussian blur, σ uniform in [0, this] voxels
+    noise_std: float = 0.0          # additive Gaussian noise, std uniform in [0, this] (intensities in [0, 1])
+    intensity_scale: float = 0.0    # intensities times a factor uniform in [1 - this, 1 + this]
+    gamma: float = 0.0              # intensities to the power exp(u), u uniform in ± log(1 + this)
+    degradation_probability: float = 0.5  # each of down-sampling, blur, noise, intensity and gamma per view
+
+    def __post_init__(self) -> None:
+        for name in ("translation", "zoom", "elastic", "blur_sigma", "noise_std", "intensity_scale", "gamma"):
+            value = getattr(self, name)
+            if not is_number(value) or value < 0:
+                raise ValueError(f"detector.views.{name} = {value!r}: expected a number >= 0 (0 switches it off)")
+        if not is_number(self.rotation_degrees) or not 0 <= self.rotation_degrees < 180:
+            raise ValueError(f"detector.views.rotation_degrees = {self.rotation_degrees!r}: expected a number of "
+                             "degrees in [0, 180); Dar et al. use 5")
+        for name in ("flip_probability", "degradation_probability"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"detector.views.{name} = {value!r}: expected a probability in [0, 1]")
+        for name, bound in (("translation", 0.5), ("elastic", 0.5), ("zoom", 0.5), ("intensity_scale", 1)):
+            if getattr(self, name) >= bound:
+                raise ValueError(f"detector.views.{name} = {getattr(self, name)!r}: expected less than {bound}; "
+                                 "a view must still show most of the volume's anatomy")
+        if not is_number(self.downsample_factor) or self.downsample_factor < 1:
+            raise ValueError(f"detector.views.downsample_factor = {self.downsample_factor!r}: expected a number "
+                             ">= 1 (1 switches it off; 4 is a 4x-downsampling autoencoder)")
+
+    @property
+    def degradations(self) -> bool:
+        """Whether any intensity-domain view is on (they clip to [0, 1]; Dar's views never leave it)."""
+        return (self.downsample_factor > 1 or self.blur_sigma > 0 or self.noise_std > 0
+                or self.intensity_scale > 0 or self.gamma > 0) and self.degradation_probability > 0
+
+
+# Dar et al.'s recipe exactly as medmem ran it before issue 13 (config.yaml's detector section then).
+DAR = {"channels": (8, 16, 32, 64), "input_size": None, "embedding_dim": 32, "projection_dim": 32, "temperature": 0.07,
+       "views": Views(rotation_degrees=5.0, flip_probability=0.5), "contrast": "projection", "koleo_weight": 0.0,
+       "epochs": 60, "batch_size": 16, "learning_rate": 3.0e-4}
+
+
 @dataclass(frozen=True)
 class Settings:
+    # sscd: the settings below | dar: Dar et al.'s (DAR); every setting but seed is then DAR's, so one
+    # switch reproduces the published recipe whatever else the section says.
+    recipe: str = "sscd"
     channels: tuple[int, ...] = (16, 32, 64)  # one stage (stride-2 downsampling) per entry
+    input_size: int | None = None  # the encoder's grid: longest side at most this (working_shape); None: the data's
     embedding_dim: int = 32
     projection_dim: int = 32
     temperature: float = 0.07
-    rotation_degrees: float = 5.0  # each view: rotation about every axis (one in-plane angle in 2D) drawn from ± this
-    flip_probability: float = 0.5  # each view: each axis flipped with this probability
+    views: Views = field(default_factory=Views)
+    contrast: str = "embedding"  # NT-Xent on the centred embeddings similarity compares, or on a projection head
+    koleo_weight: float = 0.0  # weight of SSCD's KoLeo entropy term (0: off)
     epochs: int = 60
     batch_size: int = 16
     learning_rate: float = 1.0e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"detector.recipe = {self.recipe!r}: expected one of {', '.join(RECIPES)} "
+                             "(dar: Dar et al.'s recipe; sscd: broader views, KoLeo, normalized scores)")
+        if self.recipe == "dar":
+            for name, value in DAR.items():
+                object.__setattr__(self, name, value)
+        views = self.views
+        if isinstance(views, dict):
+            unknown = sorted(set(views) - {f.name for f in fields(Views)})
+            if unknown:
+                raise ValueError(f"detector.views: unknown keys {unknown}; known: "
+                                 f"{', '.join(f.name for f in fields(Views))}")
+            views = Views(**views)
+        if not isinstance(views, Views):
+            raise ValueError(f"detector.views = {self.views!r}: expected a mapping of view sizes")
+        object.__setattr__(self, "views", views)
         channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else self.channels
         object.__setattr__(self, "channels", channels)
         if not isinstance(channels, tuple) or not channels or not all(
@@ -58,18 +156,17 @@ class Settings:
         # One volume per batch has no negatives, so NT-Xent would be zero and nothing is learned.
         _require_int("batch_size", self.batch_size, minimum=2)
         _require_int("seed", self.seed, minimum=0)
+        if self.input_size is not None:
+            _require_int("input_size", self.input_size, minimum=2 ** len(channels))
         for name in ("temperature", "learning_rate"):
             value = getattr(self, name)
             if not is_number(value) or not value > 0:
                 raise ValueError(f"detector.{name} = {value!r}: expected a positive number; "
                                  f"the default is {getattr(Settings, name)}")
-        if not is_number(self.rotation_degrees) or not 0 <= self.rotation_degrees < 180:
-            raise ValueError(f"detector.rotation_degrees = {self.rotation_degrees!r}: expected a number of "
-                             "degrees in [0, 180); Dar et al. use 5")
-        if not is_number(self.flip_probability) or not 0 <= self.flip_probability <= 1:
-            raise ValueError(f"detector.flip_probability = {self.flip_probability!r}: expected a probability "
-                             "in [0, 1]; Dar et al. use 0.5")
-
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"detector.contrast = {self.contrast!r}: expected one of {', '.join(CONTRASTS)}")
+        if not is_number(self.koleo_weight) or self.koleo_weight < 0:
+            raise ValueError(f"detector.koleo_weight = {self.koleo_weight!r}: expected a number >= 0 (0: off)")
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:
@@ -79,6 +176,8 @@ def _require_int(name: str, value: object, minimum: int) -> None:
 
 # One encoder definition for both: only the convolution's dimensionality differs.
 CONVOLUTIONS: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+LINEAR_MODES = {2: "bilinear", 3: "trilinear"}
+ELASTIC_CONTROL_POINTS = 4  # per axis of the elastic view's coarse field, spanning the volume (as controls.py)
 
 
 def _check_spatial_dims(spatial_dims: object) -> int:
@@ -110,13 +209,32 @@ class _Stage(nn.Module):
         return F.silu(x + self.norm(self.conv(x)))
 
 
+def working_shape(shape: tuple[int, ...] | list[int], input_size: int | None) -> tuple[int, ...]:
+    """The grid the encoder works on: ``shape``, or scaled (aspect kept) so its longest side is ``input_size``.
+
+    Like SSCD's fixed input size: a copy is recognised by its anatomy, which a coarser grid keeps, and a
+    detector tuned on a 32³ grid then sees a 64³ or 128³ cohort at the scale it was tuned for (a 1-voxel
+    shift of the fine grid is half a voxel of its own), at the cost of a 32³ grid.
+    """
+    shape = tuple(int(side) for side in shape)
+    if input_size is None or max(shape) <= input_size:
+        return shape
+    return tuple(max(1, round(side * input_size / max(shape))) for side in shape)
+
+
 class ContrastiveEncoder(nn.Module):
-    """Conv encoder (3D or 2D) → embedding (what similarity compares) → projection head (loss only)."""
+    """Conv encoder (3D or 2D) → embedding (what similarity compares) → projection head (loss only).
+
+    ``input_size``: inputs larger than that along their longest side are first averaged down to
+    ``working_shape`` (area interpolation); None keeps every input's grid.
+    """
 
     def __init__(self, channels: tuple[int, ...] | list[int] = (16, 32, 64), embedding_dim: int = 32,
-                 projection_dim: int = 32, in_channels: int = 1, spatial_dims: int = 3) -> None:
+                 projection_dim: int = 32, in_channels: int = 1, spatial_dims: int = 3,
+                 input_size: int | None = None) -> None:
         super().__init__()
         self.spatial_dims = _check_spatial_dims(spatial_dims)
+        self.input_size = input_size
         widths = [in_channels, *channels]
         self.stages = nn.Sequential(*(_Stage(a, b, self.spatial_dims) for a, b in zip(widths[:-1], widths[1:])))
         self.to_embedding = nn.Linear(widths[-1], embedding_dim)
@@ -130,7 +248,12 @@ class ContrastiveEncoder(nn.Module):
                              f"{', D' if self.spatial_dims == 3 else ''}, H, W), got shape {tuple(x.shape)}; "
                              "embed images of the kind it was trained on")
         # Global average pool over every spatial axis: (2, 3, 4) in 3D, (2, 3) in 2D.
-        return self.to_embedding(self.stages(x).mean(dim=tuple(range(2, x.ndim))))
+        return self.to_embedding(self.stages(self.to_working_grid(x)).mean(dim=tuple(range(2, x.ndim))))
+
+    def to_working_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, C, *working_shape(S)): area-averaged down, or unchanged when S fits."""
+        shape = working_shape(x.shape[2:], self.input_size)
+        return x if shape == tuple(x.shape[2:]) else F.interpolate(x, size=shape, mode="area")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, D, H, W) or (B, 1, H, W) -> embedding (B, embedding_dim), projection (B, projection_dim)."""
@@ -156,28 +279,58 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, positives)
 
 
-def augment(volumes: torch.Tensor, rotation_degrees: float, flip_probability: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """One random view per volume: rotation about each axis in ± rotation_degrees, then random flips.
+def koleo(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SSCD's KoLeo (Kozachenko-Leonenko) differential-entropy regularizer of two views of B volumes.
 
-    volumes: (B, C, D, H, W), or (B, C, H, W) images in 2D, on any device; returns the same shape.
-    3D draws three angles (one about each axis), 2D one in-plane angle; each axis is flipped with
-    ``flip_probability``. All randomness comes from the CPU ``generator``, so views are reproducible
-    on CPU and CUDA alike. The whole batch is resampled in one ``affine_grid``/``grid_sample`` call
-    (trilinear or bilinear, border padding so no artificial black corners appear), which on CPU is
-    much faster than per-volume MONAI transforms. The rotation is built in voxel units, so it stays
-    rigid on non-square grids (voxels are isotropic after ingest). A flip is a sign change of a
-    normalised coordinate, which with align_corners=False maps voxel i onto voxel N-1-i exactly, so
-    flips cost no extra resampling.
+    z1, z2: (B, E), row i of each a view of volume i. Over the 2B L2-normalised views, each view's
+    distance to its nearest *non-matching* view (neither itself nor its positive) is
+    sqrt(2 - 2 cos); the loss is minus the mean log of that distance. Minimising it spreads the
+    embeddings, so volumes unlike each other do not share a neighbourhood by chance (Sablayrolles et
+    al. 2019; Pizzi et al. 2022, who weight it 30 beside InfoNCE at temperature 0.05).
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape or z1.shape[0] < 2:
+        raise ValueError(f"koleo needs two (B, E) views of equal shape with B >= 2, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    batch = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    cosine = z @ z.T
+    index = torch.arange(2 * batch, device=z.device)
+    matches = index[:, None] % batch == index[None, :] % batch  # itself and its positive partner
+    nearest = cosine.masked_fill(matches, -2.0).max(dim=1).values
+    # The clamp keeps the log finite when two different volumes' views coincide (as SSCD does).
+    return -0.5 * (2 - 2 * nearest).clamp(min=1e-6).log().mean()
+
+
+def centred(embeddings: torch.Tensor) -> torch.Tensor:
+    """(B, E) embeddings minus each row's mean: their cosine similarity is the Pearson correlation."""
+    return embeddings - embeddings.mean(dim=1, keepdim=True)
+
+
+def augment(volumes: torch.Tensor, views: Views, generator: torch.Generator) -> torch.Tensor:
+    """One random view per volume, as ``views`` sizes it; volumes (B, C, D, H, W) or (B, C, H, W), any device.
+
+    Geometry first, in one ``affine_grid``/``grid_sample`` call on the whole batch (trilinear or
+    bilinear, border padding so no artificial black corners appear): rotation about each axis
+    (three angles in 3D, one in 2D), random flips, then zoom, translation and an elastic warp where
+    they are on. Then the degradations a generator's copy goes through, each on a random subset of
+    the batch: down- then up-sampling (one factor per batch), Gaussian blur, gamma and intensity
+    scaling, additive noise; values are clipped to [0, 1] after them. All randomness comes from the
+    CPU ``generator``, drawn in this order and only for the views that are on, so views are
+    reproducible on CPU and CUDA alike and Dar's views (rotation and flips only) draw exactly what
+    they drew before the other views existed. The rotation is built in voxel units, so it stays rigid
+    on non-square grids (voxels are isotropic after ingest). A flip is a sign change of a normalised
+    coordinate, which with align_corners=False maps voxel i onto voxel N-1-i exactly.
     """
     if volumes.ndim not in (4, 5):
         raise ValueError(f"augment expects (B, C, D, H, W) volumes or (B, C, H, W) images, got shape "
                          f"{tuple(volumes.shape)}")
     batch, spatial_dims = volumes.shape[0], volumes.ndim - 2
+    shape = volumes.shape[2:]
     n_angles = 3 if spatial_dims == 3 else 1  # a 3D rotation has three degrees of freedom, a 2D one
     angles = ((torch.rand(batch, n_angles, generator=generator, dtype=torch.float64) * 2 - 1)
-              * math.radians(rotation_degrees))
-    flips = torch.where(torch.rand(batch, spatial_dims, generator=generator) < flip_probability, -1.0, 1.0).double()
+              * math.radians(views.rotation_degrees))
+    flips = torch.where(torch.rand(batch, spatial_dims, generator=generator) < views.flip_probability,
+                        -1.0, 1.0).double()
 
     cos, sin = angles.cos(), angles.sin()
     one = torch.ones(batch, dtype=torch.float64)
@@ -195,16 +348,145 @@ def augment(volumes: torch.Tensor, rotation_degrees: float, flip_probability: fl
         rotations = rotation(cos[:, 0], sin[:, 0], (0, 1))
     # Grid coordinates run over the array axes in reverse, (x, y, z) = (W, H, D) or (x, y) = (W, H),
     # each normalised to [-1, 1].
-    sizes = torch.tensor(volumes.shape[2:][::-1], dtype=torch.float64)
+    sizes = torch.tensor(shape[::-1], dtype=torch.float64)
     theta = torch.diag(1 / sizes) @ rotations @ torch.diag(sizes) @ torch.diag_embed(flips)
-    theta = torch.cat([theta, torch.zeros(batch, spatial_dims, 1, dtype=torch.float64)], dim=2)
-    theta = theta.to(device=volumes.device, dtype=volumes.dtype)
+    if views.zoom > 0:
+        # Output point p samples the input at p / zoom: a zoom above 1 enlarges the anatomy (a crop).
+        zooms = 1 + (torch.rand(batch, generator=generator, dtype=torch.float64) * 2 - 1) * views.zoom
+        theta = theta / zooms[:, None, None]
+    shifts = torch.zeros(batch, spatial_dims, dtype=torch.float64)  # voxels along the array axes
+    if views.translation > 0:
+        bounds = views.translation * torch.tensor(shape, dtype=torch.float64)
+        shifts = (torch.rand(batch, spatial_dims, generator=generator, dtype=torch.float64) * 2 - 1) * bounds
+    displacement = None
+    if views.elastic > 0:
+        displacement = elastic_displacement(batch, tuple(shape), views.elastic, generator)
+    return degrade(resample(volumes, theta, shifts, displacement), views, generator)
+
+
+def elastic_displacement(batch: int, shape: tuple[int, ...], share: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """(B, d, *shape) float64 voxels along the array axes: a smooth random field per volume.
+
+    Each component is drawn uniform in ± ``share`` × that axis's side at ELASTIC_CONTROL_POINTS per
+    axis (corners included) and interpolated linearly to every voxel, as controls.elastic_displacement
+    does for one volume: the anatomy bends, it does not tear.
+    """
+    spatial_dims = len(shape)
+    coarse = torch.rand(batch, spatial_dims, *(ELASTIC_CONTROL_POINTS,) * spatial_dims, generator=generator,
+                        dtype=torch.float64) * 2 - 1
+    coarse = coarse * (share * torch.tensor(shape, dtype=torch.float64)).view(1, spatial_dims, *(1,) * spatial_dims)
+    return F.interpolate(coarse, size=shape, mode=LINEAR_MODES[spatial_dims], align_corners=True)
+
+
+def resample(volumes: torch.Tensor, theta: torch.Tensor, shifts: torch.Tensor,
+             displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample (B, C, *S) volumes: output voxel p takes the input at theta p - shift + displacement(p).
+
+    theta: (B, d, d) float64 in torch's normalised grid coordinates (x, y, z) = (W, H, D); shifts
+    (B, d) float64 voxels along the array axes (D, H, W), so ``out[i + shift] = in[i]`` for whole
+    voxels; displacement (B, d, *S) float64 voxels along the array axes, or None. With
+    align_corners=False one voxel is 2 / n in normalised coordinates. Border padding.
+    """
+    batch, spatial_dims = volumes.shape[0], volumes.ndim - 2
+    sizes = torch.tensor(volumes.shape[2:][::-1], dtype=torch.float64)
+    offsets = -shifts.flip(1) * 2 / sizes
+    theta = torch.cat([theta, offsets[:, :, None]], dim=2).to(device=volumes.device, dtype=volumes.dtype)
     grid = F.affine_grid(theta, list(volumes.shape), align_corners=False)
+    if displacement is not None:
+        components_last = (0, *range(2, spatial_dims + 2), 1)
+        normalised = (displacement.flip(1) * (2 / sizes).view(1, spatial_dims, *(1,) * spatial_dims))
+        grid = grid + normalised.permute(*components_last).to(device=volumes.device, dtype=volumes.dtype)
     return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def degrade(volumes: torch.Tensor, views: Views, generator: torch.Generator) -> torch.Tensor:
+    """The intensity-domain views on (B, C, *S) volumes in [0, 1], each on a random subset of the batch.
+
+    Draws from ``generator`` only for the views that are on; returns the volumes untouched when none is.
+    """
+    if not views.degradations:
+        return volumes
+    batch, spatial_dims = volumes.shape[0], volumes.ndim - 2
+    device, dtype = volumes.device, volumes.dtype
+
+    def chosen() -> torch.Tensor:
+        return torch.rand(batch, generator=generator) < views.degradation_probability
+
+    def per_volume(values: torch.Tensor) -> torch.Tensor:
+        return values.to(device=device, dtype=dtype).view(batch, *(1,) * (spatial_dims + 1))
+
+    if views.downsample_factor > 1:
+        mask = chosen()
+        factor = 1 + torch.rand(1, generator=generator).item() * (views.downsample_factor - 1)
+        volumes = torch.where(mask.to(device).view(batch, *(1,) * (spatial_dims + 1)), down_up_sample(volumes, factor),
+                              volumes)
+    if views.blur_sigma > 0:
+        mask = chosen()
+        sigmas = torch.rand(batch, generator=generator, dtype=torch.float64) * views.blur_sigma * mask
+        volumes = gaussian_blur(volumes, sigmas)
+    volumes = volumes.clamp(0, 1)
+    if views.gamma > 0:
+        mask = chosen()
+        exponents = ((torch.rand(batch, generator=generator) * 2 - 1) * math.log1p(views.gamma) * mask).exp()
+        volumes = volumes ** per_volume(exponents)
+    if views.intensity_scale > 0:
+        mask = chosen()
+        factors = 1 + (torch.rand(batch, generator=generator) * 2 - 1) * views.intensity_scale * mask
+        volumes = volumes * per_volume(factors)
+    if views.noise_std > 0:
+        mask = chosen()
+        stds = torch.rand(batch, generator=generator) * views.noise_std * mask
+        noise = torch.randn(volumes.shape, generator=generator)
+        volumes = volumes + per_volume(stds) * noise.to(device=device, dtype=dtype)
+    return volumes.clamp(0, 1)
+
+
+def down_up_sample(volumes: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, C, *S) -> (B, C, *S): averaged down to S / factor (area), then interpolated back (linear).
+
+    What an autoencoder with ``factor``-fold downsampling keeps at best: the local means, smoothly
+    interpolated; detail finer than ``factor`` voxels is gone.
+    """
+    shape = tuple(volumes.shape[2:])
+    small = tuple(max(1, round(side / factor)) for side in shape)
+    down = F.interpolate(volumes, size=small, mode="area")
+    return F.interpolate(down, size=shape, mode=LINEAR_MODES[volumes.ndim - 2], align_corners=False)
+
+
+def gaussian_blur(volumes: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) volumes, each blurred along every axis by its own σ in voxels ((B,) float64; 0: unchanged).
+
+    Separable: one grouped 1D convolution per axis over the whole batch, replicate padding, taps to 3σ
+    of the largest σ, normalised to sum 1.
+    """
+    batch, channels, spatial_dims = volumes.shape[0], volumes.shape[1], volumes.ndim - 2
+    largest = float(sigmas.max())
+    if largest <= 0:
+        return volumes
+    radius = max(1, math.ceil(3 * largest))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    # A σ of 0 becomes a delta: its kernel is 1 at the centre tap and ~0 elsewhere.
+    weights = torch.exp(-taps[None] ** 2 / (2 * sigmas.clamp(min=1e-3)[:, None] ** 2))
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    weights = weights.to(device=volumes.device, dtype=volumes.dtype)
+    convolution = {2: F.conv2d, 3: F.conv3d}[spatial_dims]
+    x = volumes.reshape(1, batch * channels, *volumes.shape[2:])
+    for axis in range(spatial_dims):
+        kernel_shape = [1] * spatial_dims
+        kernel_shape[axis] = 2 * radius + 1
+        padding = [0, 0] * spatial_dims
+        padding[2 * (spatial_dims - 1 - axis):2 * (spatial_dims - axis)] = [radius, radius]  # F.pad: last axis first
+        x = convolution(F.pad(x, padding, mode="replicate"), weights.view(batch * channels, 1, *kernel_shape),
+                        groups=batch * channels)
+    return x.reshape(volumes.shape)
+
+
 def pair_similarities(e1: torch.Tensor, e2: torch.Tensor) -> tuple[float, float]:
-    """Mean cosine similarity of positive pairs (row i of e1 and e2) and of all other pairs of views."""
+    """Mean cosine similarity of positive pairs (row i of e1 and e2) and of all other pairs of views.
+
+    Of centred embeddings (``centred``), the cosine is the Pearson correlation similarity.py scores.
+    """
     batch = e1.shape[0]
     e = F.normalize(torch.cat([e1, e2]), dim=1)
     cosine = e @ e.T
@@ -214,6 +496,9 @@ def pair_similarities(e1: torch.Tensor, e2: torch.Tensor) -> tuple[float, float]
     negative_mask[index, index + batch] = False
     negative_mask[index + batch, index] = False
     return positives.mean().item(), cosine[negative_mask].mean().item()
+
+
+CURVE_COLUMNS = ["epoch", "loss", "koleo", "positive_similarity", "negative_similarity", "seconds"]
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
@@ -231,24 +516,25 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     if len(volume_shape) not in CONVOLUTIONS:
         raise ValueError(f"{cases_csv}: training images have shape {tuple(volume_shape)}; the detector trains on "
                          "(D, H, W) volumes or (H, W) images, so re-run ingest to get canonical images")
-    smallest = 2 ** len(settings.channels)
-    if min(volume_shape) < smallest:
-        raise ValueError(f"volume shape {tuple(volume_shape)} is too small for {len(settings.channels)} "
-                         f"downsamplings (detector.channels = {list(settings.channels)}): every side must be "
-                         f">= {smallest}; use fewer detector.channels entries")
+    smallest, working = 2 ** len(settings.channels), working_shape(volume_shape, settings.input_size)
+    if min(working) < smallest:
+        raise ValueError(f"volume shape {tuple(volume_shape)} (the encoder's grid {working}) is too small for "
+                         f"{len(settings.channels)} downsamplings (detector.channels = {list(settings.channels)}): "
+                         f"every side must be >= {smallest}; use fewer detector.channels entries")
 
     generator = runtime.seed_everything(settings.seed)
     model_args = {"channels": list(settings.channels), "embedding_dim": settings.embedding_dim,
                   "projection_dim": settings.projection_dim, "in_channels": 1,
-                  "spatial_dims": len(volume_shape)}
+                  "spatial_dims": len(volume_shape), "input_size": settings.input_size}
     model = ContrastiveEncoder(**model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    data = torch.from_numpy(volumes).to(device)
+    # Views are drawn on the encoder's own grid: sized for the grid it sees, and no work spent on detail it drops.
+    data = model.to_working_grid(torch.from_numpy(volumes).to(device))
     n_batches = math.ceil(len(ids) / settings.batch_size)
-    logger.info("training the %dD detector on %d volumes of shape %s, %d batches/epoch, %d parameters, device %s",
-                len(volume_shape), len(ids), tuple(volume_shape), n_batches,
-                sum(p.numel() for p in model.parameters()), device)
+    logger.info("training the %dD detector (recipe %s) on %d volumes of shape %s (encoder grid %s), %d batches/epoch, "
+                "%d parameters, device %s; views %s", len(volume_shape), settings.recipe, len(ids), tuple(volume_shape),
+                working, n_batches, sum(p.numel() for p in model.parameters()), device, asdict(settings.views))
 
     last_path = model_path.with_name(f"{model_path.stem}.last.pt")
     identity = {"settings": asdict(settings), "train_ids": list(ids), "volume_shape": volume_shape}
@@ -269,36 +555,43 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     for epoch in range(start_epoch, settings.epochs + 1):
         started = time.perf_counter()
         model.train()
-        totals = np.zeros(3)
+        totals = np.zeros(4)
         # Near-equal batches (sizes differ by at most one) so no batch is a lone volume without negatives.
         for batch_index in torch.tensor_split(torch.randperm(len(ids), generator=generator), n_batches):
             batch = data[batch_index.to(device)]
             with torch.no_grad():
-                view1 = augment(batch, settings.rotation_degrees, settings.flip_probability, generator)
-                view2 = augment(batch, settings.rotation_degrees, settings.flip_probability, generator)
+                view1 = augment(batch, settings.views, generator)
+                view2 = augment(batch, settings.views, generator)
             # One forward pass for both views: GroupNorm is per volume, so this equals two passes.
             embeddings, projections = model(torch.cat([view1, view2]))
             embedding1, embedding2 = embeddings.chunk(2)
-            loss = nt_xent(*projections.chunk(2), settings.temperature)
+            contrasted = projections if settings.contrast == "projection" else centred(embeddings)
+            loss = nt_xent(*contrasted.chunk(2), settings.temperature)
+            spread = torch.zeros(())
+            if settings.koleo_weight > 0:
+                # On the centred embeddings: what similarity's Pearson correlation compares is what spreads.
+                spread = koleo(*centred(embeddings).chunk(2))
+                loss = loss + settings.koleo_weight * spread
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                positive, negative = pair_similarities(embedding1, embedding2)
-            totals += len(batch_index) * np.array([loss.item(), positive, negative])
+                # Pearson correlations, as the similarity stage compares embeddings.
+                positive, negative = pair_similarities(centred(embedding1), centred(embedding2))
+            totals += len(batch_index) * np.array([loss.item(), spread.item(), positive, negative])
         scheduler.step()
-        loss, positive, negative = totals / len(ids)
-        curve.append({"epoch": epoch, "loss": float(loss), "positive_similarity": float(positive),
-                      "negative_similarity": float(negative), "seconds": time.perf_counter() - started})
-        logger.info("epoch %d/%d loss %.4f positive similarity %.3f negative similarity %.3f (%.1f s)",
-                    epoch, settings.epochs, loss, positive, negative, curve[-1]["seconds"])
+        loss, spread, positive, negative = totals / len(ids)
+        curve.append({"epoch": epoch, "loss": float(loss), "koleo": float(spread),
+                      "positive_similarity": float(positive), "negative_similarity": float(negative),
+                      "seconds": time.perf_counter() - started})
+        logger.info("epoch %d/%d loss %.4f (KoLeo %.3f) positive similarity %.3f negative similarity %.3f (%.1f s)",
+                    epoch, settings.epochs, loss, spread, positive, negative, curve[-1]["seconds"])
         artefacts.save_torch(last_path, {
             **identity, "epoch": epoch, "curve": curve, "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state()})
 
-    artefacts.write_csv(curve_csv, pd.DataFrame(curve, columns=[
-        "epoch", "loss", "positive_similarity", "negative_similarity", "seconds"]))
+    artefacts.write_csv(curve_csv, pd.DataFrame(curve, columns=CURVE_COLUMNS))
     artefacts.save_torch(model_path, {
         "model_args": model_args, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "settings": asdict(settings), "volume_shape": volume_shape})
