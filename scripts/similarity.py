@@ -1,4 +1,4 @@
-"""Rule similarity: embeddings → exact nearest neighbours (Pearson correlation, faiss)."""
+"""Rule similarity: embeddings → exact nearest neighbours (Pearson correlation or normalized score, faiss)."""
 from medmem import runtime, similarity
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
@@ -13,4 +13,5 @@ similarity.run(
     train_to_holdout_csv=snakemake.output.train_to_holdout,
     holdout_to_train_csv=snakemake.output.holdout_to_train,
     controls_to_train_csv=snakemake.output.controls_to_train,
+    settings=similarity.Settings(**snakemake.params.settings),
 )

@@ -37,7 +37,9 @@ def test_nearest_neighbours_agree_with_corrcoef(k):
     queries = np.concatenate([database[:5] + 0.1 * rng.standard_normal((5, 32)), rng.standard_normal((7, 32))])
     query_ids, database_ids = [f"q{i}" for i in range(12)], [f"d{i}" for i in range(25)]
     table = similarity.nearest_neighbours(query_ids, queries.astype(np.float32), database_ids, database, k=k)
-    assert list(table.columns) == ["query_id", "neighbour_id", "rank", "correlation"]
+    assert list(table.columns) == ["query_id", "neighbour_id", "rank", "correlation", "score"]
+    # Without backgrounds the score is the correlation.
+    np.testing.assert_array_equal(table["score"].to_numpy(), table["correlation"].to_numpy())
     assert len(table) == 12 * k
     assert table["query_id"].tolist() == [q for q in query_ids for _ in range(k)]
     assert table["rank"].tolist() == list(range(1, k + 1)) * 12
@@ -102,7 +104,10 @@ def test_run_writes_five_tables_of_the_right_sizes(tmp_path):
         table = tables[name]
         assert len(table) == 2 * len(query_ids), name
         assert set(table["query_id"]) == set(query_ids) and set(table["neighbour_id"]) <= set(database_ids), name
-        assert json.loads((outputs[name].parent / f"{name}.csv.json").read_text())["settings"] == {"k": 2}
+        sidecar = json.loads((outputs[name].parent / f"{name}.csv.json").read_text())
+        assert sidecar["settings"] == {"k": 2, "score": "correlation", "background_neighbours": 10,
+                                       "background_weight": 1.0}
+        np.testing.assert_array_equal(table["score"].to_numpy(), table["correlation"].to_numpy())
     nearest = tables["synthetic_to_train"].query("rank == 1").set_index("query_id")
     assert nearest.loc[["s0", "s1"], "neighbour_id"].tolist() == ["t0", "t1"]
     assert (nearest.loc[["s0", "s1"], "correlation"] > 0.99).all()
@@ -149,3 +154,105 @@ def test_run_refuses_a_patient_in_train_and_holdout(tmp_path):
     split = write_split(tmp_path / "split.csv", ["a", "b", "c"], ["d", "e"])
     with pytest.raises(ValueError, match=r"share ids \['c'\]"):
         similarity.run(train, holdout, train, train, split, *(tmp_path / f"{i}.csv" for i in range(5)))
+
+
+def test_background_is_the_mean_correlation_with_the_neighbours_after_the_nearest():
+    rng = np.random.default_rng(6)
+    database, queries = rng.standard_normal((7, 12)), rng.standard_normal((4, 12))
+    _, correlations = numpy_nearest(queries, database, 7)
+    for neighbours, weight in ((1, 1.0), (3, 1.0), (3, 0.5), (6, 2.0)):
+        expected = weight * correlations[:, 1:neighbours + 1].mean(axis=1)
+        np.testing.assert_allclose(similarity.background(queries, database, neighbours, weight), expected, atol=1e-6)
+    # Pinned by hand: a query correlated 1 with d0 (a copy), 0.5 with d1 and d2 (so background 0.5, k = 2).
+    database = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, np.sqrt(0.75), 0.0, 0.0], [0.5, 0.0, np.sqrt(0.75), 0.0]])
+    centred = np.hstack([database, -database])  # Pearson: centred on each row's mean, the cosines stay
+    assert similarity.background(centred[:1], centred, 2, 1.0)[0] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="background_neighbours = 3 needs at least 4 training volumes"):
+        similarity.background(queries, database, 3, 1.0)
+
+
+def test_the_normalized_score_ranks_a_copy_above_a_volume_like_everyone():
+    rng = np.random.default_rng(7)
+    train = rng.standard_normal((20, 32))
+    copy = train[3] + 0.6 * rng.standard_normal(32)  # a noisy copy of t3
+    everyone = train.mean(axis=0) + 0.05 * rng.standard_normal(32)  # like every patient, a copy of none
+    queries, ids = np.stack([copy, everyone]), [f"t{i}" for i in range(20)]
+    raw = similarity.nearest_neighbours(["copy", "everyone"], queries, ids, train)
+    background = similarity.background(queries, train, 3, 1.0)
+    normalized = similarity.nearest_neighbours(["copy", "everyone"], queries, ids, train, 1, background)
+    assert raw.at[0, "neighbour_id"] == normalized.at[0, "neighbour_id"] == "t3"
+    # Correlation and score side by side; the score is the correlation minus the query's background.
+    np.testing.assert_allclose(normalized["correlation"], raw["correlation"], atol=1e-6)
+    np.testing.assert_allclose(normalized["score"], raw["correlation"] - background, atol=1e-6)
+    assert raw.at[1, "correlation"] > 0 and normalized.at[1, "score"] < 0.1 < normalized.at[0, "score"]
+
+
+def test_a_database_background_reranks_and_scores_a_pair_as_its_other_direction_does():
+    rng = np.random.default_rng(8)
+    train, synthetic = rng.standard_normal((3, 16)), rng.standard_normal((5, 16))
+    background = np.array([0.3, -0.1, 0.0, 0.5, 0.2])
+    table = similarity.nearest_neighbours(["t0", "t1", "t2"], train, [f"s{i}" for i in range(5)], synthetic, 5, None,
+                                          background)
+    full = np.corrcoef(np.concatenate([train, synthetic]))[:3, 3:]
+    for query, rows in table.groupby("query_id", sort=False):
+        row = int(query[1:])
+        order = np.argsort(-(full[row] - background), kind="stable")
+        assert rows["neighbour_id"].tolist() == [f"s{j}" for j in order]
+        np.testing.assert_allclose(rows["correlation"], full[row, order], atol=1e-5)
+        np.testing.assert_allclose(rows["score"], full[row, order] - background[order], atol=1e-5)
+    with pytest.raises(ValueError, match="database background must be 5 finite numbers"):
+        similarity.nearest_neighbours(["t0"], train[:1], list("abcde"), synthetic, 1, None, background[:4])
+
+
+def test_run_with_the_normalized_score_reads_one_score_in_both_directions(tmp_path):
+    rng = np.random.default_rng(9)
+    train_ids, holdout_ids = [f"t{i}" for i in range(8)], [f"h{i}" for i in range(5)]
+    train, holdout = rng.standard_normal((8, 16)), rng.standard_normal((5, 16))
+    synthetic = np.concatenate([train[:2] + 0.05 * rng.standard_normal((2, 16)), train.mean(axis=0, keepdims=True)])
+    vectors = {"train": (train_ids, train), "holdout": (holdout_ids, holdout),
+               "synthetic": (["s0", "s1", "s_everyone"], synthetic), "controls": (["probe-exact-t2"], train[2:3])}
+    npz = {name: write_embeddings(tmp_path / f"{name}.npz", ids, values) for name, (ids, values) in vectors.items()}
+    outputs = {name: tmp_path / f"{name}.csv" for name in
+               ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                "controls_to_train")}
+    split = write_split(tmp_path / "split.csv", train_ids, holdout_ids)
+    settings = similarity.Settings(score="normalized", background_neighbours=2)
+    similarity.run(*npz.values(), split, *outputs.values(), settings=settings)
+    tables = {name: pd.read_csv(path, dtype={"query_id": str, "neighbour_id": str}) for name, path in outputs.items()}
+    assert json.loads((tmp_path / "synthetic_to_train.csv.json").read_text())["settings"]["score"] == "normalized"
+    background = {"s0": None, "s1": None, "s_everyone": None}
+    expected = similarity.background(synthetic, train, 2, 1.0)
+    copies = tables["synthetic_to_train"].set_index("query_id")
+    for name, value in zip(background, expected):
+        assert copies.at[name, "score"] == pytest.approx(copies.at[name, "correlation"] - value, abs=1e-6)
+    assert copies.loc[["s0", "s1"], "neighbour_id"].tolist() == ["t0", "t1"]
+    assert copies.at["s_everyone", "score"] < 0.2 < copies.loc[["s0", "s1"], "score"].min()
+    # train -> synthetic: a pair's score is the synthetic volume's score against that patient.
+    for row in tables["train_to_synthetic"].itertuples():
+        position = ["s0", "s1", "s_everyone"].index(row.neighbour_id)
+        assert row.score == pytest.approx(row.correlation - expected[position], abs=1e-6)
+    memorized = tables["train_to_synthetic"].set_index("query_id")
+    assert memorized.loc[["t0", "t1"], "neighbour_id"].tolist() == ["s0", "s1"]
+    # train -> holdout reads each held-out patient's background against the training set, as holdout -> train.
+    holdout_background = similarity.background(holdout, train, 2, 1.0)
+    calibration = tables["holdout_to_train"].set_index("query_id")
+    np.testing.assert_allclose(calibration["correlation"] - calibration["score"], holdout_background, atol=1e-6)
+    for row in tables["train_to_holdout"].itertuples():
+        assert row.correlation - row.score == pytest.approx(holdout_background[holdout_ids.index(row.neighbour_id)],
+                                                            abs=1e-6)
+    probe = tables["controls_to_train"].iloc[0]
+    assert probe["neighbour_id"] == "t2" and probe["correlation"] == pytest.approx(1.0, abs=1e-6)
+    # score: correlation (the default) scores the raw correlation.
+    similarity.run(*npz.values(), split, *outputs.values(), settings=similarity.Settings())
+    raw = pd.read_csv(outputs["synthetic_to_train"])
+    np.testing.assert_array_equal(raw["score"].to_numpy(), raw["correlation"].to_numpy())
+
+
+def test_similarity_settings_check_their_values():
+    assert similarity.Settings().score == "correlation"
+    with pytest.raises(ValueError, match="similarity.score = 'zscore'"):
+        similarity.Settings(score="zscore")
+    with pytest.raises(ValueError, match="background_neighbours"):
+        similarity.Settings(background_neighbours=0)
+    with pytest.raises(ValueError, match="background_weight"):
+        similarity.Settings(background_weight=-1.0)

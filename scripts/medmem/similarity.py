@@ -1,24 +1,55 @@
-"""Exact nearest neighbours between embedding sets, scored by Pearson correlation (Dar et al.).
+"""Exact nearest neighbours between embedding sets, scored by Pearson correlation (Dar et al.), or by
+the correlation normalized against each volume's background (SSCD).
 
 The Pearson correlation of two vectors is the cosine of the vectors after each is centred on its own
 mean over its dimensions, so centring and L2-normalising every vector once turns the search into an
-exact inner-product search (faiss IndexFlatIP). Higher correlation = more similar.
+exact inner-product search (faiss IndexFlatIP). Higher score = more similar.
+
+Normalized score (``score: normalized``; Pizzi et al.'s score normalization, after CSLS), which
+the audit reads where it is switched on (every table carries both): a blurry sample that resembles
+everyone is near every patient, so its raw correlation with its nearest training patient is high
+although it copies none of them. Its *background*, ``background_weight`` × the mean of its
+correlations with the ``background_neighbours`` training patients that follow the nearest one, is
+subtracted from each of its correlations: what counts is how much nearer it is to one patient than to
+the next ones. The background is measured on the training patients of the search only, never on
+held-out patients, so the calibration scores of held-out patients are computed exactly as a synthetic
+volume's are, and no held-out score depends on another. A pair's score is the same in both
+directions of a search (train → synthetic reads the synthetic volume's background), so τ, N_mem and
+N_copies read one score.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import faiss
 import numpy as np
 import pandas as pd
 
 from medmem import artefacts, volume_sets
+from medmem.settings_checks import check_float, check_int
 
 logger = logging.getLogger("medmem.similarity")
 
-NEIGHBOUR_COLUMNS = ["query_id", "neighbour_id", "rank", "correlation"]
+NEIGHBOUR_COLUMNS = ["query_id", "neighbour_id", "rank", "correlation", "score"]
+Score = Literal["correlation", "normalized"]
+SCORES: tuple[str, ...] = get_args(Score)
+
+
+@dataclass(frozen=True)
+class Settings:
+    score: str = "correlation"  # correlation: Pearson (Dar et al.) | normalized: minus the background (SSCD)
+    background_neighbours: int = 10  # the training patients after the nearest whose mean is the background
+    background_weight: float = 1.0  # β: how much of the background is subtracted
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"similarity.score = {self.score!r}: expected one of {', '.join(SCORES)}")
+        check_int("similarity.background_neighbours", self.background_neighbours, minimum=1)
+        check_float("similarity.background_weight", self.background_weight, positive=False)
 
 
 def pearson_vectors(x: np.ndarray) -> np.ndarray:
@@ -36,11 +67,14 @@ def pearson_vectors(x: np.ndarray) -> np.ndarray:
 
 
 def nearest_neighbours(query_ids: list[str], queries: np.ndarray, database_ids: list[str], database: np.ndarray,
-                       k: int = 1) -> pd.DataFrame:
-    """For every query, its k most correlated database vectors (exact search).
+                       k: int = 1, query_background: np.ndarray | None = None,
+                       database_background: np.ndarray | None = None) -> pd.DataFrame:
+    """For every query, its k best-scoring database vectors (exact search).
 
-    queries: (Nq, E), database: (Nd, E). Returns one row per query and rank: query_id, neighbour_id,
-    rank (1 = nearest), correlation; queries in input order, ranks ascending.
+    queries: (Nq, E), database: (Nd, E). The score of a pair is its Pearson correlation minus the
+    query's background ((Nq,), or none) and the database vector's ((Nd,), or none); without
+    backgrounds it is the correlation. Returns one row per query and rank: query_id, neighbour_id,
+    rank (1 = best), correlation, score; queries in input order, ranks ascending by score.
     """
     for name, ids, vectors in (("query", query_ids, queries), ("database", database_ids, database)):
         if np.ndim(vectors) != 2:
@@ -55,17 +89,56 @@ def nearest_neighbours(query_ids: list[str], queries: np.ndarray, database_ids: 
     if k > len(database):
         raise ValueError(f"k = {k} neighbours requested but the database holds only {len(database)} vectors "
                          f"(for {len(queries)} queries); lower k to at most {len(database)}")
-    index = faiss.IndexFlatIP(database.shape[1])
-    index.add(pearson_vectors(database))
-    correlations, neighbours = index.search(pearson_vectors(queries), k)
+    query_background = _background_or_zeros(query_background, len(queries), "query")
+    database_background = _background_or_zeros(database_background, len(database), "database")
+    query_vectors, database_vectors = pearson_vectors(queries), pearson_vectors(database)
+    if database_background.any():
+        # A database vector's background becomes one more dimension (-background against a query's 1),
+        # so one exact inner-product search ranks by correlation - database background (as SSCD does).
+        query_vectors = np.hstack([query_vectors, np.ones((len(queries), 1), np.float32)])
+        database_vectors = np.hstack([database_vectors, -database_background[:, None].astype(np.float32)])
+    index = faiss.IndexFlatIP(database_vectors.shape[1])
+    index.add(np.ascontiguousarray(database_vectors))
+    products, neighbours = index.search(np.ascontiguousarray(query_vectors), k)
+    # Rounding can put a self-match a hair above 1; a correlation lives in [-1, 1].
+    correlations = np.clip(products.astype(np.float64) + database_background[neighbours], -1.0, 1.0)
+    scores = correlations - database_background[neighbours] - query_background[:, None]
     database_ids = np.asarray(database_ids, dtype=object)
     return pd.DataFrame({
         "query_id": np.repeat(np.asarray(query_ids, dtype=object), k),
         "neighbour_id": database_ids[neighbours.ravel()],
         "rank": np.tile(np.arange(1, k + 1), len(queries)),
-        # Rounding can put a self-match a hair above 1; a correlation lives in [-1, 1].
-        "correlation": np.clip(correlations.ravel().astype(np.float64), -1.0, 1.0),
+        "correlation": correlations.ravel(),
+        "score": scores.ravel(),
     }, columns=NEIGHBOUR_COLUMNS)
+
+
+def _background_or_zeros(background: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if background is None:
+        return np.zeros(n)
+    background = np.asarray(background, dtype=np.float64)
+    if background.shape != (n,) or not np.isfinite(background).all():
+        raise ValueError(f"{name} background must be {n} finite numbers, one per {name} vector, got shape "
+                         f"{background.shape}")
+    return background
+
+
+def background(queries: np.ndarray, training: np.ndarray, neighbours: int, weight: float) -> np.ndarray:
+    """(Nq,) float64: ``weight`` × the mean correlation of each query with its training neighbours of rank
+    2 to ``neighbours`` + 1, i.e. the ones that follow its nearest (SSCD's score-normalization term).
+
+    A copy of one patient is far nearer that patient than the next ones: its background is that of any
+    volume. A volume like everyone (a blur, an average) is about as near the next ones: its background
+    cancels its correlation.
+    """
+    if neighbours + 1 > len(training):
+        raise ValueError(f"similarity.background_neighbours = {neighbours} needs at least {neighbours + 1} training "
+                         f"volumes (the nearest and {neighbours} after it), the search has {len(training)}; "
+                         f"lower it to at most {len(training) - 1}")
+    ids = [str(i) for i in range(len(training))]
+    table = nearest_neighbours([str(i) for i in range(len(queries))], queries, ids, training, neighbours + 1)
+    following = table["correlation"].to_numpy().reshape(len(queries), neighbours + 1)[:, 1:]
+    return weight * following.mean(axis=1)
 
 
 def read_embeddings(npz: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -82,13 +155,16 @@ def read_embeddings(npz: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
         controls_npz: str | os.PathLike, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
-        holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1) -> None:
-    """Write the five nearest-neighbour tables (query_id, neighbour_id, rank, correlation) + sidecars.
+        holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1,
+        settings: Settings = Settings()) -> None:
+    """Write the five nearest-neighbour tables (query_id, neighbour_id, rank, correlation, score) + sidecars.
 
     The controls (planted probes) are searched against the training set like synthetic volumes are,
     but in a table of their own, so they never mix with the synthetic set's counts. The synthetic set
     is searched against the generator's training patients (``train`` in ``split_csv``, which a
     training-set-size study narrows); the threshold and the controls use every training embedding.
+    With the normalized score, each synthetic, held-out and control volume's background is measured
+    against the training patients of its own search, and both directions of a search read it.
     """
     train_ids, train = read_embeddings(train_npz)
     holdout_ids, holdout = read_embeddings(holdout_npz)
@@ -106,20 +182,29 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         raise ValueError(f"{split_csv}: training ids {missing} have no embedding in {train_npz}; "
                          "embed the training set of this split")
     generator = train[[position[i] for i in generator_ids]]
+    backgrounds: dict[str, np.ndarray | None] = {"synthetic": None, "holdout": None, "controls": None}
+    if settings.score == "normalized":
+        def of(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
+            return background(vectors, reference, settings.background_neighbours, settings.background_weight)
+
+        backgrounds = {"synthetic": of(synthetic, generator), "holdout": of(holdout, train),
+                       "controls": of(controls, train)}
+    # (table, queries, database, query background, database background)
     searches = [
-        (synthetic_to_train_csv, synthetic_ids, synthetic, generator_ids, generator),
-        (train_to_synthetic_csv, generator_ids, generator, synthetic_ids, synthetic),
-        (train_to_holdout_csv, train_ids, train, holdout_ids, holdout),
-        (holdout_to_train_csv, holdout_ids, holdout, train_ids, train),
-        (controls_to_train_csv, controls_ids, controls, train_ids, train),
+        (synthetic_to_train_csv, synthetic_ids, synthetic, generator_ids, generator, backgrounds["synthetic"], None),
+        (train_to_synthetic_csv, generator_ids, generator, synthetic_ids, synthetic, None, backgrounds["synthetic"]),
+        (train_to_holdout_csv, train_ids, train, holdout_ids, holdout, None, backgrounds["holdout"]),
+        (holdout_to_train_csv, holdout_ids, holdout, train_ids, train, backgrounds["holdout"], None),
+        (controls_to_train_csv, controls_ids, controls, train_ids, train, backgrounds["controls"], None),
     ]
     inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz,
               "split": split_csv}
-    for output, query_ids, queries, database_ids, database in searches:
-        table = nearest_neighbours(query_ids, queries, database_ids, database, k)
+    for output, query_ids, queries, database_ids, database, query_background, database_background in searches:
+        table = nearest_neighbours(query_ids, queries, database_ids, database, k, query_background,
+                                   database_background)
         artefacts.write_csv(output, table)
-        artefacts.write_sidecar(output, settings={"k": k}, inputs=inputs, n_queries=len(query_ids),
-                                n_database=len(database_ids))
+        artefacts.write_sidecar(output, settings={"k": k, **asdict(settings)}, inputs=inputs,
+                                n_queries=len(query_ids), n_database=len(database_ids))
     logger.info("nearest neighbours: %d train (%d the generator's), %d holdout, %d synthetic, %d control "
-                "embeddings, k = %d", len(train_ids), len(generator_ids), len(holdout_ids), len(synthetic_ids),
-                len(controls_ids), k)
+                "embeddings, k = %d, score: %s", len(train_ids), len(generator_ids), len(holdout_ids),
+                len(synthetic_ids), len(controls_ids), k, settings.score)

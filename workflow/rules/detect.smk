@@ -54,6 +54,8 @@ rule similarity:
         train_to_holdout=f"{RESULTS}/similarity/{{similarity}}/train_to_holdout.csv",
         holdout_to_train=f"{RESULTS}/similarity/{{similarity}}/holdout_to_train.csv",
         controls_to_train=f"{RESULTS}/similarity/{{similarity}}/controls_to_train.csv",
+    params:
+        settings=settings_of("similarity"),
     log:
         f"{RESULTS}/logs/similarity/{{similarity}}.log",
     conda:
