@@ -24,3 +24,15 @@ def process_locale_restored():
     saved = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny audit (tests/test_workflow.py's tiny_config, two experiments), run once through snakemake for every
+    test that reads a finished run: the workflow's outputs, the rerun plan, the reproducibility check."""
+    from test_workflow import CPU_RUN, snakemake, tiny_config, write_config
+
+    workdir = tmp_path_factory.mktemp("tiny")
+    write_config(workdir, tiny_config())
+    snakemake(workdir, *CPU_RUN)
+    return workdir
