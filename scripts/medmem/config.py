@@ -59,7 +59,7 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
     synthetic = SYNTHETIC_STAGES[source]
     stages["controls"] = (effective["controls"], ("split", "autoencoder") if source in ("ldm", "vae") else ("split",))
     stages["detector"] = (effective["detector"], ("split",))
-    stages["similarity"] = ({}, ("detector", synthetic, "controls"))
+    stages["similarity"] = (effective["similarity"], ("detector", synthetic, "controls"))
     # Baselines on the controls (and the calibration and holdout sets) do not depend on the synthetic set:
     # experiments on one split share them; only the synthetic side re-runs per synthetic set.
     stages["baselines_controls"] = (effective["baselines"], ("split", "controls"))
