@@ -80,6 +80,25 @@ def test_default_plan_shares_upstream_stages(tmp_path):
                     "report": 1, "total": 29}
 
 
+def test_planning_imports_no_torch_monai_faiss_or_simpleitk(tmp_path):
+    """`snakemake -n` validates every experiment (config.make_plan builds each stage's Settings) without the
+    heavy libraries, so a plan on a login node is quick and small; the modules it loaded are read at exit."""
+    write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    loaded = tmp_path / "modules.txt"
+    program = (
+        "import atexit, runpy, sys\n"
+        f"atexit.register(lambda: open({str(loaded)!r}, 'w').write('\\n'.join(sorted(sys.modules))))\n"
+        f"sys.argv = ['snakemake', '-s', {str(SNAKEFILE)!r}, '-d', {str(tmp_path)!r}, '-n']\n"
+        "runpy.run_module('snakemake', run_name='__main__', alter_sys=True)\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train_diffusion" in result.stdout + result.stderr  # it planned the demo's jobs
+    modules = set(loaded.read_text().split())
+    assert "medmem.config" in modules and "medmem.settings" in modules
+    heavy = {module.split(".")[0] for module in modules} & {"torch", "monai", "faiss", "SimpleITK"}
+    assert not heavy, f"planning imported {sorted(heavy)}"
+
+
 def test_a_config_error_stops_the_plan_before_any_job(tmp_path):
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["diffusion"]["epoch"] = 5

@@ -16,15 +16,17 @@ import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 
 import medmem
 from medmem import staging
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: CPU-only stages never need it
+    import torch
 
 # Versions recorded in every sidecar, so a result can be traced to the software that made it.
 RECORDED_PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "faiss-cpu", "pandas", "snakemake")
@@ -84,11 +86,15 @@ def save_torch(path: str | os.PathLike, obj: dict) -> None:
     """Save a checkpoint of tensors and plain Python values (loadable with weights_only=True)."""
     # Through an open file, not the path: torch names the archive's top folder after a path it is given,
     # which here is the random temp name, and then two identical runs would write different bytes.
+    import torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
         torch.save(obj, file)
 
 
 def load_torch(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    import torch
+
     return torch.load(path, map_location=device, weights_only=True)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,76 +27,14 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
-from medmem.settings_checks import check_float, check_int
 from medmem import artefacts, runtime, volume_sets
+from medmem.settings import AutoencoderSettings as Settings, check_autoencoder_shape as check_shape
 
 logger = logging.getLogger("medmem.autoencoder")
 
 # Resume state (model, optimizers, RNG) is saved at most this often; the declared outputs are
 # written once, at the end.
 RESUME_INTERVAL_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``autoencoder:`` section of config.yaml."""
-
-    channels: tuple[int, ...] = (8, 16, 16)
-    latent_channels: int = 3
-    num_res_blocks: int = 1
-    norm_num_groups: int = 4
-    epochs: int = 30
-    batch_size: int = 4
-    learning_rate: float = 1.0e-3
-    kl_weight: float = 1.0e-6
-    adversarial_weight: float = 0.01
-    adversarial_warmup_epochs: int = 20
-    discriminator_channels: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.channels, (list, tuple)) or not self.channels:
-            raise ValueError(f"autoencoder.channels={self.channels!r} must be a non-empty list of "
-                             "channel counts, one per level, e.g. [8, 16, 16]")
-        object.__setattr__(self, "channels", tuple(self.channels))
-        for value in self.channels:
-            check_int("autoencoder.channels", value, minimum=1)
-        for name in ("latent_channels", "num_res_blocks", "norm_num_groups", "epochs", "batch_size",
-                     "discriminator_channels"):
-            check_int(f"autoencoder.{name}", getattr(self, name), minimum=1)
-        check_int("autoencoder.adversarial_warmup_epochs", self.adversarial_warmup_epochs, minimum=0)
-        check_int("autoencoder.seed", self.seed, minimum=0)
-        check_float("autoencoder.learning_rate", self.learning_rate, positive=True)
-        for name in ("kl_weight", "adversarial_weight"):
-            check_float(f"autoencoder.{name}", getattr(self, name), positive=False)
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"autoencoder.channels={list(self.channels)} must be divisible by "
-                             f"autoencoder.norm_num_groups={self.norm_num_groups} (group norm), "
-                             f"{bad} are not: change the channels or the number of groups")
-
-    @property
-    def downsampling(self) -> int:
-        """Factor by which each spatial axis shrinks from image to latent."""
-        return 2 ** (len(self.channels) - 1)
-
-
-def check_shape(shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse an image shape, (H, W) or (D, H, W), the autoencoder cannot downsample evenly."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) not in (2, 3):
-        raise ValueError(f"data.shape {shape} has {len(shape)} entries: give 2, (H, W), for 2D images or 3, "
-                         "(D, H, W), for volumes")
-    factor = settings.downsampling
-    if any(s % factor for s in shape):
-        suggestion = tuple(max(factor, -(-s // factor) * factor) for s in shape)
-        raise ValueError(
-            f"data.shape {shape} must be divisible by {factor} for the autoencoder's "
-            f"{len(settings.channels) - 1} downsamplings (autoencoder.channels has "
-            f"{len(settings.channels)} levels): use e.g. {suggestion}")
-    if settings.adversarial_weight > 0 and min(shape) < 8:
-        raise ValueError(f"data.shape {shape} is too small for the patch discriminator (every axis needs at least "
-                         "8 pixels or voxels): use a larger data.shape or set autoencoder.adversarial_weight: 0")
 
 
 def model_args(settings: Settings, spatial_dims: int) -> dict[str, Any]:

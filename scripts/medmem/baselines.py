@@ -61,7 +61,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import faiss
 import numpy as np
@@ -71,11 +71,10 @@ from monai.metrics import SSIMMetric
 from monai.networks.layers import GaussianFilter
 
 from medmem import artefacts, similarity, volume_sets
-from medmem.settings_checks import check_float, check_int
+from medmem.settings import BASELINE_METHODS as METHODS, BaselinesSettings as Settings
 
 logger = logging.getLogger("medmem.baselines")
 
-METHODS = ("pixel_pearson", "ssim", "carlini", "meehan", "authenticity", "shift_pearson")
 SCORE_COLUMNS = ["method", "set", "query_id", "neighbour_id", "score"]
 STATISTIC_COLUMNS = ["method", "set", "statistic", "value"]
 
@@ -94,33 +93,6 @@ SSIM_BATCH_VOXELS = 2**21
 SHIFT_SIGMA, SHIFT_VOXELS = 1.0, 2
 # Voxels per step of the shift search (queries × shifts × V): bounds the shifted copies it stacks.
 SHIFT_BATCH_VOXELS = 2**24
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``baselines:`` section of config.yaml."""
-
-    methods: tuple[str, ...] = METHODS
-    ssim_candidates: int = 10  # most correlated reference volumes whose SSIM is computed, per query
-    shift_candidates: int = 10  # most correlated reference volumes searched over shifts, per query
-    carlini_alpha: float = 0.5  # α of Carlini et al.'s relative distance
-    carlini_neighbours: int = 50  # n of Carlini et al.'s relative distance
-    meehan_cells: int = 3  # k-means cells of Meehan et al.'s test
-    seed: int = 0  # k-means seed
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.methods, (list, tuple)) or not self.methods:
-            raise ValueError(f"baselines.methods={self.methods!r} must be a non-empty list drawn from {list(METHODS)}")
-        object.__setattr__(self, "methods", tuple(self.methods))
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"baselines.methods has unknown methods {unknown}: choose from {list(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"baselines.methods={list(self.methods)} lists a method twice: list each once")
-        for name in ("ssim_candidates", "shift_candidates", "carlini_neighbours", "meehan_cells"):
-            check_int(f"baselines.{name}", getattr(self, name), minimum=1)
-        check_float("baselines.carlini_alpha", self.carlini_alpha, positive=True)
-        check_int("baselines.seed", self.seed, minimum=0)
 
 
 def score(method: str, settings: Settings, queries: np.ndarray, reference: np.ndarray, test: np.ndarray,

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from medmem.settings import THRESHOLD_RULES
 from medmem.settings_checks import is_int, is_number
 
 CONTROL_METRIC_COLUMNS = ["role", "strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
@@ -32,7 +33,6 @@ REALISTIC_STRENGTHS = ("reconstruction", "combined")  # as controls.py (which th
 # training patients. A negative is named by negative_name: "holdout", "holdout_reconstruction", "average".
 NEGATIVE_KINDS = ("holdout", "average")
 HELD_OUT = "holdout"  # the negative copies are ranked against (AUC, precision): held-out patients, unchanged
-THRESHOLD_RULES = ("calibrated", "published")
 
 
 def empirical_p_values(scores: Sequence[float], null_scores: Sequence[float]) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from medmem import settings as stage_settings
 from medmem.input_content import manifest_paths
 
 # The stages of an audit and the stages whose outputs each reads. The synthetic set comes from one
@@ -151,46 +151,43 @@ def check_schema(config: dict, schema: dict, where: str) -> None:
 
 def check_settings(effective: dict, name: str) -> None:
     """Build every stage's typed settings and run the checks that span stages."""
-    # Imported here: the stage modules pull in torch and MONAI, which only validation needs.
-    from medmem import (assess, autoencoder, baselines, controls, detector, diffusion, gan, ingest, quality,
-                        release, sample, screen, split)
-
     try:
-        data = ingest.Settings(**effective["data"])
-        split_settings = split.Settings(**effective["split"])
-        subset_settings = split.SubsetSettings(**effective["train_subset"])
+        data = stage_settings.IngestSettings(**effective["data"])
+        split_settings = stage_settings.SplitSettings(**effective["split"])
+        subset_settings = stage_settings.SubsetSettings(**effective["train_subset"])
         source = effective["synthetic"]["source"]
         if source == "gan":
-            gan_settings = gan.Settings(**effective["gan"])
-            gan.check_shape(data.shape, gan_settings)
-            sample.Settings(**effective["sample"])
+            gan_settings = stage_settings.GanSettings(**effective["gan"])
+            stage_settings.check_gan_shape(data.shape, gan_settings)
+            stage_settings.SampleSettings(**effective["sample"])
         if source == "vae":
-            autoencoder.check_shape(data.shape, autoencoder.Settings(**effective["autoencoder"]))
-            sample.Settings(**effective["sample"])
+            stage_settings.check_autoencoder_shape(data.shape, stage_settings.AutoencoderSettings(**effective["autoencoder"]))
+            stage_settings.SampleSettings(**effective["sample"])
         if source == "ldm":
-            ae = autoencoder.Settings(**effective["autoencoder"])
-            diff = diffusion.Settings(**effective["diffusion"])
-            sample_settings = sample.Settings(**effective["sample"])
+            ae = stage_settings.AutoencoderSettings(**effective["autoencoder"])
+            diff = stage_settings.DiffusionSettings(**effective["diffusion"])
+            sample_settings = stage_settings.SampleSettings(**effective["sample"])
             if sample_settings.diffusion_epoch not in (None, *diff.checkpoint_epochs):
                 raise ValueError(f"sample.diffusion_epoch={sample_settings.diffusion_epoch} is not one of "
                                  f"diffusion.checkpoint_epochs={list(diff.checkpoint_epochs)}: add it there, or "
                                  "set it to null to sample the final weights")
-            autoencoder.check_shape(data.shape, ae)
+            stage_settings.check_autoencoder_shape(data.shape, ae)
             downsampling = 2 ** (len(ae.channels) - 1)
-            diffusion.check_shape(tuple(s // downsampling for s in data.shape), diff)
+            stage_settings.check_diffusion_shape(tuple(s // downsampling for s in data.shape), diff)
         elif source == "folder" and effective["synthetic"]["folder"] is None:
             raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
                              "the directory of synthetic volumes to audit")
         if source == "folder" and subset_settings.fraction < 1:
             raise ValueError(f"train_subset.fraction={subset_settings.fraction} chooses a generator's training "
                              "patients, but synthetic.source is 'folder' (no generator is trained): set it to 1")
-        controls.Settings(**effective["controls"])
-        detector.Settings(**effective["detector"])
-        baseline_settings = baselines.Settings(**effective["baselines"])
-        quality.Settings(**effective["quality"])
-        assess_settings = assess.Settings(**effective["assess"])
-        screen.Settings(**effective["screen"])
-        release.Settings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
+        stage_settings.ControlsSettings(**effective["controls"])
+        stage_settings.DetectorSettings(**effective["detector"])
+        stage_settings.SimilaritySettings(**effective["similarity"])
+        baseline_settings = stage_settings.BaselinesSettings(**effective["baselines"])
+        stage_settings.QualitySettings(**effective["quality"])
+        assess_settings = stage_settings.AssessSettings(**effective["assess"])
+        stage_settings.ScreenSettings(**effective["screen"])
+        stage_settings.ReleaseSettings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None
     if effective["release"]["percentile"] > assess_settings.percentile:
@@ -200,8 +197,8 @@ def check_settings(effective: dict, name: str) -> None:
 
     if data.source == "phantom":
         n_patients = data.phantom.n_patients
-        n_holdout = split.holdout_size(n_patients, split_settings.holdout_fraction)
-        needed = math.ceil(100.0 / (100.0 - assess_settings.percentile))
+        n_holdout = stage_settings.holdout_size(n_patients, split_settings.holdout_fraction)
+        needed = stage_settings.minimum_calibration_size(assess_settings.percentile)
         if n_holdout < split_settings.min_holdout:
             raise ValueError(
                 f"experiment {name!r}: split.holdout_fraction={split_settings.holdout_fraction} of "
@@ -212,11 +209,11 @@ def check_settings(effective: dict, name: str) -> None:
                 f"experiment {name!r}: τ at assess.percentile={assess_settings.percentile} needs at least "
                 f"{needed} training volumes, the split leaves {n_patients - n_holdout}: add patients or "
                 f"lower assess.percentile")
-        if assess_settings.threshold == "calibrated" and n_holdout < assess.minimum_holdout(assess_settings.percentile):
+        if assess_settings.threshold == "calibrated" and n_holdout < stage_settings.minimum_holdout(assess_settings.percentile):
             raise ValueError(
                 f"experiment {name!r}: the calibrated threshold at assess.percentile={assess_settings.percentile} "
                 f"(a {100 - assess_settings.percentile:g}% false-positive rate) needs at least "
-                f"{assess.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
+                f"{stage_settings.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
                 f"{n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add patients, "
                 "hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: published")
         n_per_strength = effective["controls"]["n_per_strength"]

@@ -54,10 +54,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -67,14 +66,10 @@ from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
 from medmem import artefacts, autoencoder, volume_sets
-from medmem.settings_checks import check_int
+from medmem.settings import STRENGTHS, ControlsSettings as Settings
 
 logger = logging.getLogger("medmem.controls")
 
-# New strengths go last: each strength's random stream is keyed by its index here.
-Strength = Literal["exact", "flip", "rotate_5", "rotate_10", "noise", "intensity", "translate", "elastic",
-                   "reconstruction", "combined"]
-STRENGTHS: tuple[str, ...] = get_args(Strength)
 # Copies a good detector must find: mirrored or barely turned anatomy is still the same patient.
 MILD_STRENGTHS: tuple[str, ...] = ("exact", "flip", "rotate_5")
 # The copies a memorizing LDM makes: decoded by its autoencoder, a little shifted, re-noised.
@@ -161,32 +156,6 @@ STRENGTH_DEFINITIONS = strength_definitions(3)
 NEGATIVE_DEFINITIONS = negative_definitions(3)
 
 MANIFEST_COLUMNS = ["id", "path", "kind", "strength", "source_id"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    strengths: tuple[str, ...] = STRENGTHS  # subset of STRENGTHS, planted in this order
-    n_per_strength: int | None = None  # training volumes copied per strength; None: every training volume
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        strengths = tuple(self.strengths) if isinstance(self.strengths, (list, tuple)) else self.strengths
-        object.__setattr__(self, "strengths", strengths)
-        valid = ", ".join(STRENGTHS)
-        if not isinstance(strengths, tuple) or not strengths:
-            raise ValueError(f"controls.strengths = {self.strengths!r}: expected a non-empty list of strengths "
-                             f"from: {valid}")
-        unknown = [s for s in strengths if s not in STRENGTHS]
-        if unknown:
-            raise ValueError(f"controls.strengths: unknown strengths {unknown}; valid strengths: {valid}")
-        repeated = sorted({s for s in strengths if strengths.count(s) > 1})
-        if repeated:
-            raise ValueError(f"controls.strengths lists {repeated} more than once: each strength once, "
-                             f"from: {valid}")
-        if self.n_per_strength is not None:
-            check_int("controls.n_per_strength", self.n_per_strength, minimum=1,
-                      fix="(or null to copy every training volume)")
-        check_int("controls.seed", self.seed, minimum=0)
 
 
 # A reconstruction: a canonical (D, H, W) or (H, W) array in, the same shape out (any float dtype, unclipped).

@@ -23,9 +23,9 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import pandas as pd
 import torch
@@ -33,102 +33,15 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from medmem.settings_checks import check_float, check_int
 from medmem import artefacts, autoencoder, runtime, volume_sets
+from medmem.settings import DiffusionSettings as Settings, check_diffusion_shape as check_shape
 
 logger = logging.getLogger("medmem.diffusion")
 
-Schedule = Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"]
-PredictionType = Literal["v_prediction", "sample", "epsilon"]
 
 # Resume state (model, EMA, optimizer, RNG) is saved at most this often; the declared outputs
 # are written once, at the end.
 RESUME_INTERVAL_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``diffusion:`` section of config.yaml."""
-
-    channels: tuple[int, ...] = (32, 64)
-    attention_levels: tuple[bool, ...] = (False, False)
-    num_res_blocks: int = 1
-    norm_num_groups: int = 16
-    num_train_timesteps: int = 1000
-    schedule: Schedule = "scaled_linear_beta"
-    beta_start: float = 0.0015
-    beta_end: float = 0.0195
-    epochs: int = 150
-    batch_size: int = 8
-    learning_rate: float = 2.5e-4
-    ema_decay: float = 0.999
-    augmentation: bool = False
-    seed: int = 0
-    prediction_type: PredictionType = "v_prediction"  # what the UNet learns to output; see the module docstring
-    # Epochs at which the EMA weights are also kept, so one run gives every training length of a study.
-    checkpoint_epochs: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("channels", "attention_levels"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not value:
-                raise ValueError(f"diffusion.{name}={value!r} must be a non-empty list, one entry per UNet level")
-            object.__setattr__(self, name, tuple(value))
-        for value in self.channels:
-            check_int("diffusion.channels", value, minimum=1)
-        if any(not isinstance(a, bool) for a in self.attention_levels):
-            raise ValueError(f"diffusion.attention_levels={list(self.attention_levels)} must be true/false per level")
-        if len(self.attention_levels) != len(self.channels):
-            raise ValueError(f"diffusion.attention_levels has {len(self.attention_levels)} entries but "
-                             f"diffusion.channels has {len(self.channels)} levels: give one per level")
-        for name in ("num_res_blocks", "norm_num_groups", "num_train_timesteps", "epochs", "batch_size"):
-            check_int(f"diffusion.{name}", getattr(self, name), minimum=1)
-        check_int("diffusion.seed", self.seed, minimum=0)
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"diffusion.channels={list(self.channels)} must be divisible by "
-                             f"diffusion.norm_num_groups={self.norm_num_groups} (group norm), {bad} are not: "
-                             "change the channels or the number of groups")
-        if self.schedule not in get_args(Schedule):
-            raise ValueError(f"diffusion.schedule={self.schedule!r} must be one of {list(get_args(Schedule))}")
-        for name in ("beta_start", "beta_end", "learning_rate"):
-            check_float(f"diffusion.{name}", getattr(self, name))
-        if not self.beta_start < self.beta_end < 1:
-            raise ValueError(f"diffusion.beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy "
-                             "0 < beta_start < beta_end < 1 (noise added per step grows over the schedule)")
-        check_float("diffusion.ema_decay", self.ema_decay)
-        if not self.ema_decay < 1:
-            raise ValueError(f"diffusion.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999")
-        if self.prediction_type not in get_args(PredictionType):
-            raise ValueError(f"diffusion.prediction_type={self.prediction_type!r} must be one of "
-                             f"{list(get_args(PredictionType))}")
-        if not isinstance(self.augmentation, bool):
-            raise ValueError(f"diffusion.augmentation={self.augmentation!r} must be true or false")
-        if not isinstance(self.checkpoint_epochs, (list, tuple)):
-            raise ValueError(f"diffusion.checkpoint_epochs={self.checkpoint_epochs!r} must be a list of epochs")
-        object.__setattr__(self, "checkpoint_epochs", tuple(self.checkpoint_epochs))
-        for epoch in self.checkpoint_epochs:
-            check_int("diffusion.checkpoint_epochs", epoch, minimum=1)
-        late = [e for e in self.checkpoint_epochs if e >= self.epochs]
-        if late or len(set(self.checkpoint_epochs)) != len(self.checkpoint_epochs):
-            raise ValueError(f"diffusion.checkpoint_epochs={list(self.checkpoint_epochs)} must be distinct epochs "
-                             f"before diffusion.epochs={self.epochs} (the last epoch is diffusion.pt itself)")
-
-
-def check_shape(latent_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse a latent spatial shape, (h, w) or (d, h, w), the UNet cannot downsample evenly."""
-    latent_shape = tuple(int(s) for s in latent_shape)
-    if len(latent_shape) not in (2, 3):
-        raise ValueError(f"the latent shape {latent_shape} has {len(latent_shape)} spatial entries; the diffusion "
-                         "UNet takes 2, (h, w), or 3, (d, h, w): give data.shape 2 entries for 2D images or 3 "
-                         "for volumes")
-    factor = 2 ** (len(settings.channels) - 1)
-    if any(s % factor for s in latent_shape):
-        raise ValueError(
-            f"the latent shape {latent_shape} (data.shape divided by the autoencoder's downsampling) must be "
-            f"divisible by {factor} for the diffusion UNet's {len(settings.channels) - 1} downsamplings "
-            f"(diffusion.channels has {len(settings.channels)} levels): use fewer diffusion.channels levels or "
-            f"a data.shape whose latent is divisible by {factor}")
 
 
 def model_args(settings: Settings, latent_channels: int, spatial_dims: int) -> dict[str, Any]:

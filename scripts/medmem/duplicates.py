@@ -13,35 +13,17 @@ so the split keeps them together) or ``warn`` (report only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from medmem.settings_checks import is_number
+from medmem.settings import DuplicatesSettings as Settings
 
-AcrossPatients = Literal["error", "merge", "warn"]
 COLUMNS = ["id_a", "id_b", "patient_a", "patient_b", "correlation", "kind", "action"]
 # Volumes are block-averaged to at most this many voxels before comparing (a 32³ grid is compared whole):
 # thousands of cases then fit in memory (4 bytes per voxel per case), and the all-pairs product stays fast.
 MAX_VOXELS = 32**3
 BLOCK_ROWS = 256  # rows of the correlation matrix computed at once
-
-
-@dataclass(frozen=True)
-class Settings:
-    threshold: float = 0.99                   # Pearson correlation above which two cases are a pair
-    across_patients: AcrossPatients = "error"
-
-    def __post_init__(self) -> None:
-        if not is_number(self.threshold) or not 0 < self.threshold <= 1:
-            raise ValueError(f"data.duplicates.threshold={self.threshold!r} must be a number in (0, 1] (the voxel "
-                             "correlation above which two cases count as duplicates), e.g. 0.99")
-        if self.across_patients not in get_args(AcrossPatients):
-            raise ValueError(f"data.duplicates.across_patients={self.across_patients!r} must be one of "
-                             f"{list(get_args(AcrossPatients))}")
-        object.__setattr__(self, "threshold", float(self.threshold))
 
 
 def fingerprint(volume: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from medmem.settings_checks import check_float, check_int
+from medmem.settings_checks import check_int
 from medmem import artefacts, runtime, volume_sets
+from medmem.settings import GanSettings as Settings, check_gan_shape as check_shape
 
 logger = logging.getLogger("medmem.gan")
 
@@ -49,40 +50,6 @@ RESUME_INTERVAL_SECONDS = 60.0
 # The layers that differ between 2D images and 3D volumes, by spatial_dims.
 CONVOLUTION: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 INSTANCE_NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``gan:`` section of config.yaml.
-
-    The defaults train 30 patients at 32³ in 2 minutes on 2 CPU threads (120 s measured) into
-    smooth body-shaped samples with the training intensities; channels (64, 32, 16) for 200
-    epochs at batch size 8 and learning rate 2e-4 would take about 8 minutes (2.5 s per epoch).
-    """
-
-    latent_dim: int = 64
-    channels: tuple[int, ...] = (32, 16, 8)  # generator channels per upsampling stage, mirrored in the discriminator
-    epochs: int = 100
-    batch_size: int = 4  # small batches: more updates for the same compute, which a GAN on few patients needs
-    learning_rate: float = 1.0e-3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.channels, (list, tuple)) or not self.channels:
-            raise ValueError(f"gan.channels={self.channels!r} must be a non-empty list of channel counts, one per "
-                             "upsampling stage of the generator, e.g. [32, 16, 8]")
-        object.__setattr__(self, "channels", tuple(self.channels))
-        for value in self.channels:
-            check_int("gan.channels", value, minimum=1)
-        for name in ("latent_dim", "epochs", "batch_size"):
-            check_int(f"gan.{name}", getattr(self, name), minimum=1)
-        check_int("gan.seed", self.seed, minimum=0)
-        check_float("gan.learning_rate", self.learning_rate, positive=True)
-
-    @property
-    def upsampling(self) -> int:
-        """Factor by which each spatial axis grows from the generator's first feature map to the volume."""
-        return 2 ** len(self.channels)
 
 
 def check_spatial_dims(spatial_dims: int, volume_shape: tuple[int, ...] | list[int]) -> None:
@@ -135,24 +102,6 @@ class VolumeDiscriminator(nn.Module):
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(volumes).flatten(1)).reshape(-1)
-
-
-def check_shape(volume_shape: tuple[int, ...] | list[int], settings: Settings) -> None:
-    """Refuse an image shape, (H, W) or (D, H, W), the generator cannot reach by doubling its first feature map.
-
-    That map must be at least 2 wide on every axis: instance norm needs more than one pixel or voxel per channel.
-    """
-    volume_shape = tuple(int(s) for s in volume_shape)
-    if len(volume_shape) not in (2, 3):
-        raise ValueError(f"data.shape {volume_shape} has {len(volume_shape)} entries: give 2, (H, W), for 2D "
-                         "images or 3, (D, H, W), for volumes")
-    factor = settings.upsampling
-    if any(s % factor or s < 2 * factor for s in volume_shape):
-        suggestion = tuple(max(2 * factor, -(-s // factor) * factor) for s in volume_shape)
-        raise ValueError(
-            f"data.shape {volume_shape} must be divisible by {factor} and at least {2 * factor} per axis for "
-            f"the GAN's {len(settings.channels)} upsamplings (gan.channels has {len(settings.channels)} stages): "
-            f"use fewer gan.channels stages or a data.shape such as {suggestion}")
 
 
 def model_args(settings: Settings, volume_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:

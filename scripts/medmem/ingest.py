@@ -23,27 +23,21 @@ or a NIfTI/NRRD/MHA slice); every later stage follows the dimensionality of the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from medmem.settings_checks import is_int, is_number
 from medmem import artefacts, case_sources, dicom_series, duplicates, volume_io
 from medmem.case_sources import CaseSource
-from medmem.phantom import PhantomSettings, make_patient, make_radiograph
+from medmem.phantom import make_patient, make_radiograph
+from medmem.settings import FolderSettings, IngestSettings as Settings
 
 logger = logging.getLogger("medmem.ingest")
 
-Source = Literal["phantom", "folder", "manifest"]
-Modality = Literal["mr", "ct", "xr"]
-Crop = Literal["centre", "foreground"]
-OnBadInput = Literal["error", "skip"]
 # cases.csv. intensity_low/high: the input intensities mapped to 0 and 1; grid_centre: where the canonical
 # grid's centre lies (RAS mm; 2D: the image plane's mm); given_split: a manifest's split, else empty.
 COLUMNS = ["id", "patient_id", "path", "source_path", "series_uid", "original_spacing", "original_shape",
@@ -54,82 +48,6 @@ ORIENTATION_2D = "image plane: array axes (x, y) run right and up as the file is
 
 # A case on its way to disk: id, (D, H, W) float32 volume, 4x4 RAS affine, its cases.csv fields.
 Case = tuple[str, np.ndarray, np.ndarray, dict[str, object]]
-
-
-@dataclass(frozen=True)
-class FolderSettings:
-    path: str | None
-    modality: Modality
-    ct_window: tuple[float, float]       # Hounsfield units mapped to 0 and 1
-    mr_percentiles: tuple[float, float]  # percentiles of each volume mapped to 0 and 1
-
-    def __post_init__(self) -> None:
-        if self.path is not None:
-            object.__setattr__(self, "path", os.fspath(self.path))
-        if self.modality not in get_args(Modality):
-            raise ValueError(f"data.folder.modality={self.modality!r} must be one of {list(get_args(Modality))}: "
-                             "mr or xr (radiographs) for percentile scaling, ct for a Hounsfield window")
-        low, high = _pair(self.ct_window, "data.folder.ct_window")
-        if not low < high:
-            raise ValueError(f"data.folder.ct_window={list(self.ct_window)} must be [low, high] HU with "
-                             "low < high, e.g. [-1000, 1000]")
-        object.__setattr__(self, "ct_window", (low, high))
-        low, high = _pair(self.mr_percentiles, "data.folder.mr_percentiles")
-        if not 0 <= low < high <= 100:
-            raise ValueError(f"data.folder.mr_percentiles={list(self.mr_percentiles)} must be [low, high] with "
-                             "0 <= low < high <= 100, e.g. [0.5, 99.5]")
-        object.__setattr__(self, "mr_percentiles", (low, high))
-
-
-@dataclass(frozen=True)
-class Settings:
-    source: Source
-    shape: tuple[int, ...]      # canonical grid, voxels: (D, H, W), or (x, y) for 2D images
-    spacing: tuple[float, ...]  # canonical voxel size along R, A, S (or x, y), mm
-    phantom: PhantomSettings
-    folder: FolderSettings              # path of the folder source; modality and scaling of every file source
-    manifest: str | None = None         # CSV of patient_id, path[, split, id] (source: manifest)
-    crop: Crop = "centre"               # centre the grid on the field of view, or on the foreground's box
-    foreground_threshold: float = 0.1   # foreground: scaled intensity above this (crop: foreground)
-    on_bad_input: OnBadInput = "error"  # skip: quarantine bad cases and go on with the rest
-    duplicates: duplicates.Settings = field(default_factory=duplicates.Settings)
-
-    def __post_init__(self) -> None:
-        if self.source not in get_args(Source):
-            raise ValueError(f"data.source={self.source!r} must be one of {list(get_args(Source))}")
-        shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else ()
-        if len(shape) not in (2, 3) or not all(is_int(n) and n > 0 for n in shape):
-            raise ValueError(f"data.shape={self.shape!r} must be three positive integers (voxels along D, H, W), "
-                             "e.g. [32, 32, 32], or two for 2D images, e.g. [64, 64]")
-        object.__setattr__(self, "shape", tuple(int(n) for n in shape))
-        spacing = tuple(self.spacing) if isinstance(self.spacing, (list, tuple)) else ()
-        if len(spacing) != len(shape) or not all(is_number(s) and 0 < s < math.inf for s in spacing):
-            raise ValueError(f"data.spacing={self.spacing!r} must be {len(shape)} positive numbers (mm along each "
-                             f"axis of data.shape={list(shape)}), e.g. {[4.0] * len(shape)}")
-        object.__setattr__(self, "spacing", tuple(float(s) for s in spacing))
-        if isinstance(self.phantom, dict):
-            object.__setattr__(self, "phantom", PhantomSettings(**self.phantom))
-        if isinstance(self.folder, dict):
-            object.__setattr__(self, "folder", FolderSettings(**self.folder))
-        if isinstance(self.duplicates, dict):
-            object.__setattr__(self, "duplicates", duplicates.Settings(**self.duplicates))
-        if self.source == "folder" and self.folder.path is None:
-            raise ValueError("data.source is 'folder' but data.folder.path is null: set data.folder.path to a "
-                             "folder with one volume per patient")
-        if self.manifest is not None:
-            object.__setattr__(self, "manifest", os.fspath(self.manifest))
-        if self.source == "manifest" and self.manifest is None:
-            raise ValueError("data.source is 'manifest' but data.manifest is null: set data.manifest to a CSV "
-                             "with columns patient_id, path (and optionally split, id)")
-        if self.crop not in get_args(Crop):
-            raise ValueError(f"data.crop={self.crop!r} must be one of {list(get_args(Crop))}")
-        if not is_number(self.foreground_threshold) or not 0 <= self.foreground_threshold < 1:
-            raise ValueError(f"data.foreground_threshold={self.foreground_threshold!r} must be a number in [0, 1) "
-                             "(scaled intensities above it are foreground), e.g. 0.1")
-        object.__setattr__(self, "foreground_threshold", float(self.foreground_threshold))
-        if self.on_bad_input not in get_args(OnBadInput):
-            raise ValueError(f"data.on_bad_input={self.on_bad_input!r} must be one of {list(get_args(OnBadInput))}: "
-                             "error stops at the first bad input, skip quarantines it and goes on")
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
@@ -321,8 +239,3 @@ def report_duplicates(rows: list[dict[str, object]], fingerprints: list[np.ndarr
     return pairs
 
 
-def _pair(value: object, key: str) -> tuple[float, float]:
-    numbers = isinstance(value, (list, tuple)) and all(is_number(v) and math.isfinite(v) for v in value)
-    if not numbers or len(value) != 2:
-        raise ValueError(f"{key}={value!r} must be two numbers [low, high]")
-    return float(value[0]), float(value[1])

@@ -28,8 +28,8 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric
 
 from medmem import artefacts, volume_sets
-from medmem.settings_checks import check_int
 from medmem.similarity import read_embeddings
+from medmem.settings import QualitySettings as Settings
 
 logger = logging.getLogger("medmem.quality")
 
@@ -43,23 +43,6 @@ MS_SSIM_MIN_KERNEL_SIZE = 7
 # Pairs compared per MS-SSIM call: bounds the memory of the convolutions on large volumes.
 PAIRS_PER_BATCH = 8
 FEATURE_BATCH_SIZE = 8
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``quality:`` section of config.yaml."""
-
-    diversity_pairs: int = 100  # random distinct pairs for MS-SSIM diversity (all pairs when there are fewer)
-    fid_weights: str | None = None  # optional local TorchScript extractor, (B, 1, D, H, W) or (B, 1, H, W) -> (B, F)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_int("quality.diversity_pairs", self.diversity_pairs, minimum=1)
-        if self.fid_weights is not None and (not isinstance(self.fid_weights, str) or not self.fid_weights.strip()):
-            raise ValueError(f"quality.fid_weights={self.fid_weights!r} must be the path of a TorchScript feature "
-                             "extractor (a file made with torch.jit.save) or null to skip the FID: fix it in "
-                             "config.yaml")
-        check_int("quality.seed", self.seed, minimum=0)
 
 
 @dataclass(frozen=True)

@@ -18,46 +18,16 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medmem import artefacts, calibration, screen, volume_sets
+from medmem.settings import ReleaseSettings as Settings
 
 logger = logging.getLogger("medmem.release")
-
-
-@dataclass(frozen=True)
-class Settings:
-    percentile: float = 95.0  # per method: flag at false-positive rate 1 - percentile / 100 (or τ's percentile)
-    methods: tuple[str, ...] | str = "all"  # "all": every method the experiment ran
-    threshold: str = "calibrated"  # calibrated (conformal on held-out patients) | published (Dar et al.'s τ)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
-                or not 0 < self.percentile < 100:
-            raise ValueError(f"release.percentile = {self.percentile!r}: expected a number strictly between 0 "
-                             "and 100; the assessment's percentile (95) releases what τ does not flag")
-        if self.threshold not in calibration.THRESHOLD_RULES:
-            raise ValueError(f"release.threshold = {self.threshold!r}: expected one of {list(calibration.THRESHOLD_RULES)}")
-        if self.methods == "all":
-            return
-        methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else ()
-        if not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"release.methods = {self.methods!r}: expected a non-empty list of distinct methods")
-        object.__setattr__(self, "methods", methods)
-
-    def methods_of(self, available: Sequence[str]) -> tuple[str, ...]:
-        """The methods that decide, out of those the assessment ran; every listed one must be among them."""
-        if self.methods == "all":
-            return tuple(available)
-        unknown = [m for m in self.methods if m not in available]
-        if unknown:
-            raise ValueError(f"release.methods lists {unknown}, which this experiment does not run (it runs "
-                             f"{list(available)}); add them to baselines.methods or remove them from release.methods")
-        return self.methods
 
 
 def release_thresholds(scores: pd.DataFrame, methods: Sequence[str], percentile: float,

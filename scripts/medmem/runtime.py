@@ -6,10 +6,12 @@ import logging
 import os
 import random
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
@@ -24,12 +26,17 @@ def setup_job(log_path: str | None, threads: int = 1) -> logging.Logger:
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
-    torch.set_num_threads(max(1, int(threads)))
+    # A CPU-only stage never imports torch (its import alone costs seconds per job); one that has imported
+    # it (the stage module is imported before this call) gets the rule's threads.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, int(threads)))
     return logging.getLogger("medmem")
 
 
 def select_device(choice: DeviceChoice = "auto") -> torch.device:
     """CUDA when the job sees a GPU (or when asked), CPU otherwise."""
+    import torch
+
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was requested but this job sees no GPU; set device: auto or cpu")
     if choice == "cpu" or not torch.cuda.is_available():
@@ -39,6 +46,8 @@ def select_device(choice: DeviceChoice = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch CPU generator for explicit sampling."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -11,43 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medmem.settings_checks import check_int
 from medmem import artefacts, autoencoder, diffusion, volume_sets
+from medmem.settings import SampleSettings as Settings
 
 logger = logging.getLogger("medmem.sample")
-
-SchedulerName = Literal["ddim", "ddpm"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The ``sample:`` section of config.yaml."""
-
-    scheduler: SchedulerName = "ddim"
-    steps: int = 50
-    n_samples: int | None = None
-    seed: int = 0
-    diffusion_epoch: int | None = None  # null: the final weights; else one of diffusion.checkpoint_epochs
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in get_args(SchedulerName):
-            raise ValueError(f"sample.scheduler={self.scheduler!r} must be one of {list(get_args(SchedulerName))}")
-        check_int("sample.steps", self.steps, minimum=1)
-        if self.n_samples is not None:
-            check_int("sample.n_samples", self.n_samples, minimum=1, fix="or null for as many as the training set")
-        check_int("sample.seed", self.seed, minimum=0)
-        if self.diffusion_epoch is not None:
-            check_int("sample.diffusion_epoch", self.diffusion_epoch, minimum=1,
-                      fix="(one of diffusion.checkpoint_epochs) or null for the final weights")
 
 
 def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMScheduler | DDPMScheduler:

@@ -23,29 +23,18 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
 from medmem import artefacts, duplicates, volume_sets
-from medmem.settings_checks import is_number
+from medmem.settings import ScreenSettings as Settings
 
 logger = logging.getLogger("medmem.screen")
 
 COLUMNS = ["id", "real_scan", "identical", "nearest_real_id", "nearest_real_patient", "nearest_real_split",
            "correlation"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    threshold: float = 0.99  # voxel correlation above which a synthetic volume counts as a real case's scan
-
-    def __post_init__(self) -> None:
-        if not is_number(self.threshold) or not 0 < self.threshold <= 1:
-            raise ValueError(f"screen.threshold={self.threshold!r} must be a number in (0, 1] (the voxel "
-                             "correlation above which a synthetic volume is a real case's scan), e.g. 0.99")
-        object.__setattr__(self, "threshold", float(self.threshold))
 
 
 def content_hash(volume: np.ndarray) -> str:

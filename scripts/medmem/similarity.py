@@ -22,34 +22,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from dataclasses import asdict
 
 import faiss
 import numpy as np
 import pandas as pd
 
 from medmem import artefacts, volume_sets
-from medmem.settings_checks import check_float, check_int
+from medmem.settings import SimilaritySettings as Settings
 
 logger = logging.getLogger("medmem.similarity")
 
 NEIGHBOUR_COLUMNS = ["query_id", "neighbour_id", "rank", "correlation", "score"]
-Score = Literal["correlation", "normalized"]
-SCORES: tuple[str, ...] = get_args(Score)
-
-
-@dataclass(frozen=True)
-class Settings:
-    score: str = "correlation"  # correlation: Pearson (Dar et al.) | normalized: minus the background (SSCD)
-    background_neighbours: int = 10  # the training patients after the nearest whose mean is the background
-    background_weight: float = 1.0  # β: how much of the background is subtracted
-
-    def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"similarity.score = {self.score!r}: expected one of {', '.join(SCORES)}")
-        check_int("similarity.background_neighbours", self.background_neighbours, minimum=1)
-        check_float("similarity.background_weight", self.background_weight, positive=False)
 
 
 def pearson_vectors(x: np.ndarray) -> np.ndarray:

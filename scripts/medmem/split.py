@@ -18,38 +18,15 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
-from medmem.settings_checks import is_int, is_number
 from medmem import artefacts, volume_sets
+from medmem.settings import SplitSettings as Settings, SubsetSettings, holdout_size
 
 logger = logging.getLogger("medmem.split")
-
-
-@dataclass(frozen=True)
-class Settings:
-    holdout_fraction: float  # share of patients held out, rounded to a whole number of patients
-    min_holdout: int         # fewer holdout patients than this is an error
-    seed: int
-
-    def __post_init__(self) -> None:
-        if not is_number(self.holdout_fraction) or not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"split.holdout_fraction={self.holdout_fraction!r} must be a number strictly between "
-                             "0 and 1 (share of patients held out), e.g. 0.25")
-        if not is_int(self.min_holdout) or self.min_holdout < 1:
-            raise ValueError(f"split.min_holdout={self.min_holdout!r} must be an integer >= 1 (the threshold is "
-                             "calibrated on the holdout patients), e.g. 8")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"split.seed={self.seed!r} must be a non-negative integer, e.g. 0")
-        object.__setattr__(self, "holdout_fraction", float(self.holdout_fraction))
-
-
-def holdout_size(n_patients: int, holdout_fraction: float) -> int:
-    """Patients held out: round(holdout_fraction × n_patients), Python's rounding (halves to even)."""
-    return round(holdout_fraction * n_patients)
 
 
 def make_split(ids: list[str], settings: Settings, patients: list[str] | None = None,
@@ -96,20 +73,6 @@ def make_split(ids: list[str], settings: Settings, patients: list[str] | None = 
     table = pd.DataFrame({"id": ids, "patient_id": patients})
     table["split"] = ["holdout" if p in holdout else "train" for p in table["patient_id"]]
     return table.sort_values("id", ignore_index=True)
-
-
-@dataclass(frozen=True)
-class SubsetSettings:
-    fraction: float  # share of the training patients the generator trains on, rounded to whole patients
-    seed: int        # one seed orders the patients for every fraction, so the subsets are nested
-
-    def __post_init__(self) -> None:
-        if not is_number(self.fraction) or not 0 < self.fraction <= 1:
-            raise ValueError(f"train_subset.fraction={self.fraction!r} must be a number in (0, 1] (share of the "
-                             "training patients the generator trains on), e.g. 0.5")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"train_subset.seed={self.seed!r} must be a non-negative integer, e.g. 0")
-        object.__setattr__(self, "fraction", float(self.fraction))
 
 
 def subset_size(n_train: int, fraction: float) -> int:
