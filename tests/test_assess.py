@@ -23,9 +23,10 @@ TRAIN_TO_SYNTHETIC = [0.99, 0.95, 0.87, 0.86] + [0.50] * 16
 SYNTHETIC_TO_TRAIN = [("t00", 0.99), ("t01", 0.95), ("t00", 0.90), ("t05", 0.80)] + [("t07", 0.60)] * 4
 
 
-def nearest_table(query_ids, neighbour_ids, correlations):
+def nearest_table(query_ids, neighbour_ids, correlations, shift=0.0):
+    """A similarity table's rank-1 rows; its score is the correlation (similarity.score: correlation), or shifted."""
     return pd.DataFrame({"query_id": query_ids, "neighbour_id": neighbour_ids, "rank": 1,
-                         "correlation": correlations})
+                         "correlation": correlations, "score": np.asarray(correlations, dtype=float) + shift})
 
 
 def png_size(path):
@@ -175,8 +176,8 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     assert summary["verdict"] == row["verdict"]
 
     per_sample = pd.read_csv(outputs.per_sample, dtype={"synthetic_id": str, "nearest_train_id": str})
-    assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value",
-                                        "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]
+    assert list(per_sample.columns) == ["synthetic_id", "nearest_train_id", "score", "correlation", "is_copy",
+                                        "p_value", "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]
     # The screen's verdict travels with each sample: s1 is a held-out patient's scan.
     assert per_sample.loc[per_sample["real_scan"], "synthetic_id"].tolist() == ["s1"]
     assert per_sample.set_index("synthetic_id").at["s1", "nearest_real_id"] == "h0"
@@ -189,8 +190,8 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     assert flagged_by["s0"] == "contrastive" and flagged_by["s4"] == "pixel_pearson" and flagged_by["s5"] == ""
 
     per_training = pd.read_csv(outputs.per_training, dtype={"train_id": str})
-    assert list(per_training.columns) == ["train_id", "nearest_synthetic_id", "correlation", "memorized",
-                                          "nearest_holdout_id", "holdout_correlation"]
+    assert list(per_training.columns) == ["train_id", "nearest_synthetic_id", "correlation", "score", "memorized",
+                                          "nearest_holdout_id", "holdout_correlation", "holdout_score"]
     assert per_training.loc[per_training["memorized"], "train_id"].tolist() == ["t00", "t01", "t02"]
 
     comparison = pd.read_csv(outputs.comparison).set_index("method")
@@ -237,6 +238,24 @@ def test_the_calibrated_threshold_is_conformal_on_held_out_patients_and_its_rate
     comparison = pd.read_csv(outputs.comparison).set_index("method")
     assert comparison.at["contrastive", "threshold"] == pytest.approx(0.74)
     assert comparison.at["contrastive", "tau_published"] == pytest.approx(0.804)
+
+
+def test_thresholds_and_counts_read_the_similarity_score_not_the_correlation(neighbour_tables, tmp_path):
+    """similarity.score: normalized writes a score beside each pair's correlation. Every contrastive table's score
+    here is its correlation minus 1: the threshold moves by -1, the counts stay, and the tables carry both."""
+    for table in ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                  "controls_to_train"):
+        path = getattr(neighbour_tables, table)
+        written = pd.read_csv(path)
+        artefacts.write_csv(path, written.assign(score=written["correlation"] - 1.0))
+    outputs = outputs_in(tmp_path / "assess")
+    summary = assess.run(assess.Settings(percentile=80.0, montage_pairs=1), neighbour_tables, outputs)
+    assert summary["threshold"] == pytest.approx(0.74 - 1.0) and summary["tau"] == pytest.approx(0.804 - 1.0)
+    row = pd.read_csv(outputs.memorization).iloc[0]
+    assert (row["n_copies"], row["n_mem"], row["n_copies_published"]) == (4, 4, 3)
+    per_sample = pd.read_csv(outputs.per_sample).set_index("synthetic_id")
+    assert per_sample.at["s0", "correlation"] == pytest.approx(0.99)
+    assert per_sample.at["s0", "score"] == pytest.approx(-0.01)
 
 
 def test_too_few_held_out_patients_to_calibrate_make_the_verdict_inconclusive(neighbour_tables, tmp_path):

@@ -22,47 +22,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from medmem.settings_checks import check_float, check_int
 from medmem import artefacts, calibration, figures, screen, volume_sets
+from medmem.settings import AssessSettings as Settings, minimum_calibration_size, minimum_holdout, _ordinal
 
 logger = logging.getLogger("medmem.assess")
-
-
-@dataclass(frozen=True)
-class Settings:
-    percentile: float = 95.0  # τ = this percentile of train → nearest-holdout correlations; rate 1 - it / 100
-    threshold: str = "calibrated"  # which threshold the counts, verdict and figures read: calibrated | published
-    montage_pairs: int = 6  # most similar synthetic/training pairs shown in the montage
-    min_mild_recall: float = 0.9  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
-    min_realistic_recall: float = 0.9  # ... and below this one on reconstruction/combined probes (a second recall)
-    bootstrap_resamples: int = 1000  # confidence intervals for τ, N_mem and N_copies
-    confidence: float = 0.95
-    training_images: bool = False  # show training volumes in figures (patient images on real data)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("min_mild_recall", "min_realistic_recall"):
-            check_float(f"assess.{name}", getattr(self, name), positive=False)
-            if getattr(self, name) > 1:
-                raise ValueError(f"assess.{name}={getattr(self, name)!r} must be a recall in [0, 1]")
-        check_int("assess.bootstrap_resamples", self.bootstrap_resamples, 1)
-        check_float("assess.confidence", self.confidence)
-        if not self.confidence < 1:
-            raise ValueError(f"assess.confidence={self.confidence!r} must lie strictly between 0 and 1, e.g. 0.95")
-        check_int("assess.seed", self.seed, 0)
-        if not isinstance(self.training_images, bool):
-            raise ValueError(f"assess.training_images = {self.training_images!r}: expected true or false "
-                             "(auto is resolved from data.source before the assessment runs)")
-        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) \
-                or not 0 < self.percentile < 100:
-            raise ValueError(f"assess.percentile = {self.percentile!r}: expected a number strictly between 0 and "
-                             "100; Dar et al. use 95")
-        if self.threshold not in calibration.THRESHOLD_RULES:
-            raise ValueError(f"assess.threshold = {self.threshold!r}: expected one of "
-                             f"{list(calibration.THRESHOLD_RULES)} (calibrated: conformal on held-out patients; "
-                             "published: Dar et al.'s τ)")
-        if not isinstance(self.montage_pairs, int) or isinstance(self.montage_pairs, bool) or self.montage_pairs < 1:
-            raise ValueError(f"assess.montage_pairs = {self.montage_pairs!r}: expected an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -73,12 +36,6 @@ class Memorization:
     n_synthetic: int
     n_copies: int  # synthetic volumes whose nearest training volume correlates above τ
     pct_copies: float  # 100 * n_copies / n_synthetic
-
-
-def minimum_calibration_size(percentile: float) -> int:
-    """Fewest values for which at least one lies above the percentile: ceil(100 / (100 - percentile))."""
-    # Rounding first keeps e.g. 100 / (100 - 99.9) = 1000.0000000000091 from becoming 1001.
-    return math.ceil(round(100 / (100 - percentile), 9))
 
 
 def threshold(train_to_holdout_correlations: Sequence[float], percentile: float) -> float:
@@ -114,12 +71,14 @@ def memorization(train_to_synthetic_correlations: Sequence[float], synthetic_to_
 
 
 def read_nearest(neighbours_csv: str | os.PathLike) -> pd.DataFrame:
-    """The rank-1 rows of a similarity table: query_id, neighbour_id, correlation (one row per query)."""
+    """The rank-1 rows of a similarity table: query_id, neighbour_id, correlation, score (one row per query).
+
+    ``score`` is what thresholds and counts read (similarity.score: the correlation, or the normalized score)."""
     table = pd.read_csv(neighbours_csv, dtype={"query_id": str, "neighbour_id": str})
-    missing = [c for c in ("query_id", "neighbour_id", "rank", "correlation") if c not in table.columns]
+    missing = [c for c in ("query_id", "neighbour_id", "rank", "correlation", "score") if c not in table.columns]
     if missing:
         raise ValueError(f"{neighbours_csv}: missing columns {missing} (columns: {list(table.columns)})")
-    nearest = table.loc[table["rank"] == 1, ["query_id", "neighbour_id", "correlation"]].reset_index(drop=True)
+    nearest = table.loc[table["rank"] == 1, ["query_id", "neighbour_id", "correlation", "score"]].reset_index(drop=True)
     repeated = sorted(nearest.loc[nearest["query_id"].duplicated(), "query_id"].unique())
     if repeated:
         raise ValueError(f"{neighbours_csv}: queries with more than one rank-1 neighbour: {repeated}")
@@ -173,7 +132,7 @@ def contrastive_scores(nearest: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The contrastive detector's rank-1 neighbour tables (by table name) as rows of the unified score table."""
     return pd.concat([pd.DataFrame({"method": CONTRASTIVE, "set": score_set, "query_id": nearest[table]["query_id"],
                                     "neighbour_id": nearest[table]["neighbour_id"],
-                                    "score": nearest[table]["correlation"]})
+                                    "score": nearest[table]["score"]})
                       for score_set, table in CONTRASTIVE_SETS.items()], ignore_index=True)
 
 
@@ -275,12 +234,6 @@ def uncalibrated(settings: Settings, n_holdout: int) -> str | None:
     return (f"inconclusive: {n_holdout} held-out patients cannot calibrate a {100 * rate:g}% false-positive rate "
             f"(the smallest they can is {100 / (n_holdout + 1):.1f}%), so nothing is called a copy; hold out at "
             f"least {minimum_holdout(settings.percentile)} patients, or lower assess.percentile")
-
-
-def minimum_holdout(percentile: float) -> int:
-    """Fewest held-out patients whose conformal threshold at rate 1 - percentile / 100 is finite: 1 / rate - 1."""
-    rate = 1 - percentile / 100
-    return math.ceil(round(1 / rate - 1, 9))
 
 
 # The negatives that look like copies without being one (the held-out patients unchanged calibrate the threshold):
@@ -396,23 +349,24 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
 
     flagged_by = pd.concat([r["synthetic"].loc[r["synthetic"]["flagged"], ["query_id", "method"]]
                             for r in results.values()]).groupby("query_id")["method"].agg(";".join)
-    per_sample = published["synthetic"].rename(columns={"query_id": "synthetic_id",
-                                                        "neighbour_id": "nearest_train_id", "score": "correlation"})
+    per_sample = published["synthetic"].rename(columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"})
+    per_sample["correlation"] = per_sample["synthetic_id"].map(
+        nearest["synthetic_to_train"].set_index("query_id")["correlation"])
     per_sample = per_sample.assign(is_copy=per_sample["flagged"],
                                    flagged_by=per_sample["synthetic_id"].map(flagged_by).astype(object).fillna(""))
     per_sample = per_sample.assign(
         real_scan=per_sample["synthetic_id"].map(real_scans["real_scan"]).astype(bool),
         nearest_real_id=per_sample["synthetic_id"].map(real_scans["nearest_real_id"]),
         real_correlation=per_sample["synthetic_id"].map(real_scans["correlation"]))
-    per_sample = per_sample[["synthetic_id", "nearest_train_id", "correlation", "is_copy", "p_value", "flagged_by",
-                             "real_scan", "nearest_real_id", "real_correlation"]]
-    per_sample = per_sample.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
+    per_sample = per_sample[["synthetic_id", "nearest_train_id", "score", "correlation", "is_copy", "p_value",
+                             "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]]
+    per_sample = per_sample.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     per_training = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
-    per_training["memorized"] = per_training["correlation"] > published["threshold"]
+    per_training["memorized"] = per_training["score"] > published["threshold"]
     per_training = per_training.merge(train_to_holdout.rename(columns={
-        "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation"}),
-        on="train_id", how="left", validate="one_to_one")
-    per_training = per_training.sort_values("correlation", ascending=False, kind="stable").reset_index(drop=True)
+        "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation",
+        "score": "holdout_score"}), on="train_id", how="left", validate="one_to_one")
+    per_training = per_training.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     per_sample_methods = pd.concat([r["synthetic"] for r in results.values()], ignore_index=True).rename(
         columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"}).drop(columns="set")
     controls = pd.concat([r["metrics"].assign(method=m) for m, r in results.items()], ignore_index=True)
@@ -427,7 +381,7 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     artefacts.write_csv(outputs.controls, controls)
     artefacts.write_csv(outputs.comparison, comparison)
 
-    figures.plot_nn_correlations(per_sample["correlation"], holdout_to_train["correlation"], published["threshold"],
+    figures.plot_nn_correlations(per_sample["score"], holdout_to_train["score"], published["threshold"],
                                  outputs.histogram)
     figures.plot_controls_roc({m: r["controls"] for m, r in results.items()}, CONTRASTIVE, outputs.roc)
     write_montage(settings, per_sample.head(settings.montage_pairs), inputs, outputs.montage)
@@ -460,10 +414,3 @@ def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, monta
     figures.plot_montage(pairs, montage_png, spatial_dims=artefacts.load_nifti(training_paths.iloc[0])[0].ndim)
 
 
-def _ordinal(percentile: float) -> str:
-    """95 -> '95th', 91 -> '91st', 92.5 -> '92.5th'."""
-    if float(percentile).is_integer():
-        number = int(percentile)
-        suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-        return f"{number}{suffix}"
-    return f"{percentile:g}th"
