@@ -49,7 +49,7 @@ def main(results: Path, n_fresh: int) -> None:
     )["correlation"].to_numpy()}
     flat_fresh = np.ascontiguousarray(fresh.reshape(n_fresh, -1))
     flat_train = np.ascontiguousarray(train.reshape(len(train), -1))
-    for method in ("pixel_pearson", "ssim", "carlini", "authenticity"):
+    for method in ("pixel_pearson", "ssim", "carlini", "authenticity", "shift_pearson"):
         scores[method] = baselines.score(method, baselines.Settings(), flat_fresh, flat_train, flat_fresh, True,
                                          shape)[1]
     rows = []
