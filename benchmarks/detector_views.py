@@ -68,24 +68,28 @@ def copy_of(volume: np.ndarray, strength: str, rng: np.random.Generator) -> np.n
 
 def scores_against(queries: np.ndarray, train: np.ndarray, score: str, neighbour_settings: similarity.Settings
                    ) -> np.ndarray:
-    """(Nq,) best score of each query against the training embeddings, as the similarity stage scores it."""
+    """(Nq,) best score of each query against the training embeddings, as the similarity stage scores it
+    (queries (Nq, S, E) at S shifts: the best alignment, ``similarity.nearest_over_shifts``)."""
     ids = [str(i) for i in range(len(train))]
-    query_background = (similarity.background(queries, train, neighbour_settings.background_neighbours,
+    unshifted = queries[:, 0] if queries.ndim == 3 else queries
+    query_background = (similarity.background(unshifted, train, neighbour_settings.background_neighbours,
                                               neighbour_settings.background_weight)
                         if score == "normalized" else None)
-    table = similarity.nearest_neighbours([str(i) for i in range(len(queries))], queries, ids, train, 1,
-                                          query_background)
+    search = similarity.nearest_over_shifts if queries.ndim == 3 else similarity.nearest_neighbours
+    table = search([str(i) for i in range(len(queries))], queries, ids, train, 1, query_background)
     return table["score"].to_numpy()
 
 
 def train_to_nearest(train: np.ndarray, others: np.ndarray, score: str, neighbour_settings: similarity.Settings
                      ) -> np.ndarray:
     """(Ntrain,) each training embedding's best score against ``others`` (train → holdout, for τ)."""
-    database_background = (similarity.background(others, train, neighbour_settings.background_neighbours,
+    unshifted = others[:, 0] if others.ndim == 3 else others
+    database_background = (similarity.background(unshifted, train, neighbour_settings.background_neighbours,
                                                  neighbour_settings.background_weight)
                            if score == "normalized" else None)
-    table = similarity.nearest_neighbours([str(i) for i in range(len(train))], train,
-                                          [str(i) for i in range(len(others))], others, 1, None, database_background)
+    search = similarity.nearest_over_shifts if others.ndim == 3 else similarity.nearest_neighbours
+    table = search([str(i) for i in range(len(train))], train, [str(i) for i in range(len(others))], others, 1, None,
+                   database_background)
     return table["score"].to_numpy()
 
 
@@ -139,9 +143,13 @@ def main(arguments: argparse.Namespace) -> pd.DataFrame:
             last = pd.read_csv(folder / "curve.csv").iloc[-1]
 
         def embedded(batch: np.ndarray) -> np.ndarray:
+            """As the embed stage: (N, S, E) at every shift with detector.shift_search, (N, E) without."""
+            if settings.shift_search:
+                return embed.embed_shifted(model, batch[:, None], cpu, settings.shift_search, batch_size=64)
             return embed.embed_volumes(model, batch[:, None], cpu)
 
-        train_vectors, calibration_vectors, unseen_vectors = embedded(train), embedded(calibration), embedded(unseen)
+        train_vectors = embed.embed_volumes(model, train[:, None], cpu)
+        calibration_vectors, unseen_vectors = embedded(calibration), embedded(unseen)
         copy_vectors = {name: embedded(batch) for name, batch in {**copies, **traps}.items()}
         variants = [("correlation", neighbour_settings)] + [
             ("normalized", replace(neighbour_settings, background_neighbours=k))
@@ -149,7 +157,7 @@ def main(arguments: argparse.Namespace) -> pd.DataFrame:
         for score, variant in variants:
             negatives = scores_against(unseen_vectors, train_vectors, score, variant)
             tau = np.percentile(train_to_nearest(train_vectors, calibration_vectors, score, variant), 95.0)
-            row = {"shape": arguments.shape, "recipe": recipe,
+            row = {"shape": arguments.shape, "recipe": recipe, "shift_search": settings.shift_search,
                    "score": score if score == "correlation" else f"normalized (k = {variant.background_neighbours})",
                    "stage_score": variant == neighbour_settings and score == neighbour_settings.score,
                    "train_seconds": round(seconds, 1),
@@ -159,6 +167,7 @@ def main(arguments: argparse.Namespace) -> pd.DataFrame:
                 positives = scores_against(vectors, train_vectors, score, variant)
                 labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
                 row[name] = roc_auc_score(labels, np.r_[positives, negatives])
+                row[f"above_tau_{name}"] = float((positives > tau).mean())  # recall at τ (traps: flag rate)
             row["mean_auc"] = float(np.mean([row[s] for s in strengths]))
             row["unseen_above_tau"] = float((negatives > tau).mean())
             rows.append(row)
@@ -168,9 +177,12 @@ def main(arguments: argparse.Namespace) -> pd.DataFrame:
         arguments.output.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(arguments).items()},
                                                 "detector": config["detector"], "similarity": asdict(neighbour_settings),
                                                 "rows": rows}, indent=1))
-    columns = ["recipe", "score", *strengths, "mean_auc", *traps, "unseen_above_tau", "positive_similarity",
+    columns = ["recipe", "shift_search", "score", *strengths, "mean_auc", *traps, "unseen_above_tau", "positive_similarity",
                "negative_similarity", "train_seconds"]
     print(table[columns].round(2).to_markdown(index=False))
+    above = ["recipe", "shift_search", "score", *(f"above_tau_{name}" for name in [*strengths, *traps])]
+    print("Share above τ (copies: recall; traps: flagged):")
+    print(table[above].rename(columns=lambda c: c.removeprefix("above_tau_")).round(2).to_markdown(index=False))
     return table
 
 

@@ -192,6 +192,10 @@ def test_settings_reject_bad_values():
         detector.Settings(contrast="head")
     with pytest.raises(ValueError, match="koleo_weight"):
         detector.Settings(koleo_weight=-1.0)
+    with pytest.raises(ValueError, match="shift_search"):
+        detector.Settings(shift_search=-1)
+    with pytest.raises(ValueError, match="shift_search = 5: expected at most 4"):
+        detector.Settings(shift_search=5)
 
 
 # What recipe: dar ran before issue 13: config.yaml's detector section then, with Dar et al.'s views.
@@ -208,7 +212,7 @@ def test_recipe_dar_is_the_detector_before_issue_13_whatever_else_the_section_sa
     assert dar.views == detector.Views(rotation_degrees=5.0, flip_probability=0.5) == DAR_VIEWS
     assert not dar.views.degradations
     assert (dar.views.translation, dar.views.zoom, dar.views.elastic) == (0, 0, 0)
-    assert dar.contrast == "projection" and dar.koleo_weight == 0
+    assert dar.contrast == "projection" and dar.koleo_weight == 0 and dar.shift_search == 0
     # Other keys of the section change nothing under dar but the seed.
     assert detector.Settings(recipe="dar", epochs=3, views={"blur_sigma": 2.0}, koleo_weight=5.0) == replace(dar, seed=0)
     # The default recipe is the stronger one; Dar's raw correlation is the default score.

@@ -135,3 +135,48 @@ def test_run_embeds_2d_images_with_a_2d_detector(trained_2d, tmp_path):
         embed.run(folder / "detector.pt", ["volume"], [str(tmp_path / "volume.nii.gz")], tmp_path / "a.npz", CPU)
     with pytest.raises(ValueError, match=r"2D detector expects inputs of shape \(N, 1, H, W\)"):
         embed.embed_volumes(model, images[:, 0], CPU)
+
+
+def test_shifts_cover_every_whole_voxel_move_identity_first():
+    moves = embed.shifts(3, 2)
+    assert len(moves) == 125 == len(set(moves)) and moves[0] == (0, 0, 0)
+    assert {(2, -2, 1), (-2, -2, -2)} <= set(moves) and max(max(map(abs, m)) for m in moves) == 2
+    assert embed.shifts(2, 1) == [(0, 0), (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def test_a_shifted_batch_moves_as_a_translated_copy_does():
+    from medmem import controls
+
+    volume = np.random.default_rng(0).random((6, 7, 8), dtype=np.float32)
+    for move in ((1, -2, 0), (-1, 1, 2), (0, 0, 0)):
+        moved = embed.shifted(torch.from_numpy(volume)[None, None], move)[0, 0].numpy()
+        np.testing.assert_array_equal(moved, controls.translate(volume, np.array(move)))
+
+
+def test_with_shift_search_a_translated_volume_has_its_original_embedding_among_its_shifts(trained, tmp_path):
+    """The shift that undoes a copy's move gives back the original's embedding (up to the border it lost)."""
+    folder, _, _, volumes = trained
+    model, _ = detector.load(folder / "detector.pt", CPU)
+    original = np.zeros((1, 1, 16, 16, 16), np.float32)
+    original[0, 0, 4:11, 5:12, 3:10] = 0.8
+    original[0, 0, 6:8, 6:9, 5:7] = 0.3
+    moved = embed.shifted(torch.from_numpy(original), (1, -2, 1)).numpy()
+    at_shifts = embed.embed_shifted(model, moved, CPU, largest=2)
+    assert at_shifts.shape == (1, 125, 8)
+    np.testing.assert_allclose(at_shifts[0, 0], embed.embed_volumes(model, moved, CPU)[0], atol=1e-5)
+    undone = embed.shifts(3, 2).index((-1, 2, -1))
+    np.testing.assert_allclose(at_shifts[0, undone], embed.embed_volumes(model, original, CPU)[0], atol=1e-5)
+
+
+def test_run_writes_shifted_embeddings_when_the_detector_searches_shifts(trained, tmp_path):
+    folder, ids, paths, volumes = trained
+    checkpoint = torch.load(folder / "detector.pt", weights_only=True)
+    checkpoint["settings"] = {**checkpoint["settings"], "shift_search": 1}
+    artefacts.save_torch(tmp_path / "detector.pt", checkpoint)
+    embed.run(tmp_path / "detector.pt", ids, paths, tmp_path / "train.npz", CPU)
+    with np.load(tmp_path / "train.npz", allow_pickle=False) as data:
+        assert data["shifted"].shape == (6, 27, 8)
+        np.testing.assert_allclose(data["shifted"][:, 0], data["vectors"], atol=1e-6)
+    embed.run(folder / "detector.pt", ids, paths, tmp_path / "plain.npz", CPU)
+    with np.load(tmp_path / "plain.npz", allow_pickle=False) as data:
+        assert "shifted" not in data  # shift_search 0 (the fixture's detector): Dar's embeddings only

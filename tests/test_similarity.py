@@ -256,3 +256,53 @@ def test_similarity_settings_check_their_values():
         similarity.Settings(background_neighbours=0)
     with pytest.raises(ValueError, match="background_weight"):
         similarity.Settings(background_weight=-1.0)
+
+
+def test_over_shifts_a_pair_scores_its_best_alignment_in_both_directions():
+    """Query 0 at its third shift is training vector 2; query 1 matches nothing well. Both directions of the
+    search read one score per pair: the best over the shifted side's shifts."""
+    rng = np.random.default_rng(5)
+    train = rng.standard_normal((4, 8))
+    queries = rng.standard_normal((2, 3, 8))
+    queries[0, 2] = train[2]
+    train_ids, query_ids = [f"t{i}" for i in range(4)], ["q0", "q1"]
+    table = similarity.nearest_over_shifts(query_ids, queries, train_ids, train, k=2)
+    assert table["query_id"].tolist() == ["q0", "q0", "q1", "q1"] and table["rank"].tolist() == [1, 2, 1, 2]
+    assert table.loc[0, "neighbour_id"] == "t2" and table.loc[0, "score"] == pytest.approx(1.0, abs=1e-6)
+    assert table.groupby("query_id")["neighbour_id"].nunique().tolist() == [2, 2]  # distinct neighbours
+    pairs = np.stack([[np.corrcoef(queries[q, s], train[t])[0, 1] for t in range(4)] for q in range(2)
+                      for s in range(3)]).reshape(2, 3, 4).max(axis=1)
+    for row in table.itertuples():
+        assert row.score == pytest.approx(pairs[int(row.query_id[1]), int(row.neighbour_id[1])], abs=1e-5)
+    reverse = similarity.nearest_over_shifts(train_ids, train, query_ids, queries, k=1)
+    assert reverse["query_id"].tolist() == train_ids
+    for row in reverse.itertuples():
+        assert row.neighbour_id == query_ids[pairs[:, int(row.query_id[1])].argmax()]
+        assert row.score == pytest.approx(pairs[:, int(row.query_id[1])].max(), abs=1e-5)
+    with pytest.raises(ValueError, match="exactly one side"):
+        similarity.nearest_over_shifts(query_ids, queries, query_ids, queries, k=1)
+
+
+def test_run_searches_over_shifts_when_the_embeddings_have_them(tmp_path):
+    rng = np.random.default_rng(6)
+    train, holdout, synthetic = rng.standard_normal((5, 8)), rng.standard_normal((3, 8)), rng.standard_normal((2, 8))
+    shifted = {name: np.concatenate([vectors[:, None], rng.standard_normal((len(vectors), 2, 8))], axis=1)
+               for name, vectors in (("holdout", holdout), ("synthetic", synthetic), ("controls", holdout[:1]))}
+    shifted["synthetic"][1, 2] = train[4]  # synthetic 1, moved back, is training patient 4
+    train_ids, holdout_ids, synthetic_ids = [f"t{i}" for i in range(5)], [f"h{i}" for i in range(3)], ["s0", "s1"]
+    npz = {"train": write_embeddings(tmp_path / "train.npz", train_ids, train)}
+    for name, ids, vectors in (("holdout", holdout_ids, holdout), ("synthetic", synthetic_ids, synthetic),
+                               ("controls", ["probe-holdout-h0"], holdout[:1])):
+        npz[name] = tmp_path / f"{name}.npz"
+        np.savez(npz[name], ids=np.array(ids, dtype=np.str_), vectors=vectors.astype(np.float32),
+                 shifted=shifted[name].astype(np.float32))
+    outputs = [tmp_path / f"{name}.csv" for name in ("s2t", "t2s", "t2h", "h2t", "c2t")]
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"],
+                   write_split(tmp_path / "split.csv", train_ids, holdout_ids), *outputs)
+    nearest = pd.read_csv(outputs[0]).set_index("query_id")
+    assert nearest.at["s1", "neighbour_id"] == "t4" and nearest.at["s1", "score"] == pytest.approx(1.0, abs=1e-6)
+    assert pd.read_csv(outputs[1]).set_index("query_id").at["t4", "neighbour_id"] == "s1"
+    np.savez(npz["controls"], ids=np.array(["probe-holdout-h0"]), vectors=holdout[:1].astype(np.float32))
+    with pytest.raises(ValueError, match="only some hold shifted embeddings"):
+        similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"],
+                       write_split(tmp_path / "split.csv", train_ids, holdout_ids), *outputs)

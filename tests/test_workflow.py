@@ -274,6 +274,8 @@ def outside_audit_config(workdir: Path) -> dict:
     config = tiny_config()
     config["data"].update(source="folder", folder={**config["data"]["folder"], "path": str(workdir / "cohort")})
     config["synthetic"] = {"source": "folder", "folder": str(workdir / "synthetic")}
+    # The shift search through the whole chain (embed → similarity → assess): 27 shifts of ±1 voxel.
+    config["detector"]["shift_search"] = 1
     config["experiments"] = {"outside": {}}
     return config
 
@@ -291,6 +293,10 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
     per_sample = pd.read_csv(tmp_path / "results" / "experiments" / "outside" / "per_sample.csv").set_index(
         "synthetic_id")
     assert len(per_sample) == 14
+    for embeddings in (results / "embeddings").glob("*/*.npz"):
+        with np.load(embeddings) as data:
+            assert data["shifted"].shape[:2] == (len(data["ids"]), 27), embeddings
+    assert "best of 27 shifts" in next((results / "logs" / "similarity").glob("*.log")).read_text()
     assert sum(split[f"patient_{i:02d}"] == "train" for i in range(5)) >= 2  # the split is seeded
     for index in range(5):
         source = f"patient_{index:02d}"

@@ -2,6 +2,12 @@
 
 3D volumes or 2D images alike: the detector's checkpoint says which it was trained on.
 
+Shift search (``detector.shift_search``: s > 0): each volume is also embedded moved by every whole-voxel
+shift of at most s voxels of the detector's working grid along each axis ((2 s + 1)³ shifts in 3D,
+vacated voxels zero, as ``controls.translate`` moves a copy), in ``shifted`` (N, S, E). Similarity then
+scores a pair by its best alignment, as ``shift_pearson`` does with voxels: a copy that a generator moved
+by a voxel or two is aligned back before it is compared, and an unseen patient gets the same chances.
+
 Embeddings are an artefact of their own (SSCD): similarity and assessment read them, never the
 volumes, and the ids travel with the vectors.
 """
@@ -19,6 +25,45 @@ import torch.nn.functional as F
 from medmem import artefacts, detector, volume_sets
 
 logger = logging.getLogger("medmem.embed")
+
+
+def shifts(spatial_dims: int, largest: int) -> list[tuple[int, ...]]:
+    """Every whole-voxel shift of at most ``largest`` along each of ``spatial_dims`` axes, the identity first."""
+    offsets = range(-largest, largest + 1)
+    grid = [tuple(int(v) for v in shift) for shift in np.stack(np.meshgrid(*[offsets] * spatial_dims,
+                                                                             indexing="ij"), -1).reshape(-1, spatial_dims)]
+    return sorted(grid, key=lambda shift: any(shift))  # stable: the identity, then the rest in grid order
+
+
+def shifted(batch: torch.Tensor, shift: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, *S) moved by whole voxels, out[i + shift] = in[i] along each spatial axis; vacated voxels zero."""
+    out = torch.zeros_like(batch)
+    source, target = [slice(None)] * 2, [slice(None)] * 2
+    for size, step in zip(batch.shape[2:], shift):
+        source.append(slice(max(0, -step), size - max(0, step)))
+        target.append(slice(max(0, step), size - max(0, -step)))
+    out[tuple(target)] = batch[tuple(source)]
+    return out
+
+
+@torch.no_grad()
+def embed_shifted(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device, largest: int,
+                  batch_size: int = 16) -> np.ndarray:
+    """(N, 1, *S) volumes -> (N, n_shifts, E) unit embeddings of each volume moved by each of ``shifts``.
+
+    A shift is in voxels of the detector's working grid (a 64³ volume on a 32³ working grid moves by 2 voxels
+    per step), so the search covers the same anatomy on every input grid."""
+    working = detector.working_shape(volumes.shape[2:], model.input_size)
+    step = max(1, round(max(volumes.shape[2:]) / max(working)))
+    moves = shifts(model.spatial_dims, largest)
+    out = np.empty((len(volumes), len(moves), model.to_embedding.out_features), dtype=np.float32)
+    model.eval()
+    for start in range(0, len(volumes), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32)).to(device)
+        for index, move in enumerate(moves):
+            moved = shifted(batch, tuple(step * m for m in move))
+            out[start:start + len(batch), index] = F.normalize(model.embed(moved), dim=1).cpu().numpy()
+    return out
 
 
 @torch.no_grad()
@@ -55,10 +100,15 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
                          f"{tuple(checkpoint['volume_shape'])}; embed volumes on the detector's canonical grid")
     vectors = embed_volumes(model, volumes, device, batch_size)
     logger.info("embedded %d volumes into %d dimensions", *vectors.shape)
+    arrays = {"ids": np.array(ids, dtype=np.str_), "vectors": vectors}
+    largest = int(checkpoint["settings"].get("shift_search", 0))
+    if largest > 0:
+        arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size)
+        logger.info("and at %d shifts of up to %d voxels of the working grid", arrays["shifted"].shape[1], largest)
     output_npz = Path(output_npz)
     with artefacts.atomic_path(output_npz) as tmp, open(tmp, "wb") as handle:
         # Writing to an open file stops np.savez from appending ".npz" to the temporary name.
-        np.savez(handle, ids=np.array(ids, dtype=np.str_), vectors=vectors)
+        np.savez(handle, **arrays)
     artefacts.write_sidecar(output_npz, settings={"batch_size": batch_size}, inputs={"detector": detector_path},
                             detector_settings=checkpoint["settings"], n_volumes=len(ids),
                             embedding_dim=int(vectors.shape[1]))

@@ -516,6 +516,7 @@ class Views:
 # Dar et al.'s recipe exactly as medmem ran it before issue 13 (config.yaml's detector section then).
 DAR = {"channels": (8, 16, 32, 64), "input_size": None, "embedding_dim": 32, "projection_dim": 32, "temperature": 0.07,
        "views": Views(rotation_degrees=5.0, flip_probability=0.5), "contrast": "projection", "koleo_weight": 0.0,
+       "shift_search": 0,
        "epochs": 60, "batch_size": 16, "learning_rate": 3.0e-4}
 
 
@@ -532,6 +533,7 @@ class DetectorSettings:
     views: Views = field(default_factory=Views)
     contrast: str = "embedding"  # NT-Xent on the centred embeddings similarity compares, or on a projection head
     koleo_weight: float = 0.0  # weight of SSCD's KoLeo entropy term (0: off)
+    shift_search: int = 0  # score each pair at its best whole-voxel shift of at most this many (0: off; embed.py)
     epochs: int = 60
     batch_size: int = 16
     learning_rate: float = 1.0e-3
@@ -578,6 +580,11 @@ class DetectorSettings:
             raise ValueError(f"detector.contrast = {self.contrast!r}: expected one of {', '.join(CONTRASTS)}")
         if not is_number(self.koleo_weight) or self.koleo_weight < 0:
             raise ValueError(f"detector.koleo_weight = {self.koleo_weight!r}: expected a number >= 0 (0: off)")
+        _require_int("shift_search", self.shift_search, minimum=0)
+        if self.shift_search > 4:
+            raise ValueError(f"detector.shift_search = {self.shift_search}: expected at most 4 voxels of the working "
+                             f"grid ((2 s + 1)³ embeddings per volume: {(2 * self.shift_search + 1) ** 3} here); "
+                             "a generator's near-copy moves by 1-2")
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:

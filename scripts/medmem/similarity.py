@@ -16,6 +16,12 @@ held-out patients, so the calibration scores of held-out patients are computed e
 volume's are, and no held-out score depends on another. A pair's score is the same in both
 directions of a search (train → synthetic reads the synthetic volume's background), so τ, N_mem and
 N_copies read one score.
+
+Shift search (``detector.shift_search``; embed.py writes each synthetic, held-out and control volume's
+embeddings at every small whole-voxel shift): a pair with a training patient scores its best alignment,
+the largest correlation over the other volume's shifts, in both directions of a search. Held-out
+patients get exactly the chances a synthetic volume gets, so the threshold fitted on them stays
+calibrated for the statistic it is applied to.
 """
 
 from __future__ import annotations
@@ -136,6 +142,50 @@ def read_embeddings(npz: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, vectors
 
 
+def read_shifted(npz: str | os.PathLike) -> np.ndarray | None:
+    """The (N, S, E) embeddings of an embed output at every shift (detector.shift_search), or None."""
+    with np.load(npz, allow_pickle=False) as data:
+        if "shifted" not in data:
+            return None
+        shifted, n = np.asarray(data["shifted"], dtype=np.float32), len(data["ids"])
+    if shifted.ndim != 3 or len(shifted) != n:
+        raise ValueError(f"{npz}: shifted embeddings of shape {shifted.shape}; expected ({n}, n_shifts, E)")
+    return shifted
+
+
+def nearest_over_shifts(query_ids: list[str], queries: np.ndarray, database_ids: list[str], database: np.ndarray,
+                        k: int = 1, query_background: np.ndarray | None = None,
+                        database_background: np.ndarray | None = None) -> pd.DataFrame:
+    """``nearest_neighbours`` where one side is (N, S, E), each volume at S shifts: a pair scores its best
+    alignment (the largest score over the shifts), and each query keeps its k best distinct neighbours.
+
+    The other side stays (N, E). Backgrounds are per volume, as in ``nearest_neighbours``."""
+    query_shifted, database_shifted = np.ndim(queries) == 3, np.ndim(database) == 3
+    if query_shifted == database_shifted:
+        raise ValueError(f"exactly one side must be shifted (N, S, E), got query {np.shape(queries)} and "
+                         f"database {np.shape(database)}")
+    side = queries if query_shifted else database
+    n_shifts = side.shape[1]
+    if query_shifted:
+        rows = nearest_neighbours(list(np.repeat(np.asarray(query_ids, dtype=object), n_shifts)),
+                                  queries.reshape(-1, queries.shape[2]), database_ids, database, k,
+                                  None if query_background is None else np.repeat(query_background, n_shifts),
+                                  database_background)
+    else:
+        if k > len(database):
+            raise ValueError(f"k = {k} neighbours requested but the database holds only {len(database)} vectors")
+        rows = nearest_neighbours(query_ids, queries, list(np.repeat(np.asarray(database_ids, dtype=object), n_shifts)),
+                                  database.reshape(-1, database.shape[2]), min(k * n_shifts, len(database) * n_shifts),
+                                  query_background,
+                                  None if database_background is None else np.repeat(database_background, n_shifts))
+    order = {query: i for i, query in enumerate(dict.fromkeys(query_ids))}
+    best = (rows.assign(order=rows["query_id"].map(order))
+            .sort_values(["order", "score"], ascending=[True, False], kind="stable")
+            .drop_duplicates(["query_id", "neighbour_id"]).groupby("order", sort=True).head(k))
+    best = best.assign(rank=best.groupby("order").cumcount() + 1)
+    return best[NEIGHBOUR_COLUMNS].reset_index(drop=True)
+
+
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
         controls_npz: str | os.PathLike, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
@@ -173,6 +223,15 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
 
         backgrounds = {"synthetic": of(synthetic, generator), "holdout": of(holdout, train),
                        "controls": of(controls, train)}
+    # With detector.shift_search, every volume compared with the training set is searched at each of its shifts.
+    at_shifts = {name: read_shifted(path) for name, path in
+                 (("synthetic", synthetic_npz), ("holdout", holdout_npz), ("controls", controls_npz))}
+    if len({value is None for value in at_shifts.values()}) > 1:
+        raise ValueError(f"{synthetic_npz}, {holdout_npz} and {controls_npz}: only some hold shifted embeddings; "
+                         "embed every set with the same detector")
+    search = nearest_neighbours if at_shifts["synthetic"] is None else nearest_over_shifts
+    if search is nearest_over_shifts:
+        synthetic, holdout, controls = at_shifts["synthetic"], at_shifts["holdout"], at_shifts["controls"]
     # (table, queries, database, query background, database background)
     searches = [
         (synthetic_to_train_csv, synthetic_ids, synthetic, generator_ids, generator, backgrounds["synthetic"], None),
@@ -184,11 +243,11 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz,
               "split": split_csv}
     for output, query_ids, queries, database_ids, database, query_background, database_background in searches:
-        table = nearest_neighbours(query_ids, queries, database_ids, database, k, query_background,
-                                   database_background)
+        table = search(query_ids, queries, database_ids, database, k, query_background, database_background)
         artefacts.write_csv(output, table)
         artefacts.write_sidecar(output, settings={"k": k, **asdict(settings)}, inputs=inputs,
                                 n_queries=len(query_ids), n_database=len(database_ids))
     logger.info("nearest neighbours: %d train (%d the generator's), %d holdout, %d synthetic, %d control "
-                "embeddings, k = %d, score: %s", len(train_ids), len(generator_ids), len(holdout_ids),
-                len(synthetic_ids), len(controls_ids), k, settings.score)
+                "embeddings, k = %d, score: %s, %s", len(train_ids), len(generator_ids), len(holdout_ids),
+                len(synthetic_ids), len(controls_ids), k, settings.score,
+                "no shifts" if search is nearest_neighbours else f"best of {synthetic.shape[1]} shifts")
