@@ -15,4 +15,6 @@ report.run(
     study_png=snakemake.output.study_png,
     study_csv=snakemake.output.study_csv,
     privacy_utility_png=snakemake.output.privacy_utility,
+    benchmarks_dir=snakemake.params.benchmarks,
+    costs_csv=snakemake.output.costs,
 )

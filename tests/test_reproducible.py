@@ -2,8 +2,8 @@
 
 The second run is the tiny audit's baseline experiment alone, in a fresh folder; the first is the shared tiny
 run (conftest.py), which also holds that experiment: every stage of the second run has the same key there.
-Compared: every file of the second run under results/ except the rule logs (timestamps) and the cross-experiment
-report (it lists the experiments of its run), byte for byte against the same file of the first (checkpoints,
+Compared: every file of the second run under results/ except the rule logs (timestamps), the rules' benchmark
+files (wall time and memory) and the cross-experiment report (it lists the experiments of its run), byte for byte against the same file of the first (checkpoints,
 NIfTI volumes, embeddings, tables, figures), except two kinds that hold a value that is not about the numbers:
 - training curves (curve.csv): every column but `seconds`, the epoch's wall time;
 - sidecars (*.json): every field but `code_version`, which names the checkout's commit and so changes when
@@ -53,7 +53,7 @@ def artefacts(results: Path) -> dict[str, Path]:
 def test_a_second_run_of_the_same_config_gives_identical_tables_and_weights(tiny_run, tmp_path):
     first = artefacts(tiny_run / "results")
     second = {name: path for name, path in artefacts(run(tmp_path / "second")).items()
-              if not name.startswith(("report/", ".medmem/"))}
+              if not name.startswith(("report/", ".medmem/", "benchmarks/"))}
     missing = sorted(set(second) - set(first))
     assert not missing, f"the shared run lacks {missing[:20]}: are its stages keyed like this run's?"
     assert len(second) > 100

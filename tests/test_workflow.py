@@ -118,6 +118,14 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
     assert list(summary["experiment"]) == ["baseline", "long_training"]
     keys = index.pivot(index="stage", columns="experiment", values="key")
     assert (keys.loc["autoencoder", "baseline"]) == keys.loc["autoencoder", "long_training"]
+    # Every job but the report measured itself (Snakemake's benchmark file), gathered in the cost table.
+    costs = pd.read_csv(results / "report" / "costs.csv").set_index("job")
+    assert len(costs) == 27 and set(costs["rule"]) == {
+        "ingest", "split", "plant_controls", "train_autoencoder", "train_detector", "train_diffusion", "sample",
+        "embed", "similarity", "baselines", "baselines_controls", "screen", "assess", "quality", "release"}
+    assert (costs["wall_s"] > 0).all() and (costs["max_rss_mb"] > 0).all() and (costs["cpu_s"] >= 0).all()
+    assert costs.at[keys.loc["autoencoder", "baseline"], "experiments"] == "baseline;long_training"
+    assert sorted(costs.loc["long_training", "rule"]) == ["assess", "quality", "release"]
 
     for name in ("baseline", "long_training"):
         folder = results / "experiments" / name
@@ -136,9 +144,9 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
         assert threshold == memorization["tau_calibrated"] == pytest.approx(holdout_to_train.max(), abs=1e-6)
         assert memorization["n_train"] == 21 and memorization["n_holdout"] == 7
         assert memorization["n_synthetic"] == 12 == len(per_sample)
-        assert memorization["n_copies"] == int((per_sample["correlation"] > threshold).sum())
-        assert memorization["n_mem"] == int((per_training["correlation"] > threshold).sum())
-        assert memorization["n_copies_published"] == int((per_sample["correlation"] > memorization["tau"]).sum())
+        assert memorization["n_copies"] == int((per_sample["score"] > threshold).sum())
+        assert memorization["n_mem"] == int((per_training["score"] > threshold).sum())
+        assert memorization["n_copies_published"] == int((per_sample["score"] > memorization["tau"]).sum())
         assert memorization["pct_copies"] == pytest.approx(100 * memorization["n_copies"] / 12)
         for figure in ("nn_correlation.png", "montage.png"):
             assert (folder / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -233,16 +233,52 @@ def plot_privacy_utility(summary: pd.DataFrame, path: str | os.PathLike,
     figures.save_png(figure, path)
 
 
+BENCHMARK_COLUMNS = {"s": "wall_s", "max_rss": "max_rss_mb", "cpu_time": "cpu_s", "mean_load": "mean_load"}
+
+
+def cost_table(benchmarks_dir: str | os.PathLike, index_rows: list[dict]) -> pd.DataFrame:
+    """What every job of this plan cost: Snakemake's benchmark file of each (``<rule>/<job>.tsv``, the job
+    named as its log is), as rule, job, the experiments it serves, wall_s, max_rss_mb, cpu_s, mean_load.
+
+    A job belongs to the plan when its name starts with one of the plan's stage keys or experiment names
+    (embed's jobs are ``<detector key>-<volume set>``); files of other configs in the folder are left out.
+    The report is the last job, so every other job of the run has written its file when this reads them."""
+    users: dict[str, set[str]] = {}
+    for row in index_rows:
+        users.setdefault(row["key"], set()).add(row["experiment"])
+        users.setdefault(row["experiment"], set()).add(row["experiment"])
+    rows = []
+    for path in sorted(Path(benchmarks_dir).glob("*/*.tsv")):
+        owner = next((name for name in users if path.stem == name or path.stem.startswith(f"{name}-")), None)
+        if owner is None:
+            continue
+        measured = pd.read_csv(path, sep="\t").iloc[-1]  # one row per run of the job (--benchmark-repeats)
+        rows.append({"rule": path.parent.name, "job": path.stem, "experiments": ";".join(sorted(users[owner])),
+                     **{name: float(measured[column]) for column, name in BENCHMARK_COLUMNS.items()
+                        if column in measured}})
+    columns = ["rule", "job", "experiments", *BENCHMARK_COLUMNS.values()]
+    return pd.DataFrame(rows, columns=columns).sort_values("wall_s", ascending=False, kind="stable")
+
+
 def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str, str | os.PathLike],
         release_jsons: dict[str, str | os.PathLike], index_rows: list[dict], summary_csv: str | os.PathLike,
         index_csv: str | os.PathLike, figure_png: str | os.PathLike, study: dict | None = None,
         study_png: str | os.PathLike | None = None, study_csv: str | os.PathLike | None = None,
-        privacy_utility_png: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Summary table, index, figures; the study figure, its table and the privacy-utility figure when given paths."""
+        privacy_utility_png: str | os.PathLike | None = None, benchmarks_dir: str | os.PathLike | None = None,
+        costs_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Summary table, index, figures; the study figure, its table, the privacy-utility figure and the cost table
+    (from ``benchmarks_dir``) when given paths."""
     summary = summarise(memorization_csvs, quality_csvs, release_jsons)
     # Before anything is written: a study that matches no experiment is a config error.
     table = study_table(summary, study)
     artefacts.write_csv(index_csv, pd.DataFrame(index_rows))
+    if costs_csv is not None:
+        costs = cost_table(benchmarks_dir, index_rows)
+        artefacts.write_csv(costs_csv, costs)
+        if len(costs):
+            logger.info("cost of the run's %d jobs: %.0f s wall, %.0f s CPU, largest peak memory %.0f MB (%s)",
+                        len(costs), costs["wall_s"].sum(), costs["cpu_s"].sum(), costs["max_rss_mb"].max(),
+                        costs.loc[costs["max_rss_mb"].idxmax(), "job"])
     plot_summary(summary, figure_png)
     if study_png is not None:
         plot_study(summary, study, study_png)

@@ -16,6 +16,8 @@ rule plant_controls:
         device=config["device"],
     log:
         f"{RESULTS}/logs/plant_controls/{{controls}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plant_controls/{{controls}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -36,6 +38,8 @@ rule baselines_controls:
         settings=settings_of("baselines_controls"),
     log:
         f"{RESULTS}/logs/baselines_controls/{{baselines_controls}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/baselines_controls/{{baselines_controls}}.tsv",
     threads: 2  # SSIM's 3D convolutions dominate; they use every thread they get
     conda:
         AUDIT_ENV
@@ -55,6 +59,8 @@ rule baselines:
         settings=settings_of("baselines"),
     log:
         f"{RESULTS}/logs/baselines/{{baselines}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/baselines/{{baselines}}.tsv",
     threads: 2
     conda:
         AUDIT_ENV
@@ -74,6 +80,8 @@ rule screen:
         settings=settings_of("screen"),
     log:
         f"{RESULTS}/logs/screen/{{screen}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/screen/{{screen}}.tsv",
     conda:
         AUDIT_ENV
     resources:
@@ -125,6 +133,8 @@ rule assess:
         settings=lambda wildcards: PLAN.effective[wildcards.experiment]["assess"],
     log:
         f"{RESULTS}/logs/assess/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/assess/{{experiment}}.tsv",
     conda:
         AUDIT_ENV
     resources:
@@ -147,6 +157,8 @@ rule quality:
         settings=lambda wildcards: PLAN.effective[wildcards.experiment]["quality"],
     log:
         f"{RESULTS}/logs/quality/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quality/{{experiment}}.tsv",
     conda:
         AUDIT_ENV
     resources:
@@ -171,6 +183,8 @@ rule release:
         settings=lambda wildcards: PLAN.effective[wildcards.experiment]["release"],
     log:
         f"{RESULTS}/logs/release/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/release/{{experiment}}.tsv",
     conda:
         AUDIT_ENV
     resources:

@@ -13,6 +13,8 @@ rule ingest:
         inputs=input_content("ingest"),
     log:
         f"{RESULTS}/logs/ingest/{{ingest}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest/{{ingest}}.tsv",
     conda:
         DATA_ENV
     resources:
@@ -30,6 +32,8 @@ rule split:
         settings=settings_of("split"),
     log:
         f"{RESULTS}/logs/split/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/split/{{split}}.tsv",
     conda:
         DATA_ENV
     resources:
@@ -47,6 +51,8 @@ rule train_subset:
         settings=settings_of("train_subset"),
     log:
         f"{RESULTS}/logs/train_subset/{{train_subset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_subset/{{train_subset}}.tsv",
     conda:
         DATA_ENV
     resources:
@@ -64,6 +70,8 @@ rule ingest_synthetic:
         inputs=input_content("ingest_synthetic"),
     log:
         f"{RESULTS}/logs/ingest_synthetic/{{ingest_synthetic}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest_synthetic/{{ingest_synthetic}}.tsv",
     conda:
         DATA_ENV
     resources:

@@ -16,6 +16,8 @@ rule train_detector:
         device=config["device"],
     log:
         f"{RESULTS}/logs/train_detector/{{detector}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_detector/{{detector}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -35,6 +37,8 @@ rule embed:
         device=config["device"],
     log:
         f"{RESULTS}/logs/embed/{{detector}}-{{volume_set}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{detector}}-{{volume_set}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -58,6 +62,8 @@ rule similarity:
         settings=settings_of("similarity"),
     log:
         f"{RESULTS}/logs/similarity/{{similarity}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/similarity/{{similarity}}.tsv",
     conda:
         AUDIT_ENV
     resources:

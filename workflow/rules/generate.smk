@@ -13,6 +13,8 @@ rule train_autoencoder:
         device=config["device"],
     log:
         f"{RESULTS}/logs/train_autoencoder/{{autoencoder}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_autoencoder/{{autoencoder}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -36,6 +38,8 @@ rule train_diffusion:
         device=config["device"],
     log:
         f"{RESULTS}/logs/train_diffusion/{{diffusion}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_diffusion/{{diffusion}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -59,6 +63,8 @@ rule sample:
         device=config["device"],
     log:
         f"{RESULTS}/logs/sample/{{sample}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample/{{sample}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -81,6 +87,8 @@ rule sample_vae:
         device=config["device"],
     log:
         f"{RESULTS}/logs/sample_vae/{{sample_vae}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample_vae/{{sample_vae}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -102,6 +110,8 @@ rule train_gan:
         device=config["device"],
     log:
         f"{RESULTS}/logs/train_gan/{{gan}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_gan/{{gan}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -124,6 +134,8 @@ rule sample_gan:
         device=config["device"],
     log:
         f"{RESULTS}/logs/sample_gan/{{sample_gan}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample_gan/{{sample_gan}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV

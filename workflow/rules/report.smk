@@ -26,12 +26,21 @@ rule report:
             caption="../report/privacy_utility.rst",
             category="Summary",
         ),
+        # wall time, peak memory and CPU of every job of the plan, from each rule's benchmark file
+        costs=report(
+            f"{RESULTS}/report/costs.csv",
+            caption="../report/costs.rst",
+            category="Cost",
+        ),
     params:
         experiments=EXPERIMENTS,
         study=config.get("study"),
         index=[{**row, "folder": f"{RESULTS}/{row['stage']}/{row['key']}"} for row in PLAN.index_rows()],
+        benchmarks=f"{RESULTS}/benchmarks",
     log:
         f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv",
     conda:
         AUDIT_ENV
     resources:
