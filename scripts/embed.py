@@ -8,4 +8,4 @@ if "manifest" in snakemake.input.keys():
 else:
     ids, paths = volume_sets.split_paths(snakemake.input.cases, snakemake.input.split, snakemake.wildcards.volume_set)
 embed.run(snakemake.input.detector, ids, paths, snakemake.output.embeddings,
-          device=runtime.select_device(snakemake.params.device))
+          device=runtime.select_device(snakemake.params.device), at_shifts=snakemake.wildcards.volume_set != "train")

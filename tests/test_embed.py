@@ -177,6 +177,9 @@ def test_run_writes_shifted_embeddings_when_the_detector_searches_shifts(trained
     with np.load(tmp_path / "train.npz", allow_pickle=False) as data:
         assert data["shifted"].shape == (6, 27, 8)
         np.testing.assert_allclose(data["shifted"][:, 0], data["vectors"], atol=1e-6)
+    embed.run(tmp_path / "detector.pt", ids, paths, tmp_path / "train_set.npz", CPU, at_shifts=False)
+    with np.load(tmp_path / "train_set.npz", allow_pickle=False) as data:
+        assert "shifted" not in data and data["vectors"].shape == (6, 8)
     embed.run(folder / "detector.pt", ids, paths, tmp_path / "plain.npz", CPU)
     with np.load(tmp_path / "plain.npz", allow_pickle=False) as data:
         assert "shifted" not in data  # shift_search 0 (the fixture's detector): Dar's embeddings only

@@ -14,6 +14,7 @@ volumes, and the ids travel with the vectors.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -29,10 +30,9 @@ logger = logging.getLogger("medmem.embed")
 
 def shifts(spatial_dims: int, largest: int) -> list[tuple[int, ...]]:
     """Every whole-voxel shift of at most ``largest`` along each of ``spatial_dims`` axes, the identity first."""
-    offsets = range(-largest, largest + 1)
-    grid = [tuple(int(v) for v in shift) for shift in np.stack(np.meshgrid(*[offsets] * spatial_dims,
-                                                                             indexing="ij"), -1).reshape(-1, spatial_dims)]
-    return sorted(grid, key=lambda shift: any(shift))  # stable: the identity, then the rest in grid order
+    identity = (0,) * spatial_dims
+    others = [s for s in itertools.product(range(-largest, largest + 1), repeat=spatial_dims) if s != identity]
+    return [identity, *others]
 
 
 def shifted(batch: torch.Tensor, shift: tuple[int, ...]) -> torch.Tensor:
@@ -85,8 +85,11 @@ def embed_volumes(model: detector.ContrastiveEncoder, volumes: np.ndarray, devic
 
 
 def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], output_npz: str | os.PathLike,
-        device: torch.device, batch_size: int = 16) -> None:
-    """Embed the volumes at ``paths`` (named ``ids``) and write ``output_npz`` (ids, vectors) + sidecar."""
+        device: torch.device, batch_size: int = 16, at_shifts: bool = True) -> None:
+    """Embed the volumes at ``paths`` (named ``ids``) and write ``output_npz`` (ids, vectors) + sidecar.
+
+    With the detector's ``shift_search``, also ``shifted`` (N, S, E), unless ``at_shifts`` is false (the
+    training set: similarity searches the other sets' shifts against its unshifted vectors)."""
     ids = [str(i) for i in ids]
     if len(ids) != len(paths):
         raise ValueError(f"{len(ids)} ids but {len(paths)} volume paths; each volume needs exactly one id")
@@ -98,17 +101,20 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
     if list(volumes.shape[2:]) != list(checkpoint["volume_shape"]):
         raise ValueError(f"volumes have shape {volumes.shape[2:]} but the detector {detector_path} was trained on "
                          f"{tuple(checkpoint['volume_shape'])}; embed volumes on the detector's canonical grid")
-    vectors = embed_volumes(model, volumes, device, batch_size)
-    logger.info("embedded %d volumes into %d dimensions", *vectors.shape)
-    arrays = {"ids": np.array(ids, dtype=np.str_), "vectors": vectors}
-    largest = int(checkpoint["settings"].get("shift_search", 0))
-    if largest > 0:
+    largest = int(checkpoint["settings"].get("shift_search", 0)) if at_shifts else 0
+    arrays = {"ids": np.array(ids, dtype=np.str_)}
+    if largest > 0:  # the first shift is the identity: the plain vectors
         arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size)
-        logger.info("and at %d shifts of up to %d voxels of the working grid", arrays["shifted"].shape[1], largest)
+        arrays["vectors"] = np.ascontiguousarray(arrays["shifted"][:, 0])
+        logger.info("embedded %d volumes into %d dimensions, at %d shifts of up to %d voxels of the working grid",
+                    len(ids), arrays["vectors"].shape[1], arrays["shifted"].shape[1], largest)
+    else:
+        arrays["vectors"] = embed_volumes(model, volumes, device, batch_size)
+        logger.info("embedded %d volumes into %d dimensions", *arrays["vectors"].shape)
     output_npz = Path(output_npz)
     with artefacts.atomic_path(output_npz) as tmp, open(tmp, "wb") as handle:
         # Writing to an open file stops np.savez from appending ".npz" to the temporary name.
         np.savez(handle, **arrays)
     artefacts.write_sidecar(output_npz, settings={"batch_size": batch_size}, inputs={"detector": detector_path},
                             detector_settings=checkpoint["settings"], n_volumes=len(ids),
-                            embedding_dim=int(vectors.shape[1]))
+                            embedding_dim=int(arrays["vectors"].shape[1]))
