@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import struct
 
@@ -191,7 +192,9 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
 
     per_training = pd.read_csv(outputs.per_training, dtype={"train_id": str})
     assert list(per_training.columns) == ["train_id", "nearest_synthetic_id", "correlation", "score", "memorized",
-                                          "nearest_holdout_id", "holdout_correlation", "holdout_score"]
+                                          "nearest_holdout_id", "holdout_correlation", "holdout_score", "canary"]
+    assert not per_training["canary"].any() and row["n_canaries"] == 0 and np.isnan(row["pct_canaries_found"])
+    assert (row["n_others"], row["others_memorized"]) == (20, 2)  # t00 and t01; t02's nearest sample copies t00
     assert per_training.loc[per_training["memorized"], "train_id"].tolist() == ["t00", "t01", "t02"]
 
     comparison = pd.read_csv(outputs.comparison).set_index("method")
@@ -214,6 +217,28 @@ def test_run_writes_pinned_tables_and_figures(neighbour_tables, tmp_path):
     for output in vars(outputs).values():
         assert json.loads(output.with_name(output.name + ".json").read_text())["tau"] == pytest.approx(TAU)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_canaries_found_need_a_copy_above_the_threshold_of_that_very_canary(neighbour_tables, tmp_path):
+    # Canaries t00, t02, t10. Above τ (0.861): t00 (its nearest sample s0 copies it: found), t02 (its nearest
+    # sample s2 copies t00: memorized, yet not found) and t01 (not a canary). t10 is not reproduced.
+    split_csv = tmp_path / "generator_split.csv"
+    pd.DataFrame({"id": TRAIN, "split": "train",
+                  "copies": [10 if i in ("t00", "t02", "t10") else 1 for i in TRAIN]}).to_csv(split_csv, index=False)
+    inputs = dataclasses.replace(neighbour_tables, generator_split=split_csv)
+    outputs = outputs_in(tmp_path / "assess")
+    summary = assess.run(assess.Settings(percentile=95.0, threshold="published"), inputs, outputs)
+    assert (summary["n_canaries"], summary["canaries_found"], summary["n_others"], summary["others_memorized"]) == \
+        (3, 1, 17, 1)
+    # Clopper–Pearson 95%: 1 of 3 and 1 of 17, in percent.
+    assert [summary[c] for c in ("pct_canaries_found", "pct_canaries_found_low", "pct_canaries_found_high")] == \
+        pytest.approx([100 / 3, 0.8403759, 90.570068])
+    assert [summary[c] for c in ("pct_others_memorized", "pct_others_memorized_low", "pct_others_memorized_high")] == \
+        pytest.approx([100 / 17, 0.1488174, 28.688940])
+    per_training = pd.read_csv(outputs.per_training, dtype={"train_id": str}).set_index("train_id")
+    assert per_training.index[per_training["canary"]].tolist() == ["t00", "t02", "t10"]
+    written = pd.read_csv(outputs.memorization).iloc[0]
+    assert written["canaries_found"] == 1 and written["n_canaries"] == 3
 
 
 def test_the_calibrated_threshold_is_conformal_on_held_out_patients_and_its_rate_is_measured(neighbour_tables,

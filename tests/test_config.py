@@ -186,6 +186,50 @@ def test_a_training_size_study_shares_the_instrument_and_trains_one_generator_pe
         keys["patients_050"]["train_subset"]
 
 
+@pytest.mark.parametrize("source, generator", [("ldm", "diffusion"), ("vae", "autoencoder"), ("gan", "gan")])
+def test_canaries_reach_only_the_generator(config, source, generator):
+    config["synthetic"]["source"] = source
+    config["experiments"] = {"plain": {}, "canaries": {"canaries": {"n_patients": 3}}}
+    plan = make_plan(config, SCHEMA)
+    plain, canaries = plan.experiments["plain"], plan.experiments["canaries"]
+    assert "canaries" not in plain
+    assert plan.run("canaries", canaries["canaries"]).inputs == {"split": canaries["split"]}
+    assert "canaries" in plan.run(generator, canaries[generator]).inputs
+    # Upstream of the generator and of what reads its samples; never of the detector, the threshold's
+    # embeddings or the controls: those are the instrument, the same with and without canaries.
+    for stage, key in canaries.items():
+        reads = stage != "canaries" and _reads(plan, stage, key, "canaries")
+        assert reads == (stage in {generator, "diffusion", "sample", "sample_vae", "sample_gan", "similarity",
+                                   "baselines", "screen"} or (source == "vae" and stage in
+                                                              {"controls", "baselines_controls"})), stage
+    for stage in ("split", "detector") + (("autoencoder", "controls", "baselines_controls") if source == "ldm" else ()):
+        assert plain[stage] == canaries[stage], stage
+
+
+def _reads(plan, stage, key, target):
+    try:
+        plan.upstream(stage, key, target)
+        return True
+    except KeyError:
+        return False
+
+
+def test_canaries_need_a_generator_and_enough_of_its_patients(config, tmp_path):
+    too_many = copy.deepcopy(config)
+    too_many["experiments"] = {"c": {"canaries": {"n_patients": 31}}}
+    with pytest.raises(ValueError, match="canaries.n_patients=31 is more than the 30 patients the generator trains on"):
+        make_plan(too_many, SCHEMA)
+    too_many["experiments"] = {"c": {"canaries": {"n_patients": 16}, "train_subset": {"fraction": 0.5}}}
+    with pytest.raises(ValueError, match="canaries.n_patients=16 is more than the 15 patients"):
+        make_plan(too_many, SCHEMA)
+    folder = copy.deepcopy(config)
+    folder["synthetic"] = {"source": "folder", "folder": str(tmp_path)}
+    folder["experiments"] = {"c": {"canaries": {"n_patients": 3}}}
+    with pytest.raises(ValueError, match="canaries.n_patients=3 repeats patients in a generator's training data, but "
+                                         "synthetic.source is 'folder'"):
+        make_plan(folder, SCHEMA)
+
+
 def test_the_release_follows_tau_unless_told_to_be_stricter(config):
     config["assess"]["percentile"] = 90.0
     assert make_plan(config, SCHEMA).effective["baseline"]["release"]["percentile"] == 90.0

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from medmem import artefacts, volume_sets
-from medmem.split import (Settings, SubsetSettings, holdout_size, make_split, make_train_subset, run,
-                          run_train_subset, subset_size)
+from medmem.split import (CanarySettings, Settings, SubsetSettings, holdout_size, make_canaries, make_split,
+                          make_train_subset, run, run_canaries, run_train_subset, subset_size)
 
 IDS = [f"patient_{i:03d}" for i in range(40)]
 SETTINGS = Settings(holdout_fraction=0.25, min_holdout=8, seed=0)
@@ -129,6 +129,46 @@ def test_a_training_subset_is_written_with_its_counts_and_refuses_a_bad_fraction
     assert json.loads((tmp_path / "subset" / "split.csv.json").read_text())["n_unused"] == 6
     with pytest.raises(ValueError, match=r"train_subset.fraction=1.5 must be a number in \(0, 1\]"):
         SubsetSettings(fraction=1.5, seed=0)
+
+
+def test_canaries_repeat_a_seeded_few_of_the_generators_patients_and_nothing_else(tmp_path):
+    split = make_train_subset(make_split(IDS, SETTINGS), SubsetSettings(fraction=0.5, seed=0))
+    canaries = make_canaries(split, CanarySettings(n_patients=3, copies=10, seed=0))
+    assert canaries.drop(columns="copies").equals(split)
+    chosen = canaries.loc[canaries["copies"] > 1]
+    assert len(chosen) == 3 and set(chosen["split"]) == {"train"} and set(chosen["copies"]) == {10}
+    # Every other generator patient once; held-out and unused patients never.
+    assert (canaries.loc[canaries["split"] == "train", "copies"] == 1).sum() == 15 - 3
+    assert set(canaries.loc[canaries["split"] != "train", "copies"]) == {0}
+    # The draw depends on the seed, not on the rows' order.
+    shuffled = make_canaries(split.sample(frac=1, random_state=1), CanarySettings(n_patients=3, copies=10, seed=0))
+    assert set(shuffled.loc[shuffled["copies"] > 1, "id"]) == set(chosen["id"])
+    other = make_canaries(split, CanarySettings(n_patients=3, copies=10, seed=1))
+    assert set(other.loc[other["copies"] > 1, "id"]) != set(chosen["id"])
+    with pytest.raises(ValueError, match="canaries.n_patients=16 but the generator trains on only 15 patients"):
+        make_canaries(split, CanarySettings(n_patients=16, copies=10, seed=0))
+    with pytest.raises(ValueError, match="canaries.copies=1 must be an integer >= 2"):
+        CanarySettings(n_patients=3, copies=1, seed=0)
+
+    # What a generator trains on: each canary's volume `copies` times, every other training volume once.
+    cases, ids = [], split["id"].tolist()
+    for i, case in enumerate(ids):
+        path = tmp_path / f"{case}.nii.gz"
+        artefacts.save_nifti(path, np.full((4, 4, 4), i, np.float32), np.eye(4))
+        cases.append({"id": case, "path": path.name})
+    pd.DataFrame(cases).to_csv(tmp_path / "cases.csv", index=False)
+    split.to_csv(tmp_path / "split.csv", index=False)
+    run_canaries(CanarySettings(n_patients=3, copies=10, seed=0), tmp_path / "split.csv", tmp_path / "c" / "split.csv")
+    assert volume_sets.canary_ids(tmp_path / "c" / "split.csv") == chosen["id"].tolist()
+    assert json.loads((tmp_path / "c" / "split.csv.json").read_text())["canaries"] == chosen["id"].tolist()
+    train_ids, volumes, _ = volume_sets.load_training_set(tmp_path / "cases.csv", tmp_path / "c" / "split.csv")
+    assert len(train_ids) == len(volumes) == 12 + 3 * 10
+    for case in set(train_ids):
+        assert train_ids.count(case) == (10 if case in set(chosen["id"]) else 1)
+    assert [float(v.mean()) for v in volumes] == [float(ids.index(case)) for case in train_ids]
+    # Without canaries (the split itself) each once.
+    plain_ids, _, _ = volume_sets.load_training_set(tmp_path / "cases.csv", tmp_path / "split.csv")
+    assert plain_ids == split.loc[split["split"] == "train", "id"].tolist()
 
 
 # --- patients with several cases, and splits a manifest gives -----------------------------------

@@ -109,6 +109,7 @@ class Inputs:
     cases: str | os.PathLike
     synthetic_manifest: str | os.PathLike
     controls_manifest: str | os.PathLike
+    generator_split: str | os.PathLike | None = None    # the generator's split.csv: its canaries (copies > 1)
     volumes: str | os.PathLike | None = None            # folders the tables point into (rule dependencies)
     synthetic_volumes: str | os.PathLike | None = None
     controls_volumes: str | os.PathLike | None = None
@@ -224,6 +225,38 @@ def comparison_row(result: dict, statistics: pd.DataFrame) -> dict:
         where = statistic.set.removeprefix("controls:")
         row[f"{statistic.statistic}_{where}"] = statistic.value
     return row
+
+
+CANARY_COLUMNS = ["n_canaries", "canaries_found", "pct_canaries_found", "pct_canaries_found_low",
+                  "pct_canaries_found_high", "n_others", "others_memorized", "pct_others_memorized",
+                  "pct_others_memorized_low", "pct_others_memorized_high"]
+
+
+def canary_summary(canaries: Sequence[str], per_training: pd.DataFrame, synthetic_to_train: pd.DataFrame,
+                   confidence: float) -> dict:
+    """Memorization with ground truth: how many canaries the generator reproduced, against the other patients.
+
+    A patient is *found* when its nearest synthetic volume scores above the threshold (it is memorized) and
+    that synthetic volume's own nearest training patient is it: the copy is of this patient, not of a
+    look-alike. Both rates come with Clopper–Pearson intervals, in percent. per_training: train_id,
+    nearest_synthetic_id, memorized; synthetic_to_train: query_id, neighbour_id (rank 1).
+    """
+    nearest_train = synthetic_to_train.set_index("query_id")["neighbour_id"]
+    found = per_training["memorized"] & (per_training["nearest_synthetic_id"].map(nearest_train)
+                                         == per_training["train_id"])
+    is_canary = per_training["train_id"].isin(set(canaries))
+    unknown = sorted(set(canaries) - set(per_training["train_id"]))
+    if unknown:
+        raise ValueError(f"canaries {unknown} are not among the generator's training patients")
+    row = {}
+    for name, count_name, chosen, hits in (("canaries", "canaries_found", is_canary, found),
+                                           ("others", "others_memorized", ~is_canary, found)):
+        n, k = int(chosen.sum()), int(hits[chosen].sum())
+        low, high = calibration.proportion_interval(k, n, confidence) if n else (math.nan, math.nan)
+        pct = f"pct_{count_name}"
+        row.update({f"n_{name}": n, count_name: k, pct: 100 * k / n if n else math.nan,
+                    f"{pct}_low": 100 * low, f"{pct}_high": 100 * high})
+    return {column: row[column] for column in CANARY_COLUMNS}
 
 
 def uncalibrated(settings: Settings, n_holdout: int) -> str | None:
@@ -366,7 +399,17 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     per_training = per_training.merge(train_to_holdout.rename(columns={
         "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation",
         "score": "holdout_score"}), on="train_id", how="left", validate="one_to_one")
+    canaries = [] if inputs.generator_split is None else volume_sets.canary_ids(inputs.generator_split)
+    per_training["canary"] = per_training["train_id"].isin(set(canaries))
     per_training = per_training.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    summary.update(canary_summary(canaries, per_training, nearest["synthetic_to_train"], settings.confidence))
+    if canaries:
+        logger.info("canaries: %d of %d found (%.0f%% [%.0f, %.0f]); other training patients memorized: %d of %d "
+                    "(%.1f%% [%.1f, %.1f])", summary["canaries_found"], summary["n_canaries"],
+                    summary["pct_canaries_found"], summary["pct_canaries_found_low"],
+                    summary["pct_canaries_found_high"], summary["others_memorized"], summary["n_others"],
+                    summary["pct_others_memorized"], summary["pct_others_memorized_low"],
+                    summary["pct_others_memorized_high"])
     per_sample_methods = pd.concat([r["synthetic"] for r in results.values()], ignore_index=True).rename(
         columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"}).drop(columns="set")
     controls = pd.concat([r["metrics"].assign(method=m) for m, r in results.items()], ignore_index=True)

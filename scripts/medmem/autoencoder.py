@@ -109,7 +109,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train on the training split; write the checkpoint, the training curve and their sidecars."""
     model_path, curve_csv = Path(model_path), Path(curve_csv)
-    ids, volumes, affine = volume_sets.load_split_set(cases_csv, split_csv, "train")
+    ids, volumes, affine = volume_sets.load_training_set(cases_csv, split_csv)
     volume_shape = tuple(int(s) for s in volumes.shape[2:])
     check_shape(volume_shape, settings)
     spatial_dims = len(volume_shape)  # 2 for X-ray-like images (H, W), 3 for volumes (D, H, W)

@@ -41,15 +41,22 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
     if source != "folder" and effective["train_subset"]["fraction"] < 1:
         stages["train_subset"] = (effective["train_subset"], ("split",))
         generator_split = "train_subset"
+    # Canaries: a few of those patients repeated in the training data of the model that generates (the
+    # diffusion model for ldm, whose autoencoder the experiments without canaries share; the autoencoder for
+    # vae; the GAN), never in what the detector, the threshold or the controls read.
+    canaries = ("canaries",) if source != "folder" and effective["canaries"]["n_patients"] > 0 else ()
+    if canaries:
+        stages["canaries"] = (effective["canaries"], (generator_split,))
     if source in ("ldm", "vae"):
-        stages["autoencoder"] = (effective["autoencoder"], (generator_split,))
+        stages["autoencoder"] = (effective["autoencoder"], canaries if source == "vae" and canaries
+                                 else (generator_split,))
     if source == "ldm":
-        stages["diffusion"] = (effective["diffusion"], ("autoencoder",))
+        stages["diffusion"] = (effective["diffusion"], ("autoencoder", *canaries))
         stages["sample"] = (effective["sample"], ("diffusion",))
     elif source == "vae":
         stages["sample_vae"] = (effective["sample"], ("autoencoder",))
     elif source == "gan":
-        stages["gan"] = (effective["gan"], (generator_split,))
+        stages["gan"] = (effective["gan"], canaries or (generator_split,))
         stages["sample_gan"] = (effective["sample"], ("gan",))
     else:
         # The outside volumes go through the training data's ingest: same grid, same intensity scaling.
@@ -177,6 +184,10 @@ def check_settings(effective: dict, name: str) -> None:
         elif source == "folder" and effective["synthetic"]["folder"] is None:
             raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
                              "the directory of synthetic volumes to audit")
+        canary_settings = stage_settings.CanarySettings(**effective["canaries"])
+        if source == "folder" and canary_settings.n_patients > 0:
+            raise ValueError(f"canaries.n_patients={canary_settings.n_patients} repeats patients in a generator's "
+                             "training data, but synthetic.source is 'folder' (no generator is trained): set it to 0")
         if source == "folder" and subset_settings.fraction < 1:
             raise ValueError(f"train_subset.fraction={subset_settings.fraction} chooses a generator's training "
                              "patients, but synthetic.source is 'folder' (no generator is trained): set it to 1")
@@ -216,6 +227,11 @@ def check_settings(effective: dict, name: str) -> None:
                 f"{stage_settings.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
                 f"{n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add patients, "
                 "hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: published")
+        n_generator = stage_settings.subset_size(n_patients - n_holdout, subset_settings.fraction)
+        if canary_settings.n_patients > n_generator:
+            raise ValueError(
+                f"experiment {name!r}: canaries.n_patients={canary_settings.n_patients} is more than the "
+                f"{n_generator} patients the generator trains on: lower it")
         n_per_strength = effective["controls"]["n_per_strength"]
         if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
             raise ValueError(

@@ -131,7 +131,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     model_path, curve_csv = Path(model_path), Path(curve_csv)
     checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else model_path.with_name("checkpoints")
     ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
-    ids, volumes, _ = volume_sets.load_split_set(cases_csv, split_csv, "train")
+    ids, volumes, _ = volume_sets.load_training_set(cases_csv, split_csv)
     if list(volumes.shape[2:]) != list(ae_checkpoint["volume_shape"]):
         raise ValueError(f"{cases_csv}: volumes of shape {list(volumes.shape[2:])}, but {autoencoder_path} was "
                          f"trained on {ae_checkpoint['volume_shape']}: retrain the autoencoder on this cohort")

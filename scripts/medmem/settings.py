@@ -53,6 +53,30 @@ class SubsetSettings:
         object.__setattr__(self, "fraction", float(self.fraction))
 
 
+@dataclass(frozen=True)
+class CanarySettings:
+    """The ``canaries:`` section: memorization with ground truth (Carlini et al. 2023 plant duplicates so)."""
+
+    n_patients: int  # k training patients repeated in the generator's training data; 0: none
+    copies: int      # m: how often each canary appears there per epoch (the others once)
+    seed: int        # draws the canaries among the generator's training patients
+
+    def __post_init__(self) -> None:
+        if not is_int(self.n_patients) or self.n_patients < 0:
+            raise ValueError(f"canaries.n_patients={self.n_patients!r} must be a non-negative integer (training "
+                             "patients repeated in the generator's training data; 0: none), e.g. 3")
+        if not is_int(self.copies) or self.copies < 2:
+            raise ValueError(f"canaries.copies={self.copies!r} must be an integer >= 2 (how often each canary "
+                             "appears in the generator's training data), e.g. 10")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"canaries.seed={self.seed!r} must be a non-negative integer, e.g. 0")
+
+
+def subset_size(n_train: int, fraction: float) -> int:
+    """Training patients a training-set-size study keeps: round(fraction × n_train), at least one."""
+    return max(1, round(fraction * n_train))
+
+
 def holdout_size(n_patients: int, holdout_fraction: float) -> int:
     """Patients held out: round(holdout_fraction × n_patients), Python's rounding (halves to even)."""
     return round(holdout_fraction * n_patients)

@@ -11,6 +11,10 @@ Stage train_subset (training-set-size studies): split.csv → a split.csv in whi
 of the training patients stays ``train`` (the generator's training set) and the rest are ``unused``.
 The detector, the threshold τ and the controls keep reading the full split, so every fraction is
 measured with one instrument; the generator and the memorization counts read the subset.
+
+Stage canaries (memorization with ground truth): the generator's split.csv → the same with a ``copies``
+column, k seeded training patients repeated m times in the generator's training data only. A generator
+that memorizes reproduces them first; assess counts how many it did (``canaries_found``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from medmem import artefacts, volume_sets
-from medmem.settings import SplitSettings as Settings, SubsetSettings, holdout_size
+from medmem.settings import CanarySettings, SplitSettings as Settings, SubsetSettings, holdout_size, subset_size
 
 logger = logging.getLogger("medmem.split")
 
@@ -75,11 +79,6 @@ def make_split(ids: list[str], settings: Settings, patients: list[str] | None = 
     return table.sort_values("id", ignore_index=True)
 
 
-def subset_size(n_train: int, fraction: float) -> int:
-    """Training patients kept: round(fraction × n_train), at least one."""
-    return max(1, round(fraction * n_train))
-
-
 def make_train_subset(split: pd.DataFrame, settings: SubsetSettings) -> pd.DataFrame:
     """Mark all but a seeded share of the training patients ``unused``: DataFrame of the same columns and rows.
 
@@ -113,6 +112,39 @@ def run_train_subset(settings: SubsetSettings, split_csv: str | os.PathLike,
     logger.info("the generator trains on %d of %d training patients (fraction %.3g, seed %d)",
                 n_train, n_train + n_unused, settings.fraction, settings.seed)
     return subset
+
+
+def make_canaries(split: pd.DataFrame, settings: CanarySettings) -> pd.DataFrame:
+    """Draw ``n_patients`` of the training patients as canaries: the split with a ``copies`` column.
+
+    ``copies`` is how often a case appears in the generator's training data per epoch: ``settings.copies``
+    for every case of a canary patient, 1 for the other training cases, 0 for held-out and unused ones.
+    Canaries are drawn from the sorted training patients with the seed, so the draw does not depend on
+    row order.
+    """
+    patient = "patient_id" if "patient_id" in split.columns else "id"
+    train = sorted(set(split.loc[split["split"] == "train", patient]))
+    if settings.n_patients > len(train):
+        raise ValueError(f"canaries.n_patients={settings.n_patients} but the generator trains on only {len(train)} "
+                         "patients: lower it")
+    chosen = {train[i] for i in np.random.default_rng(settings.seed).permutation(len(train))[:settings.n_patients]}
+    copies = np.where(split["split"] == "train", 1, 0)
+    copies[(split["split"] == "train").to_numpy() & split[patient].isin(chosen).to_numpy()] = settings.copies
+    return split.assign(copies=copies)
+
+
+def run_canaries(settings: CanarySettings, split_csv: str | os.PathLike, canaries_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read the generator's split.csv, draw its canaries, write it with their ``copies``."""
+    try:
+        canaries = make_canaries(volume_sets.read_split(split_csv), settings)
+    except ValueError as error:
+        raise ValueError(f"{split_csv}: {error}") from None
+    artefacts.write_csv(canaries_csv, canaries)
+    ids = canaries.loc[canaries["copies"] > 1, "id"].tolist()
+    artefacts.write_sidecar(canaries_csv, settings=asdict(settings), inputs={"split": split_csv}, seed=settings.seed,
+                            canaries=ids)
+    logger.info("canaries, each %d times in the generator's training data: %s", settings.copies, ", ".join(ids))
+    return canaries
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike) -> pd.DataFrame:

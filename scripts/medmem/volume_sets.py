@@ -93,3 +93,26 @@ def load_split_set(cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
     ids, paths = split_paths(cases_csv, split_csv, subset)
     volumes, affine = load_volumes(paths)
     return ids, volumes, affine
+
+
+def load_training_set(cases_csv: str | os.PathLike,
+                      split_csv: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What a generator trains on: the split's training ids, volumes and affine as ``load_split_set``, each
+    case repeated as often as the split's ``copies`` column says where it has one (canaries; split.py)."""
+    ids, volumes, affine = load_split_set(cases_csv, split_csv, "train")
+    split = read_split(split_csv)
+    if "copies" not in split.columns:
+        return ids, volumes, affine
+    copies = split.set_index("id").loc[ids, "copies"].to_numpy()
+    if not np.issubdtype(copies.dtype, np.integer) or (copies < 1).any():
+        raise ValueError(f"{split_csv}: column 'copies' must hold an integer >= 1 for every training case")
+    repeat = np.repeat(np.arange(len(ids)), copies)
+    return [ids[i] for i in repeat], volumes[repeat], affine
+
+
+def canary_ids(split_csv: str | os.PathLike) -> list[str]:
+    """The training cases a generator saw more than once (``copies`` > 1: the canaries), in split.csv order."""
+    split = read_split(split_csv)
+    if "copies" not in split.columns:
+        return []
+    return split.loc[(split["split"] == "train") & (split["copies"] > 1), "id"].tolist()

@@ -37,6 +37,7 @@ wildcard_constraints:
     ingest=KEY,
     split=KEY,
     train_subset=KEY,
+    canaries=KEY,
     autoencoder=KEY,
     diffusion=KEY,
     sample=KEY,
@@ -60,12 +61,14 @@ def settings_of(stage):
 
 
 def split_file(stage, key):
-    """The split.csv that `stage` at `key` reads: its generator's training subset where a training-set-size
-    study chose one (the generator, its samples, the memorization counts), else the whole split."""
-    try:
-        return f"{RESULTS}/train_subset/{PLAN.upstream(stage, key, 'train_subset')}/split.csv"
-    except KeyError:
-        return f"{RESULTS}/split/{PLAN.upstream(stage, key, 'split')}/split.csv"
+    """The split.csv that `stage` at `key` reads: its generator's (with the canaries' repeats, or a training-set-size
+    study's subset; read by the generator, its samples and the memorization counts), else the whole split."""
+    for source in ("canaries", "train_subset"):
+        try:
+            return f"{RESULTS}/{source}/{PLAN.upstream(stage, key, source)}/split.csv"
+        except KeyError:
+            continue
+    return f"{RESULTS}/split/{PLAN.upstream(stage, key, 'split')}/split.csv"
 
 
 def cohort_inputs(stage, whole_split=False):
@@ -222,6 +225,7 @@ def experiment_files(name):
         "cases": f"{RESULTS}/ingest/{keys['ingest']}/cases.csv",
         "volumes": f"{RESULTS}/ingest/{keys['ingest']}/volumes",
         "split": f"{RESULTS}/split/{keys['split']}/split.csv",
+        "generator_split": split_file("similarity", keys["similarity"]),
         **synthetic_set("similarity", keys["similarity"]),
         **controls_set("similarity", keys["similarity"]),
         "synthetic_embeddings": embeddings["synthetic"],
@@ -232,7 +236,7 @@ def experiment_files(name):
 def assess_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
     names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "control_baseline_scores",
-             "control_baseline_statistics", "screen", "cases", "volumes",
+             "control_baseline_statistics", "screen", "cases", "volumes", "generator_split",
              "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
     return {name: files[name] for name in names}
 

@@ -61,6 +61,27 @@ rule train_subset:
         "../../scripts/train_subset.py"
 
 
+rule canaries:
+    input:
+        # the split (or training subset) the canaries are drawn from: the stage's one input
+        split=lambda wildcards: "{}/{}/{}/split.csv".format(
+            RESULTS, *next(iter(PLAN.run("canaries", wildcards.canaries).inputs.items()))),
+    output:
+        split=f"{RESULTS}/canaries/{{canaries}}/split.csv",
+    params:
+        settings=settings_of("canaries"),
+    log:
+        f"{RESULTS}/logs/canaries/{{canaries}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/canaries/{{canaries}}.tsv",
+    conda:
+        DATA_ENV
+    resources:
+        mem_mb=1000,
+    script:
+        "../../scripts/canaries.py"
+
+
 rule ingest_synthetic:
     output:
         manifest=f"{RESULTS}/ingest_synthetic/{{ingest_synthetic}}/manifest.csv",
