@@ -17,4 +17,7 @@ report.run(
     privacy_utility_png=snakemake.output.privacy_utility,
     benchmarks_dir=snakemake.params.benchmarks,
     costs_csv=snakemake.output.costs,
+    per_training_csvs=dict(zip(experiments, snakemake.input.per_training)),
+    per_sample_csvs=dict(zip(experiments, snakemake.input.per_sample)),
+    bootstrap=snakemake.params.bootstrap,
 )

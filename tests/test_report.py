@@ -39,6 +39,34 @@ def test_summary_joins_memorization_quality_and_release(tmp_path):
     assert pd.read_csv(tmp_path / "index.csv", dtype=str).at[0, "key"] == "0123456789"
 
 
+def test_differences_from_the_named_reference_reach_the_summary_and_the_study_table(tmp_path):
+    folders = {}
+    for name, memorized, copies in (("short", 1, 0), ("long", 9, 8), ("canaries", 2, 1)):
+        folder = folders[name] = write_experiment(tmp_path / name, "conclusive: fine", 100 * copies / 20)
+        artefacts.write_csv(folder / "per_training.csv", pd.DataFrame(
+            {"train_id": [f"t{i}" for i in range(20)], "memorized": [i < memorized for i in range(20)]}))
+        artefacts.write_csv(folder / "per_sample.csv", pd.DataFrame(
+            {"synthetic_id": [f"s{i}" for i in range(20)], "is_copy": [i < copies for i in range(20)]}))
+    summary = report.run({n: f / "memorization.csv" for n, f in folders.items()},
+                         {n: f / "quality.csv" for n, f in folders.items()},
+                         {n: f / "release" / "release.json" for n, f in folders.items()},
+                         index_rows=[], summary_csv=tmp_path / "summary.csv", index_csv=tmp_path / "index.csv",
+                         figure_png=tmp_path / "summary.png", study={"reference": "long"},
+                         study_png=tmp_path / "study.png", study_csv=tmp_path / "study.csv",
+                         per_training_csvs={n: f / "per_training.csv" for n, f in folders.items()},
+                         per_sample_csvs={n: f / "per_sample.csv" for n, f in folders.items()},
+                         bootstrap={"resamples": 500, "confidence": 0.95, "seed": 0})
+    written = pd.read_csv(tmp_path / "summary.csv").set_index("experiment")
+    assert written["reference"].tolist() == ["long"] * 3 and written.at["long", "difference_mem"] == "reference"
+    assert written.at["short", "delta_pct_mem"] == pytest.approx(-40.0)
+    assert written.at["short", "difference_mem"] == written.at["short", "difference_copies"] == "less"
+    assert summary.set_index("experiment").at["canaries", "delta_pct_copies"] == pytest.approx(-35.0)
+    # Without a factor the study table keeps every experiment, now with its difference.
+    study = pd.read_csv(tmp_path / "study.csv")
+    assert study["experiment"].tolist() == ["short", "long", "canaries"] and "difference_mem" in study
+    assert (tmp_path / "summary.png").read_bytes()[:8] == PNG
+
+
 def test_summary_refuses_a_table_of_several_rows(tmp_path):
     folder = write_experiment(tmp_path / "a", "conclusive", 10.0)
     artefacts.write_csv(folder / "quality.csv", pd.DataFrame([{"mmd_detector": 0.1}, {"mmd_detector": 0.2}]))

@@ -33,7 +33,9 @@ def tiny_config() -> dict:
     config["detector"].update(channels=[8, 16], epochs=4, batch_size=8)
     # 7 held-out patients calibrate a 15% false-positive rate at best (the calibrated threshold needs 1 / rate - 1).
     config["assess"].update(montage_pairs=3, percentile=85.0)
-    config["experiments"] = {"baseline": {}, "long_training": {"diffusion": {"epochs": 8}}}
+    # The second experiment trains longer on data with two canaries (each seen 4 times per epoch).
+    config["experiments"] = {"baseline": {}, "canaries": {"diffusion": {"epochs": 8},
+                                                          "canaries": {"n_patients": 2, "copies": 4}}}
     return config
 
 
@@ -115,19 +117,19 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
     results = tiny_run / "results"
     index = pd.read_csv(results / "report" / "index.csv")
     summary = pd.read_csv(results / "report" / "summary.csv")
-    assert list(summary["experiment"]) == ["baseline", "long_training"]
+    assert list(summary["experiment"]) == ["baseline", "canaries"]
     keys = index.pivot(index="stage", columns="experiment", values="key")
-    assert (keys.loc["autoencoder", "baseline"]) == keys.loc["autoencoder", "long_training"]
+    assert (keys.loc["autoencoder", "baseline"]) == keys.loc["autoencoder", "canaries"]
     # Every job but the report measured itself (Snakemake's benchmark file), gathered in the cost table.
     costs = pd.read_csv(results / "report" / "costs.csv").set_index("job")
-    assert len(costs) == 27 and set(costs["rule"]) == {
-        "ingest", "split", "plant_controls", "train_autoencoder", "train_detector", "train_diffusion", "sample",
+    assert len(costs) == 28 and set(costs["rule"]) == {
+        "ingest", "split", "canaries", "plant_controls", "train_autoencoder", "train_detector", "train_diffusion", "sample",
         "embed", "similarity", "baselines", "baselines_controls", "screen", "assess", "quality", "release"}
     assert (costs["wall_s"] > 0).all() and (costs["max_rss_mb"] > 0).all() and (costs["cpu_s"] >= 0).all()
-    assert costs.at[keys.loc["autoencoder", "baseline"], "experiments"] == "baseline;long_training"
-    assert sorted(costs.loc["long_training", "rule"]) == ["assess", "quality", "release"]
+    assert costs.at[keys.loc["autoencoder", "baseline"], "experiments"] == "baseline;canaries"
+    assert sorted(costs.loc["canaries", "rule"]) == ["assess", "quality", "release"]
 
-    for name in ("baseline", "long_training"):
+    for name in ("baseline", "canaries"):
         folder = results / "experiments" / name
         memorization = pd.read_csv(folder / "memorization.csv").iloc[0]
         per_sample = pd.read_csv(folder / "per_sample.csv")
@@ -148,8 +150,23 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
         assert memorization["n_mem"] == int((per_training["score"] > threshold).sum())
         assert memorization["n_copies_published"] == int((per_sample["score"] > memorization["tau"]).sum())
         assert memorization["pct_copies"] == pytest.approx(100 * memorization["n_copies"] / 12)
+        # Canaries: only where planted, counted against the generator's patients; the other patients beside them.
+        canaries = per_training.loc[per_training["canary"], "train_id"].tolist()
+        assert memorization["n_canaries"] == len(canaries) == (2 if name == "canaries" else 0)
+        assert memorization["n_others"] == 21 - len(canaries)
+        assert 0 <= memorization["canaries_found"] <= len(canaries)
         for figure in ("nn_correlation.png", "montage.png"):
             assert (folder / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Each experiment against the reference (the first): differences with intervals and a verdict in words.
+    differences = summary.set_index("experiment")
+    assert differences.at["baseline", "difference_mem"] == "reference"
+    for column in ("mem", "copies"):
+        row = differences.loc["canaries"]
+        assert row[f"delta_pct_{column}_low"] <= row[f"delta_pct_{column}"] <= row[f"delta_pct_{column}_high"]
+        assert row[f"difference_{column}"] in ("more", "less", "no evidence of a difference")
+    assert differences.at["canaries", "delta_pct_mem"] == pytest.approx(
+        differences.at["canaries", "pct_mem"] - differences.at["baseline", "pct_mem"])
 
     # Samples carry the training geometry.
     import nibabel as nib
@@ -200,7 +217,7 @@ def test_a_planted_copy_is_found_and_held_out_patients_mostly_are_not(tiny_run):
 def test_rerun_plans_nothing_and_a_changed_experiment_replans_only_its_branch(tiny_run):
     assert planned_jobs(tiny_run) == {}
     config = tiny_config()
-    config["experiments"]["long_training"]["diffusion"]["epochs"] = 9
+    config["experiments"]["canaries"]["diffusion"]["epochs"] = 9
     write_config(tiny_run, config)
     try:
         jobs = planned_jobs(tiny_run)
@@ -217,7 +234,7 @@ def test_controls_are_planted_found_and_calibrated(tiny_run):
     from medmem import calibration
 
     results = tiny_run / "results"
-    for name in ("baseline", "long_training"):
+    for name in ("baseline", "canaries"):
         folder = results / "experiments" / name
         memorization = pd.read_csv(folder / "memorization.csv").iloc[0]
         controls = pd.read_csv(folder / "controls.csv")

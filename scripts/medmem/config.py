@@ -251,6 +251,9 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
     if unknown:
         raise ValueError(f"config: study.values names {unknown}, which are not experiments ({sorted(experiments)}); "
                          "name each study value after one of the experiments")
+    if "reference" in study and study["reference"] not in experiments:
+        raise ValueError(f"config: study.reference={study['reference']!r} is not an experiment ({sorted(experiments)}); "
+                         "name the experiment the others are compared with")
     defaults = {k: v for k, v in config.items() if k not in RUN_KEYS}
     plan = Plan()
     for name, overrides in experiments.items():

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from medmem import artefacts, figures
+from medmem import artefacts, differences, figures
 
 logger = logging.getLogger("medmem.report")
 
@@ -62,8 +62,8 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
         bars = axes.bar(positions + (offset - (len(measures) - 1) / 2) * width, values, width=width, label=label,
                         yerr=np.clip(errors, 0, None), capsize=3)
         axes.bar_label(bars, fmt="%.1f", fontsize=8, padding=6)
-    labels = [name + ("\nINCONCLUSIVE" if str(verdict).startswith("inconclusive") else "")
-              for name, verdict in zip(summary["experiment"], summary["verdict"])]
+    labels = [name + ("\nINCONCLUSIVE" if str(verdict).startswith("inconclusive") else "") + _difference_label(row)
+              for (_, row), name, verdict in zip(summary.iterrows(), summary["experiment"], summary["verdict"])]
     axes.set_xticks(positions, labels)
     for tick, verdict in zip(axes.get_xticklabels(), summary["verdict"]):
         if str(verdict).startswith("inconclusive"):
@@ -79,6 +79,17 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
     axes.set_title(f"Memorization per experiment ({100 * summary['confidence'].iloc[0]:g}% bootstrap intervals)")
     figure.tight_layout()
     figures.save_png(figure, path)
+
+
+def _difference_label(row: pd.Series) -> str:
+    """Under an experiment's name: its differences from the reference experiment, with intervals, in words."""
+    if "difference_mem" not in row or row["difference_mem"] == "reference" or pd.isna(row["difference_mem"]):
+        return ""
+    lines = [f"Δ{label} {row[f'delta_pct_{column}']:+.1f} [{row[f'delta_pct_{column}_low']:+.1f}, "
+             f"{row[f'delta_pct_{column}_high']:+.1f}]: "
+             f"{'none shown' if row[f'difference_{column}'].startswith('no evidence') else row[f'difference_{column}']}"
+             for column, label in (("mem", "N_mem"), ("copies", "N_copies"))]
+    return f"\nvs {row['reference']}:\n" + "\n".join(lines)
 
 
 def _is_inconclusive(verdict) -> bool:
@@ -265,11 +276,29 @@ def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str,
         index_csv: str | os.PathLike, figure_png: str | os.PathLike, study: dict | None = None,
         study_png: str | os.PathLike | None = None, study_csv: str | os.PathLike | None = None,
         privacy_utility_png: str | os.PathLike | None = None, benchmarks_dir: str | os.PathLike | None = None,
-        costs_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+        costs_csv: str | os.PathLike | None = None, per_training_csvs: dict[str, str | os.PathLike] | None = None,
+        per_sample_csvs: dict[str, str | os.PathLike] | None = None, bootstrap: dict | None = None) -> pd.DataFrame:
     """Summary table, index, figures; the study figure, its table, the privacy-utility figure and the cost table
-    (from ``benchmarks_dir``) when given paths."""
+    (from ``benchmarks_dir``) when given paths; with every experiment's per_training and per_sample tables,
+    its differences from the reference experiment (``study.reference``, else the first), bootstrapped with
+    ``bootstrap`` = {resamples, confidence, seed} (differences.py)."""
     summary = summarise(memorization_csvs, quality_csvs, release_jsons)
-    # Before anything is written: a study that matches no experiment is a config error.
+    reference = (study or {}).get("reference")
+    if per_training_csvs is not None:
+        reference = reference or next(iter(memorization_csvs))
+        delta = differences.differences(
+            {name: pd.read_csv(path, dtype={"train_id": str}) for name, path in per_training_csvs.items()},
+            {name: pd.read_csv(path, dtype={"synthetic_id": str}) for name, path in per_sample_csvs.items()},
+            reference, **(bootstrap or {"resamples": 1000, "confidence": 0.95, "seed": 0}))
+        summary = summary.join(delta, on="experiment")
+        for name, row in delta.drop(index=reference).iterrows():
+            logger.info("%s against %s: ΔN_mem %+.1f points [%.1f, %.1f] (%s), ΔN_copies %+.1f points [%.1f, %.1f] (%s)",
+                        name, reference, row["delta_pct_mem"], row["delta_pct_mem_low"], row["delta_pct_mem_high"],
+                        row["difference_mem"], row["delta_pct_copies"], row["delta_pct_copies_low"],
+                        row["delta_pct_copies_high"], row["difference_copies"])
+    # Before anything is written: a study that matches no experiment is a config error. A study may name only
+    # the reference experiment: then the study figure shows every experiment, as without one.
+    study = study if study and "factor" in study else None
     table = study_table(summary, study)
     artefacts.write_csv(index_csv, pd.DataFrame(index_rows))
     if costs_csv is not None:

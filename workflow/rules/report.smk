@@ -3,6 +3,8 @@ rule report:
         memorization=expand(f"{RESULTS}/experiments/{{experiment}}/memorization.csv", experiment=EXPERIMENTS),
         quality=expand(f"{RESULTS}/experiments/{{experiment}}/quality.csv", experiment=EXPERIMENTS),
         release=expand(f"{RESULTS}/experiments/{{experiment}}/release/release.json", experiment=EXPERIMENTS),
+        per_training=expand(f"{RESULTS}/experiments/{{experiment}}/per_training.csv", experiment=EXPERIMENTS),
+        per_sample=expand(f"{RESULTS}/experiments/{{experiment}}/per_sample.csv", experiment=EXPERIMENTS),
     output:
         summary=report(
             f"{RESULTS}/report/summary.csv",
@@ -37,6 +39,10 @@ rule report:
         study=config.get("study"),
         index=[{**row, "folder": f"{RESULTS}/{row['stage']}/{row['key']}"} for row in PLAN.index_rows()],
         benchmarks=f"{RESULTS}/benchmarks",
+        # differences from the reference experiment are bootstrapped as its assessment's intervals are
+        bootstrap=lambda wildcards: {
+            name: PLAN.effective[(config.get("study") or {}).get("reference", EXPERIMENTS[0])]["assess"][key]
+            for name, key in (("resamples", "bootstrap_resamples"), ("confidence", "confidence"), ("seed", "seed"))},
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
