@@ -20,4 +20,7 @@ report.run(
     per_training_csvs=dict(zip(experiments, snakemake.input.per_training)),
     per_sample_csvs=dict(zip(experiments, snakemake.input.per_sample)),
     bootstrap=snakemake.params.bootstrap,
+    replicate_of=snakemake.params.replicate_of,
+    seed_offset=snakemake.params.seed_offset,
+    replicates_csv=snakemake.output.replicates,
 )

@@ -230,6 +230,39 @@ def test_canaries_need_a_generator_and_enough_of_its_patients(config, tmp_path):
         make_plan(folder, SCHEMA)
 
 
+def test_replicates_repeat_only_the_generator_over_seed_offsets(config, tmp_path):
+    config["experiments"] = {"baseline": {}, "long": {"replicates": 3, "diffusion": {"epochs": 400}},
+                             "picked": {"replicates": [5]}}
+    plan = make_plan(config, SCHEMA)
+    assert list(plan.experiments) == ["baseline", "long-seed0", "long-seed1", "long-seed2", "picked"]
+    assert plan.replicates("long") == ["long-seed0", "long-seed1", "long-seed2"]
+    assert plan.replicate_of["picked"] == "picked" and plan.seed_offset["long-seed2"] == 2
+    assert [plan.effective[n]["diffusion"]["seed"] for n in plan.replicates("long")] == [0, 1, 2]
+    assert [plan.effective[n]["sample"]["seed"] for n in plan.replicates("long")] == [0, 1, 2]
+    assert plan.effective["picked"]["diffusion"]["seed"] == 5 and config["diffusion"]["seed"] == 0
+    keys = [plan.experiments[n] for n in plan.replicates("long")]
+    # Everything upstream of the generator is shared; the generator, its samples and what reads them are not.
+    for stage in ("split", "autoencoder", "detector", "controls", "baselines_controls"):
+        assert len({k[stage] for k in keys} | {plan.experiments["baseline"][stage]}) == 1, stage
+    for stage in ("diffusion", "sample", "similarity", "baselines", "screen"):
+        assert len({k[stage] for k in keys}) == 3, stage
+    # Offset 0 is the experiment as configured: the same keys as without replicates.
+    assert keys[0] == make_plan({**config, "experiments": {"long": {"diffusion": {"epochs": 400}}}},
+                                SCHEMA).experiments["long"]
+
+    folder = copy.deepcopy(config)
+    folder["synthetic"] = {"source": "folder", "folder": str(tmp_path)}
+    folder["experiments"] = {"outside": {"replicates": 2}}
+    with pytest.raises(ValueError, match="replicates=2 repeats a generator over seeds, but synthetic.source is 'folder'"):
+        make_plan(folder, SCHEMA)
+    config["experiments"] = {"long": {"replicates": 2}, "long-seed1": {}}
+    with pytest.raises(ValueError, match="experiment 'long''s replicate 'long-seed1' has the name of another"):
+        make_plan(config, SCHEMA)
+    config["experiments"] = {"long": {"replicates": 0}}
+    with pytest.raises(ValueError, match="replicates"):
+        make_plan(config, SCHEMA)
+
+
 def test_the_release_follows_tau_unless_told_to_be_stricter(config):
     config["assess"]["percentile"] = 90.0
     assert make_plan(config, SCHEMA).effective["baseline"]["release"]["percentile"] == 90.0

@@ -61,3 +61,23 @@ def test_every_experiment_against_the_reference():
                                   "delta_pct_copies_high"]].tolist() == pytest.approx([20.0, 160 / 3, 80 / 3, 200 / 3])
     with pytest.raises(ValueError, match="the reference experiment 'nope' is not one of"):
         differences.differences(per_training, per_sample, "nope", resamples=10, confidence=0.95, seed=0)
+
+
+def test_replicates_are_resampled_and_every_replicate_carries_its_experiments_difference():
+    per_training, per_sample = {}, {}
+    per_training["base"], per_sample["base"] = tables(memorized=[0], copies=[0])
+    # Three seeds of one experiment: 10, 12 and 2 patients memorized (one seed barely memorizes).
+    for seed, n in enumerate((10, 12, 2)):
+        name = f"long-seed{seed}"
+        per_training[name], per_sample[name] = tables(memorized=list(range(n)), copies=list(range(n)))
+    replicate_of = {"base": "base", **{f"long-seed{seed}": "long" for seed in range(3)}}
+    table = differences.differences(per_training, per_sample, "base", resamples=2000, confidence=0.95, seed=0,
+                                    replicate_of=replicate_of)
+    rows = table.loc[["long-seed0", "long-seed1", "long-seed2"]]
+    assert (rows.nunique() <= 1).all()  # one difference for the experiment, on each replicate's row
+    assert rows["delta_pct_mem"].iloc[0] == pytest.approx(100 * (24 / 90 - 1 / 30))
+    # The replicates' spread widens the interval against pooling the 90 patient draws as one experiment.
+    pooled = bootstrap_difference(np.arange(90) % 30 < np.repeat([10, 12, 2], 30), np.arange(30) < 1, paired=False,
+                                  resamples=2000, confidence=0.95, rng=np.random.default_rng(1))
+    assert rows["delta_pct_mem_high"].iloc[0] - rows["delta_pct_mem_low"].iloc[0] > pooled[2] - pooled[1]
+    assert rows["paired_patients"].iloc[0]

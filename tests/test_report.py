@@ -67,6 +67,42 @@ def test_differences_from_the_named_reference_reach_the_summary_and_the_study_ta
     assert (tmp_path / "summary.png").read_bytes()[:8] == PNG
 
 
+def test_replicates_get_their_experiments_study_value_difference_and_spread(tmp_path):
+    folders = {}
+    for name, memorized in (("short", 1), ("long-seed0", 8), ("long-seed1", 12)):
+        folder = folders[name] = write_experiment(tmp_path / name, "conclusive: fine", 10.0, pct_mem=5 * memorized)
+        artefacts.write_csv(folder / "per_training.csv", pd.DataFrame(
+            {"train_id": [f"t{i}" for i in range(20)], "memorized": [i < memorized for i in range(20)]}))
+        artefacts.write_csv(folder / "per_sample.csv", pd.DataFrame(
+            {"synthetic_id": [f"s{i}" for i in range(20)], "is_copy": [i < 2 for i in range(20)]}))
+    report.run({n: f / "memorization.csv" for n, f in folders.items()},
+               {n: f / "quality.csv" for n, f in folders.items()},
+               {n: f / "release" / "release.json" for n, f in folders.items()},
+               index_rows=[], summary_csv=tmp_path / "summary.csv", index_csv=tmp_path / "index.csv",
+               figure_png=tmp_path / "summary.png", study={"factor": "epochs", "values": {"long": 400, "short": 100}},
+               study_png=tmp_path / "study.png", study_csv=tmp_path / "study.csv",
+               per_training_csvs={n: f / "per_training.csv" for n, f in folders.items()},
+               per_sample_csvs={n: f / "per_sample.csv" for n, f in folders.items()},
+               replicate_of={"short": "short", "long-seed0": "long", "long-seed1": "long"},
+               seed_offset={"long-seed1": 1}, replicates_csv=tmp_path / "replicates.csv")
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("experiment")
+    assert summary["replicate_of"].tolist() == ["short", "long", "long"]
+    assert summary["seed_offset"].tolist() == [0, 0, 1]
+    assert summary.at["long-seed0", "delta_pct_mem"] == summary.at["long-seed1", "delta_pct_mem"] == \
+        pytest.approx(100 * (20 / 40 - 1 / 20))
+    assert summary.at["long-seed0", "difference_mem"] == "more"
+    study = pd.read_csv(tmp_path / "study.csv")
+    assert study["experiment"].tolist() == ["short", "long-seed0", "long-seed1"] and study["factor"].tolist() == \
+        [100, 400, 400]
+    replicates = pd.read_csv(tmp_path / "replicates.csv").set_index("experiment")
+    assert replicates.at["long", "n_replicates"] == 2 and replicates.at["short", "n_replicates"] == 1
+    assert replicates.at["long", "pct_mem_mean"] == 50.0 and replicates.at["long", "pct_mem_std"] == \
+        pytest.approx(np.std([40, 60], ddof=1))
+    assert (replicates.at["long", "pct_mem_min"], replicates.at["long", "pct_mem_max"]) == (40, 60)
+    assert np.isnan(replicates.at["short", "pct_mem_std"])
+    assert (tmp_path / "study.png").read_bytes()[:8] == PNG
+
+
 def test_summary_refuses_a_table_of_several_rows(tmp_path):
     folder = write_experiment(tmp_path / "a", "conclusive", 10.0)
     artefacts.write_csv(folder / "quality.csv", pd.DataFrame([{"mmd_detector": 0.1}, {"mmd_detector": 0.2}]))

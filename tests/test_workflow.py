@@ -168,6 +168,11 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
     assert differences.at["canaries", "delta_pct_mem"] == pytest.approx(
         differences.at["canaries", "pct_mem"] - differences.at["baseline", "pct_mem"])
 
+    # One seed per experiment here: each is its own replicate, spread NaN.
+    replicates = pd.read_csv(results / "report" / "replicates.csv").set_index("experiment")
+    assert replicates["n_replicates"].tolist() == [1, 1] and replicates["pct_mem_std"].isna().all()
+    assert replicates.at["canaries", "pct_canaries_found_mean"] == differences.at["canaries", "pct_canaries_found"]
+
     # Samples carry the training geometry.
     import nibabel as nib
     cases = pd.read_csv(results / "ingest" / keys.loc["ingest", "baseline"] / "cases.csv")

@@ -97,9 +97,13 @@ class StageRun:
 
 @dataclass
 class Plan:
-    """Per experiment, the key of every stage; per stage and key, what produces it."""
+    """Per experiment, the key of every stage; per stage and key, what produces it. An experiment with
+    ``replicates`` is planned once per generator seed offset, as ``<name>-seed<offset>``; ``replicate_of``
+    names each planned experiment's configured one, and ``seed_offset`` its offset."""
 
     experiments: dict[str, dict[str, str]] = field(default_factory=dict)
+    replicate_of: dict[str, str] = field(default_factory=dict)
+    seed_offset: dict[str, int] = field(default_factory=dict)
     effective: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, StageRun]] = field(default_factory=dict)
     results: str = "results"  # the folder for every artefact, as the config names it (`~` expanded)
@@ -117,6 +121,10 @@ class Plan:
             except KeyError:
                 continue
         raise KeyError(f"{stage} does not read {target}")
+
+    def replicates(self, name: str) -> list[str]:
+        """The planned experiments of configured experiment ``name``: itself, or one per replicate."""
+        return [planned for planned, configured in self.replicate_of.items() if configured == name]
 
     def index_rows(self) -> list[dict[str, str]]:
         """A readable index: per experiment, which key each stage uses."""
@@ -274,15 +282,47 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
         check_settings(effective, name)
         check_input_paths(effective, name)
-        plan.effective[name] = effective
-        keys: dict[str, str] = {}
-        for stage, (settings, inputs) in stage_graph(effective).items():
-            input_keys = {s: keys[s] for s in inputs}
-            keys[stage] = stage_key(stage, settings, input_keys)
-            plan.runs.setdefault(stage, {})[keys[stage]] = StageRun(stage, keys[stage], settings, input_keys)
-        plan.experiments[name] = keys
+        offsets = replicate_offsets(effective, name)
+        for offset in offsets:
+            planned = name if len(offsets) == 1 else f"{name}-seed{offset}"
+            if planned in experiments and planned != name:
+                raise ValueError(f"config: experiment {name!r}'s replicate {planned!r} has the name of another "
+                                 "experiment; rename one of them")
+            replicate = with_generator_seeds(effective, offset)
+            plan.effective[planned] = replicate
+            plan.replicate_of[planned], plan.seed_offset[planned] = name, offset
+            keys: dict[str, str] = {}
+            for stage, (settings, inputs) in stage_graph(replicate).items():
+                input_keys = {s: keys[s] for s in inputs}
+                keys[stage] = stage_key(stage, settings, input_keys)
+                plan.runs.setdefault(stage, {})[keys[stage]] = StageRun(stage, keys[stage], settings, input_keys)
+            plan.experiments[planned] = keys
     plan.results = check_results(config["results"], plan.effective)
     return plan
+
+
+# The seeds of the model that generates and of its sampler, per synthetic source: what a replicate changes.
+GENERATOR_SEEDS = {"ldm": ("diffusion", "sample"), "vae": ("autoencoder", "sample"), "gan": ("gan", "sample")}
+
+
+def replicate_offsets(effective: dict, name: str) -> list[int]:
+    """``replicates``: N (offsets 0 … N-1) or a list of offsets, each added to the generator's seeds."""
+    replicates = effective["replicates"]
+    offsets = list(range(replicates)) if isinstance(replicates, int) else list(replicates)
+    if len(offsets) > 1 and effective["synthetic"]["source"] == "folder":
+        raise ValueError(f"experiment {name!r}: replicates={replicates!r} repeats a generator over seeds, but "
+                         "synthetic.source is 'folder' (no generator is trained): set it to 1")
+    return offsets
+
+
+def with_generator_seeds(effective: dict, offset: int) -> dict:
+    """A copy of ``effective`` whose generator and sampler seeds are ``offset`` further on (0: unchanged)."""
+    if offset == 0:
+        return effective
+    replicate = copy.deepcopy(effective)
+    for section in GENERATOR_SEEDS[effective["synthetic"]["source"]]:
+        replicate[section]["seed"] += offset
+    return replicate
 
 
 # Settings that name the user's files and folders: `~` is expanded in each, as a shell would.

@@ -40,47 +40,72 @@ def bootstrap_difference(flags: np.ndarray, reference_flags: np.ndarray, paired:
                          confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:
     """100 × (share flagged − the reference's share) and its percentile bootstrap interval, in points.
 
-    ``paired``: the two arrays flag the same units in the same order, resampled together."""
-    flags, reference_flags = np.asarray(flags, dtype=float), np.asarray(reference_flags, dtype=float)
-    if not len(flags) or not len(reference_flags):
+    flags: (n,) one experiment's units, or (R, n) over its R replicates (generator seeds); likewise the
+    reference. Replicates, where there are several, are resampled first, then the units of each drawn
+    replicate. ``paired``: both sides flag the same units in the same order, drawn together."""
+    flags, reference_flags = np.atleast_2d(flags).astype(float), np.atleast_2d(reference_flags).astype(float)
+    if not flags.shape[1] or not reference_flags.shape[1]:
         raise ValueError("a difference needs at least one volume on each side")
-    if paired and len(flags) != len(reference_flags):
-        raise ValueError(f"paired flags must be as many on both sides, got {len(flags)} and {len(reference_flags)}")
-    draw = rng.integers(0, len(flags), (resamples, len(flags)))
-    other = draw if paired else rng.integers(0, len(reference_flags), (resamples, len(reference_flags)))
-    deltas = 100 * (flags[draw].mean(axis=1) - reference_flags[other].mean(axis=1))
+    if paired and flags.shape[1] != reference_flags.shape[1]:
+        raise ValueError(f"paired flags must be as many on both sides, got {flags.shape[1]} and "
+                         f"{reference_flags.shape[1]}")
+    units = rng.integers(0, flags.shape[1], (resamples, flags.shape[1]))
+    other_units = units if paired else rng.integers(0, reference_flags.shape[1], (resamples, reference_flags.shape[1]))
+    deltas = 100 * (_resampled_shares(flags, units, rng) - _resampled_shares(reference_flags, other_units, rng))
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(deltas, [tail, 100 - tail])
     return 100 * (flags.mean() - reference_flags.mean()), float(low), float(high)
 
 
+def _resampled_shares(flags: np.ndarray, units: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(R, n) flags, (B, n) unit draws → (B,) flagged shares, each over a draw of R replicates (if R > 1)."""
+    if len(flags) == 1:
+        return flags[0][units].mean(axis=1)
+    replicates = rng.integers(0, len(flags), (len(units), len(flags)))
+    return flags[replicates[:, :, None], units[:, None, :]].mean(axis=(1, 2))
+
+
 def differences(per_training: dict[str, pd.DataFrame], per_sample: dict[str, pd.DataFrame], reference: str,
-                resamples: int, confidence: float, seed: int) -> pd.DataFrame:
+                resamples: int, confidence: float, seed: int,
+                replicate_of: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per experiment (in the order given) with DIFFERENCE_COLUMNS against ``reference``; the
     reference's own row has no difference (NaN, and its verdict says "reference").
 
     per_training: each experiment's per_training.csv (train_id, memorized); per_sample: its per_sample.csv
-    (synthetic_id, is_copy).
+    (synthetic_id, is_copy). ``replicate_of`` maps each experiment to the configured experiment it is a
+    replicate of (default: itself): the difference is then between configured experiments, over all their
+    replicates, and every replicate's row carries it.
     """
-    if reference not in per_training:
-        raise ValueError(f"the reference experiment {reference!r} is not one of {list(per_training)}")
-    base = per_training[reference].set_index("train_id")["memorized"]
-    rows = []
+    replicate_of = replicate_of or {name: name for name in per_training}
+    groups: dict[str, list[str]] = {}
     for name in per_training:
-        if name == reference:
-            rows.append({"reference": reference, "paired_patients": True, "difference_mem": "reference",
-                         "difference_copies": "reference"})
+        groups.setdefault(replicate_of[name], []).append(name)
+    if reference not in groups:
+        raise ValueError(f"the reference experiment {reference!r} is not one of {list(groups)}")
+
+    def flags(names: list[str], tables: dict[str, pd.DataFrame], column: str, order=None) -> np.ndarray:
+        by_unit = [tables[n].set_index(tables[n].columns[0])[column] for n in names]
+        return np.stack([(b.loc[order] if order is not None else b).to_numpy() for b in by_unit])
+
+    base_patients = set(per_training[groups[reference][0]]["train_id"])
+    rows = {}
+    for index, (group, names) in enumerate(groups.items()):
+        if group == reference:
+            rows[group] = {"reference": reference, "paired_patients": True, "difference_mem": "reference",
+                           "difference_copies": "reference"}
             continue
-        rng = np.random.default_rng([seed, len(rows)])
-        memorized = per_training[name].set_index("train_id")["memorized"]
-        paired = set(memorized.index) == set(base.index)
-        mem = bootstrap_difference(memorized.to_numpy(), (base.loc[memorized.index] if paired else base).to_numpy(),
+        rng = np.random.default_rng([seed, index])
+        order = per_training[names[0]]["train_id"].tolist()
+        paired = all(set(per_training[n]["train_id"]) == base_patients for n in [*names, *groups[reference]])
+        mem = bootstrap_difference(flags(names, per_training, "memorized", order),
+                                   flags(groups[reference], per_training, "memorized", order if paired else None),
                                    paired, resamples, confidence, rng)
-        copies = bootstrap_difference(per_sample[name]["is_copy"].to_numpy(), per_sample[reference]["is_copy"].to_numpy(),
+        copies = bootstrap_difference(flags(names, per_sample, "is_copy"), flags(groups[reference], per_sample, "is_copy"),
                                       False, resamples, confidence, rng)
-        rows.append({"reference": reference, "paired_patients": paired,
-                     "delta_pct_mem": mem[0], "delta_pct_mem_low": mem[1], "delta_pct_mem_high": mem[2],
-                     "difference_mem": in_words(mem[1], mem[2]),
-                     "delta_pct_copies": copies[0], "delta_pct_copies_low": copies[1],
-                     "delta_pct_copies_high": copies[2], "difference_copies": in_words(copies[1], copies[2])})
-    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS, index=list(per_training))
+        rows[group] = {"reference": reference, "paired_patients": paired,
+                       "delta_pct_mem": mem[0], "delta_pct_mem_low": mem[1], "delta_pct_mem_high": mem[2],
+                       "difference_mem": in_words(mem[1], mem[2]),
+                       "delta_pct_copies": copies[0], "delta_pct_copies_low": copies[1],
+                       "delta_pct_copies_high": copies[2], "difference_copies": in_words(copies[1], copies[2])}
+    return pd.DataFrame([rows[replicate_of[name]] for name in per_training], columns=DIFFERENCE_COLUMNS,
+                        index=list(per_training))

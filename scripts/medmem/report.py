@@ -46,6 +46,20 @@ def summarise(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dic
     return pd.DataFrame(rows)
 
 
+REPLICATED = ("pct_mem", "pct_copies", "pct_canaries_found", "pct_others_memorized")
+
+
+def replicate_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per configured experiment (``replicate_of``): how many generator seeds ran, and the mean, standard
+    deviation (ddof 1; NaN for one seed), smallest and largest of each REPLICATED figure over them."""
+    columns = [c for c in REPLICATED if c in summary]
+    grouped = summary.groupby("replicate_of", sort=False)[columns]
+    table = grouped.agg(["mean", "std", "min", "max"])
+    table.columns = [f"{column}_{statistic}" for column, statistic in table.columns]
+    table.insert(0, "n_replicates", summary.groupby("replicate_of", sort=False).size())
+    return table.reset_index().rename(columns={"replicate_of": "experiment"})
+
+
 def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
     """Grouped bars with confidence intervals: % memorized (N_mem) and % copies (N_copies) per experiment.
 
@@ -115,7 +129,9 @@ def study_table(summary: pd.DataFrame, study: dict | None) -> pd.DataFrame:
     if not (all(numeric) or all(isinstance(v, str) for v in values.values())):
         raise ValueError(f"study '{study['factor']}': values must be all numbers (a numeric axis) or all strings "
                          f"(categories in the given order), got {values!r}; quote every value or none")
-    experiments = summary["experiment"].tolist()
+    # Replicates of an experiment (one row per generator seed) take its value.
+    configured = summary["replicate_of"] if "replicate_of" in summary else summary["experiment"]
+    experiments = list(dict.fromkeys(configured))
     unknown = [name for name in values if name not in experiments]
     if len(unknown) == len(values):
         raise ValueError(f"study '{study['factor']}' names experiments {list(values)} but none of them was run "
@@ -128,8 +144,9 @@ def study_table(summary: pd.DataFrame, study: dict | None) -> pd.DataFrame:
     order = [name for name in values if name in experiments]
     if all(numeric):
         order = sorted(order, key=lambda name: values[name])  # sorted() is stable: ties keep the given order
-    table = summary.set_index("experiment", drop=False).loc[order].reset_index(drop=True)
-    table.insert(1, "factor", [values[name] for name in order])
+    rows = [i for name in order for i in np.flatnonzero(configured.to_numpy() == name)]
+    table = summary.iloc[rows].reset_index(drop=True)
+    table.insert(1, "factor", [values[name] for name in configured.iloc[rows]])
     return table
 
 
@@ -169,12 +186,24 @@ def plot_study(summary: pd.DataFrame, study: dict | None, path: str | os.PathLik
     axes = figure.add_subplot()
     # Side by side on a category axis so the intervals do not hide each other.
     dodge = 0.0 if numeric else 0.08
+    # Replicates (generator seeds) of one experiment: each its own point, spread a little apart, and the line
+    # through their mean.
+    configured = table["replicate_of"] if "replicate_of" in table else table["experiment"]
+    replicate = configured.groupby(configured, sort=False).cumcount().to_numpy()
+    replicated = bool(replicate.max() > 0)
+    spread = 0.02 * (np.ptp(x) if numeric and np.ptp(x) > 0 else 1.0)
     for offset, (column, label) in zip((-dodge, dodge), MEASURES):
         values = table[column].to_numpy(float)
         errors = np.clip(np.vstack([values - table[f"{column}_low"], table[f"{column}_high"] - values]), 0, None)
         # Lines only where the factor is ordered; separate experiments are not a curve.
-        axes.errorbar(x + offset, values, yerr=errors, marker="o", capsize=3, label=label,
-                      linestyle="-" if study is not None else "none")
+        drawn = axes.errorbar(x + offset + spread * replicate, values, yerr=errors, marker="o", capsize=3,
+                              label=label + (" (each seed)" if replicated else ""),
+                              linestyle="-" if study is not None and not replicated else "none")
+        if replicated:
+            means = pd.Series(values).groupby(x, sort=False).mean()
+            axes.plot(means.index.to_numpy() + offset, means.to_numpy(), color=drawn[0].get_color(),
+                      linestyle="-" if study is not None else "none", marker="_", markersize=16,
+                      label=f"{label}, mean over seeds")
         _mark_inconclusive(axes, x + offset, values, inconclusive,
                            "inconclusive (controls failed)" if column == "pct_copies" else None)
     _draw_rate(axes, x, table["holdout_fpr"], connect=study is not None, color="black", linestyle="--",
@@ -277,21 +306,28 @@ def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str,
         study_png: str | os.PathLike | None = None, study_csv: str | os.PathLike | None = None,
         privacy_utility_png: str | os.PathLike | None = None, benchmarks_dir: str | os.PathLike | None = None,
         costs_csv: str | os.PathLike | None = None, per_training_csvs: dict[str, str | os.PathLike] | None = None,
-        per_sample_csvs: dict[str, str | os.PathLike] | None = None, bootstrap: dict | None = None) -> pd.DataFrame:
+        per_sample_csvs: dict[str, str | os.PathLike] | None = None, bootstrap: dict | None = None,
+        replicate_of: dict[str, str] | None = None, seed_offset: dict[str, int] | None = None,
+        replicates_csv: str | os.PathLike | None = None) -> pd.DataFrame:
     """Summary table, index, figures; the study figure, its table, the privacy-utility figure and the cost table
     (from ``benchmarks_dir``) when given paths; with every experiment's per_training and per_sample tables,
     its differences from the reference experiment (``study.reference``, else the first), bootstrapped with
-    ``bootstrap`` = {resamples, confidence, seed} (differences.py)."""
+    ``bootstrap`` = {resamples, confidence, seed} (differences.py). ``replicate_of`` maps each experiment run
+    to the configured experiment it replicates (over generator seeds, ``seed_offset``); ``replicates_csv``
+    gets each configured experiment's mean and spread over them."""
     summary = summarise(memorization_csvs, quality_csvs, release_jsons)
+    replicate_of = replicate_of or {name: name for name in memorization_csvs}
+    summary.insert(1, "replicate_of", summary["experiment"].map(replicate_of))
+    summary.insert(2, "seed_offset", summary["experiment"].map(seed_offset or {}).fillna(0).astype(int))
     reference = (study or {}).get("reference")
     if per_training_csvs is not None:
-        reference = reference or next(iter(memorization_csvs))
+        reference = reference or replicate_of[next(iter(memorization_csvs))]
         delta = differences.differences(
             {name: pd.read_csv(path, dtype={"train_id": str}) for name, path in per_training_csvs.items()},
             {name: pd.read_csv(path, dtype={"synthetic_id": str}) for name, path in per_sample_csvs.items()},
-            reference, **(bootstrap or {"resamples": 1000, "confidence": 0.95, "seed": 0}))
+            reference, **(bootstrap or {"resamples": 1000, "confidence": 0.95, "seed": 0}), replicate_of=replicate_of)
         summary = summary.join(delta, on="experiment")
-        for name, row in delta.drop(index=reference).iterrows():
+        for name, row in delta[delta["difference_mem"] != "reference"].iterrows():
             logger.info("%s against %s: ΔN_mem %+.1f points [%.1f, %.1f] (%s), ΔN_copies %+.1f points [%.1f, %.1f] (%s)",
                         name, reference, row["delta_pct_mem"], row["delta_pct_mem_low"], row["delta_pct_mem_high"],
                         row["difference_mem"], row["delta_pct_copies"], row["delta_pct_copies_low"],
@@ -319,6 +355,8 @@ def run(memorization_csvs: dict[str, str | os.PathLike], quality_csvs: dict[str,
         artefacts.write_csv(study_csv, table)
         artefacts.write_sidecar(study_csv, settings={"study": study, "experiments": table["experiment"].tolist()},
                                 inputs=inputs)
+    if replicates_csv is not None:
+        artefacts.write_csv(replicates_csv, replicate_table(summary))
     artefacts.write_csv(summary_csv, summary)
     artefacts.write_sidecar(summary_csv, settings={"experiments": list(memorization_csvs)}, inputs=inputs)
     return summary

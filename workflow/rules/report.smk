@@ -18,6 +18,8 @@ rule report:
             category="Summary",
         ),
         study_csv=f"{RESULTS}/report/study.csv",
+        # per configured experiment, mean and spread over its replicates (generator seeds)
+        replicates=f"{RESULTS}/report/replicates.csv",
         study_png=report(
             f"{RESULTS}/report/study.png",
             caption="../report/study.rst",
@@ -41,8 +43,11 @@ rule report:
         benchmarks=f"{RESULTS}/benchmarks",
         # differences from the reference experiment are bootstrapped as its assessment's intervals are
         bootstrap=lambda wildcards: {
-            name: PLAN.effective[(config.get("study") or {}).get("reference", EXPERIMENTS[0])]["assess"][key]
+            name: PLAN.effective[PLAN.replicates((config.get("study") or {}).get(
+                "reference", PLAN.replicate_of[EXPERIMENTS[0]]))[0]]["assess"][key]
             for name, key in (("resamples", "bootstrap_resamples"), ("confidence", "confidence"), ("seed", "seed"))},
+        replicate_of=PLAN.replicate_of,
+        seed_offset=PLAN.seed_offset,
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
