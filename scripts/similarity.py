@@ -14,4 +14,5 @@ similarity.run(
     holdout_to_train_csv=snakemake.output.holdout_to_train,
     controls_to_train_csv=snakemake.output.controls_to_train,
     settings=similarity.Settings(**snakemake.params.settings),
+    decoded_npz=snakemake.input.decoded if "decoded" in snakemake.input.keys() else None,
 )

@@ -201,7 +201,7 @@ def test_canaries_reach_only_the_generator(config, source, generator):
         reads = stage != "canaries" and _reads(plan, stage, key, "canaries")
         assert reads == (stage in {generator, "diffusion", "sample", "sample_vae", "sample_gan", "similarity",
                                    "baselines", "screen"} or (source == "vae" and stage in
-                                                              {"controls", "baselines_controls"})), stage
+                                                              {"controls", "baselines_controls", "decode"})), stage
     for stage in ("split", "detector") + (("autoencoder", "controls", "baselines_controls") if source == "ldm" else ()):
         assert plain[stage] == canaries[stage], stage
 

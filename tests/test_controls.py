@@ -609,3 +609,32 @@ def test_reconstruction_goes_through_the_experiments_autoencoder(trained_autoenc
     assert sidecar["strengths"] == {s: controls.strength_definitions(3, autoencoder=True)[s]
                                     for s in ("reconstruction", "combined")}
     assert "through the experiment's autoencoder" in sidecar["negatives"]["holdout_reconstruction"]
+
+
+def test_decode_writes_every_real_volume_and_control_as_the_autoencoder_reproduces_it(trained_autoencoder, tmp_path):
+    """Stage decode (similarity.reference: decoded): the split's volumes and the controls, each through the
+    experiment's autoencoder exactly as a reconstruction control is, under its own id; inputs untouched."""
+    from medmem import decode
+
+    folder, model_path = trained_autoencoder
+    manifest = tmp_path / "controls" / "manifest.csv"
+    controls.run(controls.Settings(strengths=["exact", "flip"], n_per_strength=2, seed=0), folder / "cases.csv",
+                 folder / "split.csv", manifest, tmp_path / "controls" / "volumes")
+    before = digest(tmp_path / "controls") | digest(folder)
+    table = decode.run(model_path, folder / "cases.csv", folder / "split.csv", manifest,
+                       tmp_path / "decode" / "manifest.csv", tmp_path / "decode" / "volumes", torch.device("cpu"))
+    assert digest(tmp_path / "controls") | digest(folder) == before
+    split = volume_sets.read_split(folder / "split.csv")
+    probes = pd.read_csv(manifest)
+    assert table["id"].tolist() == [*split.loc[split["split"] == "train", "id"],
+                                    *split.loc[split["split"] == "holdout", "id"], *probes["id"]]
+    assert table["set"].value_counts().to_dict() == {"controls": len(probes), "train": 4, "holdout": 2}
+    reconstruct = controls.autoencoder_reconstruction(model_path, torch.device("cpu"))
+    decoded = volume_sets.read_volume_table(tmp_path / "decode" / "manifest.csv").set_index("id")["path"]
+    originals = {**volume_sets.read_volume_table(folder / "cases.csv").set_index("id")["path"],
+                 **volume_sets.read_volume_table(manifest).set_index("id")["path"]}
+    for volume_id in (table["id"].iloc[0], probes["id"].iloc[-1]):
+        expected = np.clip(reconstruct(artefacts.load_nifti(originals[volume_id])[0]), 0, 1)
+        np.testing.assert_allclose(artefacts.load_nifti(decoded[volume_id])[0], expected, atol=1e-6)
+    sidecar = json.loads((tmp_path / "decode" / "manifest.csv.json").read_text())
+    assert sidecar["n_volumes"] == len(table) and 0.3 < sidecar["correlation_train"] <= 1

@@ -70,6 +70,42 @@ def write_embeddings(path, ids, vectors):
     return path
 
 
+def test_a_decoded_reference_replaces_every_real_volume_by_its_decoding(tmp_path):
+    """similarity.reference: decoded. A synthetic volume that copies training patient t1 *as decoded* is its
+    copy, though its scan looks otherwise; the held-out patients and the controls are read decoded too."""
+    rng = np.random.default_rng(4)
+    scans, decoded = rng.standard_normal((5, 16)), rng.standard_normal((5, 16))
+    train_ids, holdout_ids, controls_ids = ["t0", "t1", "t2"], ["h0"], ["probe-exact-t2"]
+    synthetic = decoded[1:2] + 0.01 * rng.standard_normal((1, 16))
+    npz = {"train": write_embeddings(tmp_path / "train.npz", train_ids, scans[:3]),
+           "holdout": write_embeddings(tmp_path / "holdout.npz", holdout_ids, scans[3:4]),
+           "synthetic": write_embeddings(tmp_path / "synthetic.npz", ["s0"], synthetic),
+           "controls": write_embeddings(tmp_path / "controls.npz", controls_ids, scans[4:5]),
+           "decoded": write_embeddings(tmp_path / "decoded.npz", [*train_ids, *holdout_ids, *controls_ids],
+                                       np.concatenate([decoded[:4], decoded[2:3]]))}
+    outputs = {name: tmp_path / "out" / f"{name}.csv" for name in
+               ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
+                "controls_to_train")}
+    split = write_split(tmp_path / "split.csv", train_ids, holdout_ids)
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
+                   settings=similarity.Settings(reference="decoded"), decoded_npz=npz["decoded"])
+    nearest = pd.read_csv(outputs["synthetic_to_train"]).iloc[0]
+    assert nearest["neighbour_id"] == "t1" and nearest["score"] > 0.99
+    # The control was decoded as its source t2 was: an exact match, whatever its scan's embedding.
+    probe = pd.read_csv(outputs["controls_to_train"]).iloc[0]
+    assert probe["neighbour_id"] == "t2" and probe["score"] == pytest.approx(1.0, abs=1e-6)
+    held_out = pd.read_csv(outputs["holdout_to_train"]).iloc[0]
+    expected = max(np.corrcoef(decoded[3], decoded[i])[0, 1] for i in range(3))
+    assert held_out["correlation"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="similarity.reference is 'decoded' but decoded embeddings were not given"):
+        similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
+                       settings=similarity.Settings(reference="decoded"))
+    short = write_embeddings(tmp_path / "short.npz", train_ids, decoded[:3])
+    with pytest.raises(ValueError, match=r"no decoded embedding of \['h0', 'probe-exact-t2'\]"):
+        similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
+                       settings=similarity.Settings(reference="decoded"), decoded_npz=short)
+
+
 def test_read_embeddings_checks_pairing(tmp_path):
     vectors = np.random.default_rng(2).standard_normal((3, 4))
     ids, loaded = similarity.read_embeddings(write_embeddings(tmp_path / "a.npz", ["007", "b", "c"], vectors))
@@ -106,7 +142,7 @@ def test_run_writes_five_tables_of_the_right_sizes(tmp_path):
         assert set(table["query_id"]) == set(query_ids) and set(table["neighbour_id"]) <= set(database_ids), name
         sidecar = json.loads((outputs[name].parent / f"{name}.csv.json").read_text())
         assert sidecar["settings"] == {"k": 2, "score": "correlation", "background_neighbours": 10,
-                                       "background_weight": 1.0}
+                                       "background_weight": 1.0, "reference": "scanned"}
         np.testing.assert_array_equal(table["score"].to_numpy(), table["correlation"].to_numpy())
     nearest = tables["synthetic_to_train"].query("rank == 1").set_index("query_id")
     assert nearest.loc[["s0", "s1"], "neighbour_id"].tolist() == ["t0", "t1"]

@@ -75,11 +75,12 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     jobs = planned_jobs(tmp_path)
     # Two experiments, differing only in diffusion epochs, share ingest, split, autoencoder, detector
     # and the detector's train/holdout embeddings.
-    # The planted controls and their embedding are shared too.
+    # The planted controls and their embedding are shared too, and so are the real volumes and controls decoded
+    # through the shared autoencoder (similarity.reference: auto is decoded for an LDM) and their embedding.
     assert jobs == {"all": 1, "ingest": 1, "split": 1, "plant_controls": 1, "train_autoencoder": 1,
-                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "embed": 5, "similarity": 2,
+                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 6, "similarity": 2,
                     "baselines": 2, "baselines_controls": 1, "screen": 2, "assess": 2, "quality": 2, "release": 2,
-                    "report": 1, "total": 29}
+                    "report": 1, "total": 31}
 
 
 def test_planning_imports_no_torch_monai_faiss_or_simpleitk(tmp_path):
@@ -122,8 +123,8 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
     assert (keys.loc["autoencoder", "baseline"]) == keys.loc["autoencoder", "canaries"]
     # Every job but the report measured itself (Snakemake's benchmark file), gathered in the cost table.
     costs = pd.read_csv(results / "report" / "costs.csv").set_index("job")
-    assert len(costs) == 28 and set(costs["rule"]) == {
-        "ingest", "split", "canaries", "plant_controls", "train_autoencoder", "train_detector", "train_diffusion", "sample",
+    assert len(costs) == 30 and set(costs["rule"]) == {
+        "ingest", "split", "canaries", "plant_controls", "decode", "train_autoencoder", "train_detector", "train_diffusion", "sample",
         "embed", "similarity", "baselines", "baselines_controls", "screen", "assess", "quality", "release"}
     assert (costs["wall_s"] > 0).all() and (costs["max_rss_mb"] > 0).all() and (costs["cpu_s"] >= 0).all()
     assert costs.at[keys.loc["autoencoder", "baseline"], "experiments"] == "baseline;canaries"
@@ -373,23 +374,24 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
 
 @pytest.mark.parametrize("study, expected", [
     # One 400-epoch diffusion run, four checkpoints sampled. The controls reconstruct through the experiment's
-    # autoencoder: one set of controls (and of baselines on them, and one embedding) per autoencoder.
+    # autoencoder: one set of controls (and of baselines on them, and one embedding) per autoencoder, and one
+    # decoding of the real volumes and controls through it (similarity.reference: decoded), embedded.
     ("training_length", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                         "train_diffusion": 1, "sample": 4, "embed": 7, "screen": 4, "assess": 4, "total": 44}),
+                         "train_diffusion": 1, "sample": 4, "decode": 1, "embed": 8, "screen": 4, "assess": 4, "total": 46}),
     ("augmentation", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                      "train_diffusion": 2, "sample": 2, "embed": 5, "screen": 2, "assess": 2, "total": 29}),
+                      "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 6, "screen": 2, "assess": 2, "total": 31}),
     # Model size changes the autoencoder too, and with it the controls; the detector is shared.
     ("model_size", {"train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3, "train_detector": 1,
-                    "train_diffusion": 3, "sample": 3, "embed": 8, "screen": 3, "assess": 3, "total": 46}),
+                    "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 11, "screen": 3, "assess": 3, "total": 52}),
     # The VAE is the LDM's own autoencoder: one autoencoder and one set of controls for both; the GAN trains on
     # its own, its controls band-limit (it has no autoencoder).
     ("model_families", {"train_autoencoder": 1, "plant_controls": 2, "baselines_controls": 2, "train_diffusion": 1,
                         "sample": 1, "sample_vae": 1, "train_gan": 1, "sample_gan": 1, "train_detector": 1,
-                        "embed": 7, "screen": 3, "assess": 3, "total": 40}),
+                        "decode": 1, "embed": 8, "screen": 3, "assess": 3, "total": 42}),
     # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
     ("training_size", {"train_subset": 2, "train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3,
-                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "embed": 8, "similarity": 3,
-                       "screen": 3, "assess": 3, "total": 48}),
+                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 11, "similarity": 3,
+                       "screen": 3, "assess": 3, "total": 54}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))

@@ -66,7 +66,11 @@ def stage_graph(effective: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
     synthetic = SYNTHETIC_STAGES[source]
     stages["controls"] = (effective["controls"], ("split", "autoencoder") if source in ("ldm", "vae") else ("split",))
     stages["detector"] = (effective["detector"], ("split",))
-    stages["similarity"] = (effective["similarity"], ("detector", synthetic, "controls"))
+    # Compared in the generator's output space: the real volumes and the controls through its autoencoder.
+    decoded = ("decode",) if effective["similarity"]["reference"] == "decoded" else ()
+    if decoded:
+        stages["decode"] = ({}, ("autoencoder", "controls"))
+    stages["similarity"] = (effective["similarity"], ("detector", synthetic, "controls", *decoded))
     # Baselines on the controls (and the calibration and holdout sets) do not depend on the synthetic set:
     # experiments on one split share them; only the synthetic side re-runs per synthetic set.
     stages["baselines_controls"] = (effective["baselines"], ("split", "controls"))
@@ -201,7 +205,10 @@ def check_settings(effective: dict, name: str) -> None:
                              "patients, but synthetic.source is 'folder' (no generator is trained): set it to 1")
         stage_settings.ControlsSettings(**effective["controls"])
         stage_settings.DetectorSettings(**effective["detector"])
-        stage_settings.SimilaritySettings(**effective["similarity"])
+        similarity_settings = stage_settings.SimilaritySettings(**effective["similarity"])
+        if similarity_settings.reference == "decoded" and source not in ("ldm", "vae"):
+            raise ValueError(f"similarity.reference is 'decoded', but synthetic.source {source!r} has no autoencoder "
+                             "to decode the real volumes with: set it to scanned (or auto)")
         baseline_settings = stage_settings.BaselinesSettings(**effective["baselines"])
         stage_settings.QualitySettings(**effective["quality"])
         assess_settings = stage_settings.AssessSettings(**effective["assess"])
@@ -277,6 +284,12 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
             effective["release"]["percentile"] = effective["assess"]["percentile"]
         if effective["release"]["threshold"] is None:
             effective["release"]["threshold"] = effective["assess"]["threshold"]
+        # The audit compares in the generator's output space where it has an autoencoder (decode.py), unless
+        # Dar et al.'s recipe is asked for: they compare synthetic volumes with the scans.
+        if effective["similarity"]["reference"] == "auto":
+            effective["similarity"]["reference"] = (
+                "decoded" if effective["synthetic"]["source"] in ("ldm", "vae")
+                and effective["detector"]["recipe"] != "dar" else "scanned")
         # Training-patient images appear in figures only where the data is not patient data, or on request.
         show = effective["assess"]["training_images"]
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show

@@ -624,15 +624,22 @@ Score = Literal["correlation", "normalized"]
 SCORES: tuple[str, ...] = get_args(Score)
 
 
+REFERENCES = ("decoded", "scanned")
+
+
 @dataclass(frozen=True)
 class SimilaritySettings:
     score: str = "correlation"  # correlation: Pearson (Dar et al.) | normalized: minus the background (SSCD)
     background_neighbours: int = 10  # the training patients after the nearest whose mean is the background
     background_weight: float = 1.0  # β: how much of the background is subtracted
+    reference: str = "scanned"  # decoded: real volumes through the experiment's autoencoder (decode.py) | scanned
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"similarity.score = {self.score!r}: expected one of {', '.join(SCORES)}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"similarity.reference = {self.reference!r}: expected one of {', '.join(REFERENCES)} "
+                             "(auto is resolved when the experiment is planned)")
         check_int("similarity.background_neighbours", self.background_neighbours, minimum=1)
         check_float("similarity.background_weight", self.background_weight, positive=False)
 

@@ -190,7 +190,7 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         controls_npz: str | os.PathLike, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
         holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1,
-        settings: Settings = Settings()) -> None:
+        settings: Settings = Settings(), decoded_npz: str | os.PathLike | None = None) -> None:
     """Write the five nearest-neighbour tables (query_id, neighbour_id, rank, correlation, score) + sidecars.
 
     The controls (planted probes) are searched against the training set like synthetic volumes are,
@@ -199,11 +199,34 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     training-set-size study narrows); the threshold and the controls use every training embedding.
     With the normalized score, each synthetic, held-out and control volume's background is measured
     against the training patients of its own search, and both directions of a search read it.
+
+    With ``settings.reference`` decoded, ``decoded_npz`` holds the embeddings of the training and held-out
+    volumes and of the controls as the experiment's autoencoder reproduces them (decode.py): they take the
+    place of the scans' embeddings in every search; the synthetic volumes are compared as they are.
     """
     train_ids, train = read_embeddings(train_npz)
     holdout_ids, holdout = read_embeddings(holdout_npz)
     synthetic_ids, synthetic = read_embeddings(synthetic_npz)
     controls_ids, controls = read_embeddings(controls_npz)
+    if (settings.reference == "decoded") != (decoded_npz is not None):
+        raise ValueError(f"similarity.reference is {settings.reference!r} but decoded embeddings were "
+                         f"{'not ' if decoded_npz is None else ''}given: decoded needs them, scanned reads none")
+    decoded_shifted = {}
+    if decoded_npz is not None:
+        decoded_ids, decoded = read_embeddings(decoded_npz)
+        shifted_all = read_shifted(decoded_npz)
+        where = {volume: i for i, volume in enumerate(decoded_ids)}
+        missing = [i for i in (*train_ids, *holdout_ids, *controls_ids) if i not in where]
+        if missing:
+            raise ValueError(f"{decoded_npz}: no decoded embedding of {missing[:5]} ({len(missing)} in all); "
+                             "decode and embed this split's volumes and controls")
+
+        def take(ids: list[str], vectors: np.ndarray) -> np.ndarray:
+            return vectors[[where[i] for i in ids]]
+
+        train, holdout, controls = take(train_ids, decoded), take(holdout_ids, decoded), take(controls_ids, decoded)
+        if shifted_all is not None:
+            decoded_shifted = {"holdout": take(holdout_ids, shifted_all), "controls": take(controls_ids, shifted_all)}
     leaked = sorted(set(train_ids) & set(holdout_ids))
     if leaked:
         raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
@@ -226,6 +249,7 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     # With detector.shift_search, every volume compared with the training set is searched at each of its shifts.
     at_shifts = {name: read_shifted(path) for name, path in
                  (("synthetic", synthetic_npz), ("holdout", holdout_npz), ("controls", controls_npz))}
+    at_shifts.update(decoded_shifted)
     if len({value is None for value in at_shifts.values()}) > 1:
         raise ValueError(f"{synthetic_npz}, {holdout_npz} and {controls_npz}: only some hold shifted embeddings; "
                          "embed every set with the same detector")
@@ -241,13 +265,13 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         (controls_to_train_csv, controls_ids, controls, train_ids, train, backgrounds["controls"], None),
     ]
     inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz,
-              "split": split_csv}
+              "split": split_csv, **({"decoded": decoded_npz} if decoded_npz is not None else {})}
     for output, query_ids, queries, database_ids, database, query_background, database_background in searches:
         table = search(query_ids, queries, database_ids, database, k, query_background, database_background)
         artefacts.write_csv(output, table)
         artefacts.write_sidecar(output, settings={"k": k, **asdict(settings)}, inputs=inputs,
                                 n_queries=len(query_ids), n_database=len(database_ids))
     logger.info("nearest neighbours: %d train (%d the generator's), %d holdout, %d synthetic, %d control "
-                "embeddings, k = %d, score: %s, %s", len(train_ids), len(generator_ids), len(holdout_ids),
-                len(synthetic_ids), len(controls_ids), k, settings.score,
+                "embeddings (%s), k = %d, score: %s, %s", len(train_ids), len(generator_ids), len(holdout_ids),
+                len(synthetic_ids), len(controls_ids), f"real volumes {settings.reference}", k, settings.score,
                 "no shifts" if search is nearest_neighbours else f"best of {synthetic.shape[1]} shifts")

@@ -28,6 +28,28 @@ rule plant_controls:
         "../../scripts/plant_controls.py"
 
 
+rule decode:
+    input:
+        unpack(decode_inputs),
+    output:
+        manifest=f"{RESULTS}/decode/{{decode}}/manifest.csv",
+        volumes=directory(f"{RESULTS}/decode/{{decode}}/volumes"),
+    params:
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/decode/{{decode}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/decode/{{decode}}.tsv",
+    threads: 1
+    conda:
+        TRAIN_ENV
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    script:
+        "../../scripts/decode.py"
+
+
 rule baselines_controls:
     input:
         unpack(baselines_controls_inputs),

@@ -46,12 +46,13 @@ wildcard_constraints:
     sample_gan=KEY,
     ingest_synthetic=KEY,
     controls=KEY,
+    decode=KEY,
     detector=KEY,
     similarity=KEY,
     baselines=KEY,
     baselines_controls=KEY,
     screen=KEY,
-    volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}",
+    volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}|decoded-{KEY}",
     experiment="|".join(EXPERIMENTS),
 
 
@@ -150,6 +151,16 @@ def controls_inputs(wildcards):
     return inputs
 
 
+def decode_inputs(wildcards):
+    """The experiment's autoencoder, the cases and the whole split, and the controls: all of them are decoded."""
+    keys = PLAN.run("decode", wildcards.decode).inputs
+    return {
+        **cohort_inputs("controls", whole_split=True)({"controls": keys["controls"]}),
+        "autoencoder": f"{RESULTS}/autoencoder/{keys['autoencoder']}/autoencoder.pt",
+        **controls_set("decode", wildcards.decode),
+    }
+
+
 def controls_set(stage, key):
     """The probe manifest and volume folder that `stage` at `key` reads."""
     controls = f"{RESULTS}/controls/{PLAN.run(stage, key).inputs['controls']}"
@@ -163,9 +174,10 @@ def embed_inputs(wildcards):
         stage = next(s for s in SYNTHETIC_STAGES.values() if key in PLAN.runs.get(s, {}))
         inputs["manifest"] = f"{RESULTS}/{stage}/{key}/manifest.csv"
         inputs["volumes"] = f"{RESULTS}/{stage}/{key}/volumes"
-    elif name == "controls":
-        inputs["manifest"] = f"{RESULTS}/controls/{key}/manifest.csv"
-        inputs["volumes"] = f"{RESULTS}/controls/{key}/volumes"
+    elif name in ("controls", "decoded"):
+        folder = f"{RESULTS}/{'decode' if name == 'decoded' else 'controls'}/{key}"
+        inputs["manifest"] = f"{folder}/manifest.csv"
+        inputs["volumes"] = f"{folder}/volumes"
     else:
         inputs.update(cohort_inputs("detector")(wildcards))
     return inputs
@@ -180,12 +192,15 @@ def embedding_files(similarity_key):
     """The four embedding sets that the similarity stage at `similarity_key` searches."""
     keys = PLAN.run("similarity", similarity_key).inputs
     embeddings = f"{RESULTS}/embeddings/{keys['detector']}"
-    return {
+    files = {
         "train": f"{embeddings}/train.npz",
         "holdout": f"{embeddings}/holdout.npz",
         "synthetic": f"{embeddings}/synthetic-{keys[synthetic_stage(keys)]}.npz",
         "controls": f"{embeddings}/controls-{keys['controls']}.npz",
     }
+    if "decode" in keys:  # similarity.reference: decoded
+        files["decoded"] = f"{embeddings}/decoded-{keys['decode']}.npz"
+    return files
 
 
 def baselines_inputs(wildcards):
