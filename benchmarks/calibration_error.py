@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from medmem import artefacts, baselines, calibration, detector, embed, similarity, volume_sets  # noqa: E402
+from medmem import artefacts, baselines, calibration, controls, detector, embed, similarity, volume_sets  # noqa: E402
 from medmem.phantom import PhantomSettings, make_patient  # noqa: E402
 
 
@@ -44,8 +44,19 @@ def main(results: Path, n_fresh: int) -> None:
     cpu = torch.device("cpu")
     model, _ = detector.load(results / "detector" / key["detector"] / "detector.pt", cpu)
     fresh_ids = [f"fresh_{i}" for i in range(n_fresh)]
+    # The detector compares as the run did: with similarity.reference decoded, fresh and training patients both
+    # through the run's autoencoder, as its held-out patients were (decode.py). (Correlation only: a run with
+    # the normalized score or shift search is measured here without them.)
+    reference = artefacts.read_json(results / "similarity" / key["similarity"] / "holdout_to_train.csv.json")[
+        "settings"].get("reference", "scanned")
+    seen_fresh, seen_train = fresh, train
+    if reference == "decoded":
+        reconstruct = controls.autoencoder_reconstruction(results / "autoencoder" / key["autoencoder"] /
+                                                          "autoencoder.pt", cpu)
+        seen_fresh, seen_train = (np.stack([np.clip(reconstruct(v[0]), 0, 1) for v in volumes])[:, None]
+                                  for volumes in (fresh, train))
     scores = {"contrastive": similarity.nearest_neighbours(
-        fresh_ids, embed.embed_volumes(model, fresh, cpu), train_ids, embed.embed_volumes(model, train, cpu)
+        fresh_ids, embed.embed_volumes(model, seen_fresh, cpu), train_ids, embed.embed_volumes(model, seen_train, cpu)
     )["correlation"].to_numpy()}
     flat_fresh = np.ascontiguousarray(fresh.reshape(n_fresh, -1))
     flat_train = np.ascontiguousarray(train.reshape(len(train), -1))
@@ -62,7 +73,8 @@ def main(results: Path, n_fresh: int) -> None:
             rows.append({"method": method, "rule": rule, "threshold": threshold, "nominal_fpr": nominal,
                          "holdout_fpr": comparison.at[method, "holdout_fpr"] if decides else np.nan,
                          "fresh_fpr": flagged / n_fresh, "fresh_fpr_95ci": f"[{low:.3f}, {high:.3f}]"})
-    print(f"{n_fresh} fresh phantom patients against the {len(train_ids)} training volumes of {results} ({name})\n")
+    print(f"{n_fresh} fresh phantom patients against the {len(train_ids)} training volumes of {results} ({name}; "
+          f"the detector compares them {reference})\n")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

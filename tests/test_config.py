@@ -17,14 +17,21 @@ def config():
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-def test_default_experiments_share_everything_but_diffusion(config):
+def test_default_experiments_share_everything_but_the_generator(config):
     plan = make_plan(config, SCHEMA)
-    baseline, long = plan.experiments["baseline"], plan.experiments["long_training"]
-    for stage in ("ingest", "split", "autoencoder", "detector"):
-        assert baseline[stage] == long[stage], stage
+    baseline, canaries = plan.experiments["baseline"], plan.experiments["canaries"]
+    for stage in ("ingest", "split", "autoencoder", "detector", "controls", "decode"):
+        assert baseline[stage] == canaries[stage], stage
     for stage in ("diffusion", "sample", "similarity"):
-        assert baseline[stage] != long[stage], stage
-    assert plan.effective["long_training"]["diffusion"]["epochs"] > plan.effective["baseline"]["diffusion"]["epochs"]
+        assert baseline[stage] != canaries[stage], stage
+    assert "canaries" not in baseline and plan.run("canaries", canaries["canaries"]).settings["n_patients"] == 3
+
+
+@pytest.fixture
+def two_lengths(config):
+    """The demo config with two experiments that differ only in diffusion epochs."""
+    config["experiments"] = {"baseline": {}, "long_training": {"diffusion": {"epochs": 400}}}
+    return config
 
 
 def test_keys_are_stable_and_follow_upstream_changes(config):
@@ -38,8 +45,8 @@ def test_keys_are_stable_and_follow_upstream_changes(config):
         assert changed[stage] != first[stage], stage
 
 
-def test_upstream_walks_the_inputs(config):
-    plan = make_plan(config, SCHEMA)
+def test_upstream_walks_the_inputs(two_lengths):
+    plan = make_plan(two_lengths, SCHEMA)
     keys = plan.experiments["long_training"]
     assert plan.upstream("sample", keys["sample"], "split") == keys["split"]
     assert plan.upstream("similarity", keys["similarity"], "ingest") == keys["ingest"]
@@ -81,7 +88,8 @@ def test_config_errors_name_the_key_and_the_fix(config, mutate, message):
     assert message in str(error.value)
 
 
-def test_an_outside_synthetic_folder_replaces_the_generator(config, tmp_path):
+def test_an_outside_synthetic_folder_replaces_the_generator(two_lengths, tmp_path):
+    config = two_lengths
     config["synthetic"] = {"source": "folder", "folder": str(tmp_path)}
     plan = make_plan(config, SCHEMA)
     keys = plan.experiments["baseline"]
@@ -95,8 +103,8 @@ def test_an_outside_synthetic_folder_replaces_the_generator(config, tmp_path):
     assert plan.experiments["long_training"] == keys
 
 
-def test_controls_and_control_baselines_are_shared_by_experiments(config):
-    plan = make_plan(config, SCHEMA)
+def test_controls_and_control_baselines_are_shared_by_experiments(two_lengths):
+    plan = make_plan(two_lengths, SCHEMA)
     baseline, long = plan.experiments["baseline"], plan.experiments["long_training"]
     assert baseline["controls"] == long["controls"] and baseline["baselines_controls"] == long["baselines_controls"]
     assert baseline["baselines"] != long["baselines"]

@@ -67,6 +67,7 @@ def test_sampling_is_steps_unet_passes_and_one_decode():
 
 
 def test_studies_count_every_planned_run(config):
+    config["experiments"] = {"baseline": {}, "long_training": {"diffusion": {"epochs": 400}}}
     demo, paper = cost.make_scales(config, cost.parse_arguments(["--demo-grid", "16", "16", "16",
                                                                  "--paper-grid", "32", "32", "32"]))
     costs = cost.study_costs(config, config, demo)

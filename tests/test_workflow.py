@@ -73,14 +73,14 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
 def test_default_plan_shares_upstream_stages(tmp_path):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     jobs = planned_jobs(tmp_path)
-    # Two experiments, differing only in diffusion epochs, share ingest, split, autoencoder, detector
-    # and the detector's train/holdout embeddings.
+    # Two experiments, differing only in the diffusion model's data (canaries) and epochs, share ingest, split,
+    # autoencoder, detector and the detector's train/holdout embeddings.
     # The planted controls and their embedding are shared too, and so are the real volumes and controls decoded
     # through the shared autoencoder (similarity.reference: auto is decoded for an LDM) and their embedding.
-    assert jobs == {"all": 1, "ingest": 1, "split": 1, "plant_controls": 1, "train_autoencoder": 1,
+    assert jobs == {"all": 1, "ingest": 1, "split": 1, "canaries": 1, "plant_controls": 1, "train_autoencoder": 1,
                     "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 6, "similarity": 2,
                     "baselines": 2, "baselines_controls": 1, "screen": 2, "assess": 2, "quality": 2, "release": 2,
-                    "report": 1, "total": 31}
+                    "report": 1, "total": 32}
 
 
 def test_planning_imports_no_torch_monai_faiss_or_simpleitk(tmp_path):
@@ -368,7 +368,7 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"experiments": {"mine": {"diffusion": {"epochs": 7}}}}))
     jobs = planned_jobs(tmp_path, "--configfile", str(tmp_path / "mine.yaml"))
-    # Only `mine` is planned: not the defaults' baseline and long_training beside it.
+    # Only `mine` is planned: not the defaults' baseline and canaries beside it.
     assert jobs["assess"] == 1 and jobs["train_diffusion"] == 1
 
 
