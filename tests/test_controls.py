@@ -634,7 +634,8 @@ def test_decode_writes_every_real_volume_and_control_as_the_autoencoder_reproduc
     originals = {**volume_sets.read_volume_table(folder / "cases.csv").set_index("id")["path"],
                  **volume_sets.read_volume_table(manifest).set_index("id")["path"]}
     for volume_id in (table["id"].iloc[0], probes["id"].iloc[-1]):
+        # Decoded in batches, one at a time here: the same up to float32 rounding.
         expected = np.clip(reconstruct(artefacts.load_nifti(originals[volume_id])[0]), 0, 1)
-        np.testing.assert_allclose(artefacts.load_nifti(decoded[volume_id])[0], expected, atol=1e-6)
+        np.testing.assert_allclose(artefacts.load_nifti(decoded[volume_id])[0], expected, atol=1e-5)
     sidecar = json.loads((tmp_path / "decode" / "manifest.csv.json").read_text())
     assert sidecar["n_volumes"] == len(table) and 0.3 < sidecar["correlation_train"] <= 1

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medmem import artefacts, controls, volume_sets
+from medmem import artefacts, autoencoder, volume_sets
 
 logger = logging.getLogger("medmem.decode")
 
@@ -34,7 +34,7 @@ MANIFEST_COLUMNS = ["id", "path", "set"]
 
 def run(autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
         controls_manifest: str | os.PathLike, manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
-        device: torch.device) -> pd.DataFrame:
+        device: torch.device, batch_size: int = 16) -> pd.DataFrame:
     """Decode the split's training and held-out volumes and every control; write them and their manifest."""
     manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
     entries = []
@@ -47,16 +47,24 @@ def run(autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike, split
     if repeated:
         raise ValueError(f"{split_csv} and {controls_manifest} name volumes {repeated[:5]} more than once; every "
                          "case and probe needs its own id")
-    reconstruct = controls.autoencoder_reconstruction(autoencoder_path, device)
+    model, checkpoint = autoencoder.load(autoencoder_path, device)
     rows, fidelity = [], {"train": [], "holdout": [], "controls": []}
     with artefacts.atomic_directory(volumes_dir) as staging:
-        for volume_id, path, subset in entries:
-            volume, affine = artefacts.load_nifti(path)
-            decoded = np.clip(reconstruct(volume), 0.0, 1.0).astype(np.float32)
-            fidelity[subset].append(float(np.corrcoef(volume.ravel(), decoded.ravel())[0, 1]))
-            artefacts.save_nifti(staging / f"{volume_id}.nii.gz", decoded, affine)
-            relative = Path(os.path.relpath(volumes_dir / f"{volume_id}.nii.gz", manifest_csv.parent)).as_posix()
-            rows.append({"id": volume_id, "path": relative, "set": subset})
+        for first in range(0, len(entries), batch_size):  # a batch at a time: memory does not grow with the cohort
+            batch = entries[first:first + batch_size]
+            loaded = [artefacts.load_nifti(path) for _, path, _ in batch]
+            volumes = np.stack([volume for volume, _ in loaded])[:, None]
+            if list(volumes.shape[2:]) != list(checkpoint["volume_shape"]):
+                raise ValueError(f"{batch[0][1]}: shape {list(volumes.shape[2:])}, but {autoencoder_path} was "
+                                 f"trained on {checkpoint['volume_shape']}: decode the autoencoder's own cohort")
+            # Encoder mean → decoder, as a reconstruction control is made (controls.autoencoder_reconstruction).
+            decoded = autoencoder.decode(model, autoencoder.encode(model, volumes, device, batch_size), device,
+                                         batch_size).clamp(0, 1).numpy()
+            for (volume_id, _, subset), (volume, affine), image in zip(batch, loaded, decoded[:, 0]):
+                fidelity[subset].append(float(np.corrcoef(volume.ravel(), image.ravel())[0, 1]))
+                artefacts.save_nifti(staging / f"{volume_id}.nii.gz", image, affine)
+                relative = Path(os.path.relpath(volumes_dir / f"{volume_id}.nii.gz", manifest_csv.parent)).as_posix()
+                rows.append({"id": volume_id, "path": relative, "set": subset})
     table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     artefacts.write_csv(manifest_csv, table)
     # How much of each set the autoencoder keeps: the Pearson correlation of each volume with its decoding.

@@ -57,7 +57,7 @@ CHUNK_BYTES = 1 << 24  # streamed checks read this much at a time, so they need 
 GEOMETRY_TOLERANCE = 0.1
 # Peak memory of reading one case, per voxel: ITK's image and its array in the file's type, and the
 # float32 copies reading, scaling and resampling hold at once (values, scaling temporaries, the
-# resampler's input). README's "Bad inputs" gives the peaks measured against it.
+# resampler's input). docs/data.md ("Bad inputs") gives the peaks measured against it.
 NATIVE_COPIES = 2
 FLOAT32_COPIES = 4
 

@@ -1,5 +1,5 @@
 # The user's files are not inputs of ingest and ingest_synthetic: params.inputs (their content's digest)
-# re-runs them when a file is replaced, added or removed, and a touch re-runs nothing (README, "Reproducing a run").
+# re-runs them when a file is replaced, added or removed, and a touch re-runs nothing (docs/cluster.md, "Reproducing a run").
 rule ingest:
     output:
         cases=f"{RESULTS}/ingest/{{ingest}}/cases.csv",
