@@ -65,6 +65,7 @@ from dataclasses import asdict
 
 import faiss
 import numpy as np
+from scipy import stats
 import pandas as pd
 import torch
 from monai.metrics import SSIMMetric
@@ -208,12 +209,13 @@ def meehan_ct(settings: Settings, generated: np.ndarray, reference: np.ndarray, 
 def mann_whitney_z(generated_distances: np.ndarray, test_distances: np.ndarray) -> float:
     """Z-scored Mann–Whitney U of (m,) generated against (n,) test distances (normal approximation).
 
-    U = #{(j, i): generated_j > test_i} + ½ #{ties}; Z = (U − mn/2) / √(mn(m+n+1)/12).
+    U = #{(j, i): generated_j > test_i} + ½ #{ties} (scipy's, from ranks); Z = (U − mn/2) / √(mn(m+n+1)/12),
+    Meehan et al.'s, without a tie correction.
     """
-    generated = np.asarray(generated_distances, dtype=np.float64)[:, None]
-    fresh = np.asarray(test_distances, dtype=np.float64)[None, :]
-    m, n = generated.shape[0], fresh.shape[1]
-    u = np.sum(generated > fresh) + 0.5 * np.sum(generated == fresh)
+    generated = np.asarray(generated_distances, dtype=np.float64)
+    fresh = np.asarray(test_distances, dtype=np.float64)
+    m, n = len(generated), len(fresh)
+    u = float(stats.mannwhitneyu(generated, fresh, alternative="two-sided", method="asymptotic").statistic)
     return float((u - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12))
 
 

@@ -122,19 +122,15 @@ def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float
     """Clopper–Pearson exact interval for a proportion k / n at two-sided ``confidence``.
 
     lower: the p with P(X >= k | p) = (1 - confidence) / 2 (0 when k = 0); upper: the p with
-    P(X <= k | p) = (1 - confidence) / 2 (1 when k = n); X ~ Binomial(n, p). These are the beta
-    quantiles of the textbook form, found by bisection on the binomial CDF, which falls monotonically in p.
+    P(X <= k | p) = (1 - confidence) / 2 (1 when k = n); X ~ Binomial(n, p) (scipy's binomtest).
     """
     if not is_int(n) or n < 1:
         raise ValueError(f"n = {n!r}: expected an integer >= 1 (the number of trials)")
     if not is_int(k) or not 0 <= k <= n:
         raise ValueError(f"k = {k!r}: expected an integer between 0 and n = {n}")
     _check_open_unit("confidence", confidence)
-    tail = (1 - confidence) / 2
-    # Each tail is summed directly (not as 1 - the other) so tiny tails keep their precision.
-    lower = 0.0 if k == 0 else _bisect(lambda p: _binomial_pmf(n, p)[k:].sum() - tail, increasing=True)
-    upper = 1.0 if k == n else _bisect(lambda p: _binomial_pmf(n, p)[:k + 1].sum() - tail, increasing=False)
-    return lower, upper
+    interval = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def allowed_false_positives(n: int, rate: float, alpha: float = 0.01) -> int:
@@ -148,9 +144,7 @@ def allowed_false_positives(n: int, rate: float, alpha: float = 0.01) -> int:
     if not is_number(rate) or not 0 <= rate <= 1:
         raise ValueError(f"rate = {rate!r}: expected a false-positive rate between 0 and 1")
     _check_open_unit("alpha", alpha)
-    pmf = _binomial_pmf(n, float(rate))
-    # above[k] = P(X > k); summed from the top so small tails keep their precision.
-    above = np.concatenate([np.cumsum(pmf[::-1])[::-1][1:], [0.0]])
+    above = stats.binom.sf(np.arange(n + 1), n, float(rate))  # P(X > k), computed as a tail (precise when small)
     return int(np.flatnonzero(above <= alpha)[0])
 
 
@@ -336,27 +330,3 @@ def _check_open_unit(name: str, value: float, closed_above: bool = False) -> Non
     if not is_number(value) or not (0 < value < 1 or (closed_above and value == 1)):
         raise ValueError(f"{name} = {value!r}: expected a number strictly between 0 and 1"
                          + (" (or 1)" if closed_above else ""))
-
-
-def _binomial_pmf(n: int, p: float) -> np.ndarray:
-    """(n + 1,) P(X = i) for X ~ Binomial(n, p), through log-factorials so large n does not overflow."""
-    if p <= 0 or p >= 1:
-        pmf = np.zeros(n + 1)
-        pmf[0 if p <= 0 else n] = 1.0
-        return pmf
-    log_factorials = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
-    i = np.arange(n + 1)
-    log_pmf = log_factorials[n] - log_factorials[i] - log_factorials[n - i] + i * np.log(p) + (n - i) * np.log1p(-p)
-    return np.exp(log_pmf)
-
-
-def _bisect(function, increasing: bool) -> float:
-    """The root in [0, 1] of a monotone ``function`` by bisection; 60 halvings reach double precision."""
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        if (function(middle) < 0) == increasing:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
