@@ -207,21 +207,3 @@ def _without_trailing_empty(cells: list[str]) -> list[str]:
     while cells and not cells[-1].strip():
         cells = cells[:-1]
     return cells
-
-
-def manifest_inputs(manifest: str | os.PathLike) -> list[str]:
-    """The files and DICOM folders a manifest lists that exist, for the ingest rule's inputs.
-
-    Lenient: an unreadable manifest or a missing file is ingest's to report (with ``on_bad_input: skip``
-    a missing file is quarantined), not a reason for Snakemake to refuse to plan.
-    """
-    manifest = Path(manifest)
-    try:
-        table = read_manifest(manifest)
-    except (OSError, ValueError):
-        return []
-    if "path" not in table.columns:
-        return []
-    paths = [Path(p.strip()).expanduser() for p in table["path"] if p.strip()]
-    paths = [p if p.is_absolute() else manifest.parent / p for p in paths]
-    return sorted({str(p) for p in paths if p.exists()})

@@ -378,11 +378,6 @@ def window_ct(values: np.ndarray, window: tuple[float, float], path: Path) -> np
     return scaled.astype(np.float32)
 
 
-def scale_mr(values: np.ndarray, percentiles: tuple[float, float], path: Path) -> np.ndarray:
-    """MR intensities → [0, 1]: the low percentile maps to 0, the high one to 1, then clip."""
-    return scale_to_unit(values, percentile_range(values, percentiles, path))
-
-
 def percentile_range(values: np.ndarray, percentiles: tuple[float, float], path: Path) -> tuple[float, float]:
     """The intensities at the two percentiles: what maps to 0 and to 1."""
     low, high = (float(v) for v in np.percentile(values, percentiles))
