@@ -271,6 +271,24 @@ def test_replicates_repeat_only_the_generator_over_seed_offsets(config, tmp_path
         make_plan(config, SCHEMA)
 
 
+def test_the_reference_is_decoded_where_the_generator_has_an_autoencoder(config, tmp_path):
+    config["experiments"] = {"ldm": {}, "vae": {"synthetic": {"source": "vae"}}, "gan": {"synthetic": {"source": "gan"}},
+                             "dar": {"detector": {"recipe": "dar"}}, "scans": {"similarity": {"reference": "scanned"}}}
+    plan = make_plan(config, SCHEMA)
+    references = {name: plan.effective[name]["similarity"]["reference"] for name in plan.experiments}
+    assert references == {"ldm": "decoded", "vae": "decoded", "gan": "scanned", "dar": "scanned", "scans": "scanned"}
+    keys = plan.experiments
+    assert plan.run("decode", keys["ldm"]["decode"]).inputs == {"autoencoder": keys["ldm"]["autoencoder"],
+                                                               "controls": keys["ldm"]["controls"]}
+    assert keys["ldm"]["decode"] == keys["vae"]["decode"]  # one autoencoder, one decoding
+    assert "decode" in plan.run("similarity", keys["ldm"]["similarity"]).inputs
+    assert not {"decode"} & (set(keys["gan"]) | set(keys["dar"]) | set(keys["scans"]))
+    config["experiments"] = {"gan": {"synthetic": {"source": "gan"}, "similarity": {"reference": "decoded"}}}
+    with pytest.raises(ValueError, match="similarity.reference is 'decoded', but synthetic.source 'gan' has no "
+                                         "autoencoder"):
+        make_plan(config, SCHEMA)
+
+
 def test_the_release_follows_tau_unless_told_to_be_stricter(config):
     config["assess"]["percentile"] = 90.0
     assert make_plan(config, SCHEMA).effective["baseline"]["release"]["percentile"] == 90.0

@@ -212,7 +212,7 @@ def test_recipe_dar_is_the_detector_before_issue_13_whatever_else_the_section_sa
     assert dar.views == detector.Views(rotation_degrees=5.0, flip_probability=0.5) == DAR_VIEWS
     assert not dar.views.degradations
     assert (dar.views.translation, dar.views.zoom, dar.views.elastic) == (0, 0, 0)
-    assert dar.contrast == "projection" and dar.koleo_weight == 0 and dar.shift_search == 0
+    assert dar.contrast == "projection" and dar.koleo_weight == 0 and dar.shift_search == 0 and not dar.flip_search
     # Other keys of the section change nothing under dar but the seed.
     assert detector.Settings(recipe="dar", epochs=3, views={"blur_sigma": 2.0}, koleo_weight=5.0) == replace(dar, seed=0)
     # The default recipe is the stronger one; Dar's raw correlation is the default score.
@@ -220,7 +220,9 @@ def test_recipe_dar_is_the_detector_before_issue_13_whatever_else_the_section_sa
     assert default.recipe == "sscd" and default.koleo_weight > 0 and default.views.degradations
     assert default.input_size == 32 and dar.input_size is None
     similarity_section = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["similarity"]
-    assert similarity.Settings(**similarity_section).score == "correlation"
+    assert similarity.Settings(**{**similarity_section, "reference": "scanned"}).score == "correlation"
+    # The plan compares Dar's detector with the scans, as they did (similarity.reference: auto).
+    assert default.flip_search and similarity_section["reference"] == "auto"
 
 
 def test_dar_views_draw_what_dar_drew_before_the_other_views_existed():

@@ -168,6 +168,26 @@ def test_with_shift_search_a_translated_volume_has_its_original_embedding_among_
     np.testing.assert_allclose(at_shifts[0, undone], embed.embed_volumes(model, original, CPU)[0], atol=1e-5)
 
 
+def test_with_flip_search_a_mirrored_copy_has_its_original_embedding_among_its_variants(trained, tmp_path):
+    """flip_search: the variants are the shifts, then the same shifts of the volume mirrored left-right (axis 0,
+    as controls' flip); the mirrored identity undoes a mirrored copy."""
+    folder, ids, paths, volumes = trained
+    model, _ = detector.load(folder / "detector.pt", CPU)
+    original = volumes[:1]
+    mirrored = np.ascontiguousarray(np.flip(original, axis=2))  # left-right: axis 0 of the (D, H, W) volume
+    variants = embed.embed_shifted(model, mirrored, CPU, largest=1, flips=True)
+    assert variants.shape == (1, 2 * 27, 8)
+    np.testing.assert_allclose(variants[0, 0], embed.embed_volumes(model, mirrored, CPU)[0], atol=1e-5)
+    np.testing.assert_allclose(variants[0, 27], embed.embed_volumes(model, original, CPU)[0], atol=1e-5)
+    checkpoint = torch.load(folder / "detector.pt", weights_only=True)
+    checkpoint["settings"] = {**checkpoint["settings"], "flip_search": True}
+    artefacts.save_torch(tmp_path / "detector.pt", checkpoint)
+    embed.run(tmp_path / "detector.pt", ids, paths, tmp_path / "holdout.npz", CPU)
+    with np.load(tmp_path / "holdout.npz", allow_pickle=False) as data:
+        assert data["shifted"].shape == (6, 2, 8)  # no shifts: the volume, and mirrored
+        np.testing.assert_allclose(data["shifted"][:, 0], data["vectors"], atol=1e-6)
+
+
 def test_run_writes_shifted_embeddings_when_the_detector_searches_shifts(trained, tmp_path):
     folder, ids, paths, volumes = trained
     checkpoint = torch.load(folder / "detector.pt", weights_only=True)

@@ -7,6 +7,8 @@ shift of at most s voxels of the detector's working grid along each axis ((2 s +
 vacated voxels zero, as ``controls.translate`` moves a copy), in ``shifted`` (N, S, E). Similarity then
 scores a pair by its best alignment, as ``shift_pearson`` does with voxels: a copy that a generator moved
 by a voxel or two is aligned back before it is compared, and an unseen patient gets the same chances.
+Flip search (``detector.flip_search``) adds every one of those mirrored left-right (array axis 0 of a
+canonical volume or image, as ``controls`` flips a copy): a generator trained with flips copies mirrored.
 
 Embeddings are an artefact of their own (SSCD): similarity and assessment read them, never the
 volumes, and the ids travel with the vectors.
@@ -48,20 +50,22 @@ def shifted(batch: torch.Tensor, shift: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_shifted(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device, largest: int,
-                  batch_size: int = 16) -> np.ndarray:
-    """(N, 1, *S) volumes -> (N, n_shifts, E) unit embeddings of each volume moved by each of ``shifts``.
+                  batch_size: int = 16, flips: bool = False) -> np.ndarray:
+    """(N, 1, *S) volumes -> (N, n_variants, E) unit embeddings of each volume moved by each of ``shifts``, and
+    with ``flips`` each of those mirrored left-right too (the unmirrored ones first; the first is the identity).
 
     A shift is in voxels of the detector's working grid (a 64³ volume on a 32³ working grid moves by 2 voxels
     per step), so the search covers the same anatomy on every input grid."""
     working = detector.working_shape(volumes.shape[2:], model.input_size)
     step = max(1, round(max(volumes.shape[2:]) / max(working)))
-    moves = shifts(model.spatial_dims, largest)
+    moves = [(mirrored, move) for mirrored in ((False, True) if flips else (False,))
+             for move in shifts(model.spatial_dims, largest)]
     out = np.empty((len(volumes), len(moves), model.to_embedding.out_features), dtype=np.float32)
     model.eval()
     for start in range(0, len(volumes), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32)).to(device)
-        for index, move in enumerate(moves):
-            moved = shifted(batch, tuple(step * m for m in move))
+        for index, (mirrored, move) in enumerate(moves):
+            moved = shifted(torch.flip(batch, dims=[2]) if mirrored else batch, tuple(step * m for m in move))
             out[start:start + len(batch), index] = F.normalize(model.embed(moved), dim=1).cpu().numpy()
     return out
 
@@ -88,8 +92,8 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
         device: torch.device, batch_size: int = 16, at_shifts: bool = True) -> None:
     """Embed the volumes at ``paths`` (named ``ids``) and write ``output_npz`` (ids, vectors) + sidecar.
 
-    With the detector's ``shift_search``, also ``shifted`` (N, S, E), unless ``at_shifts`` is false (the
-    training set: similarity searches the other sets' shifts against its unshifted vectors)."""
+    With the detector's ``shift_search`` or ``flip_search``, also ``shifted`` (N, S, E), unless ``at_shifts`` is
+    false (the training set: similarity searches the other sets' variants against its plain vectors)."""
     ids = [str(i) for i in ids]
     if len(ids) != len(paths):
         raise ValueError(f"{len(ids)} ids but {len(paths)} volume paths; each volume needs exactly one id")
@@ -102,12 +106,14 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
         raise ValueError(f"volumes have shape {volumes.shape[2:]} but the detector {detector_path} was trained on "
                          f"{tuple(checkpoint['volume_shape'])}; embed volumes on the detector's canonical grid")
     largest = int(checkpoint["settings"].get("shift_search", 0)) if at_shifts else 0
+    flips = bool(checkpoint["settings"].get("flip_search", False)) and at_shifts
     arrays = {"ids": np.array(ids, dtype=np.str_)}
-    if largest > 0:  # the first shift is the identity: the plain vectors
-        arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size)
+    if largest > 0 or flips:  # the first variant is the identity: the plain vectors
+        arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size, flips=flips)
         arrays["vectors"] = np.ascontiguousarray(arrays["shifted"][:, 0])
-        logger.info("embedded %d volumes into %d dimensions, at %d shifts of up to %d voxels of the working grid",
-                    len(ids), arrays["vectors"].shape[1], arrays["shifted"].shape[1], largest)
+        logger.info("embedded %d volumes into %d dimensions, at %d variants (shifts of up to %d voxels of the "
+                    "working grid%s)", len(ids), arrays["vectors"].shape[1], arrays["shifted"].shape[1], largest,
+                    ", each also mirrored" if flips else "")
     else:
         arrays["vectors"] = embed_volumes(model, volumes, device, batch_size)
         logger.info("embedded %d volumes into %d dimensions", *arrays["vectors"].shape)

@@ -540,7 +540,7 @@ class Views:
 # Dar et al.'s recipe exactly as medmem ran it before issue 13 (config.yaml's detector section then).
 DAR = {"channels": (8, 16, 32, 64), "input_size": None, "embedding_dim": 32, "projection_dim": 32, "temperature": 0.07,
        "views": Views(rotation_degrees=5.0, flip_probability=0.5), "contrast": "projection", "koleo_weight": 0.0,
-       "shift_search": 0,
+       "shift_search": 0, "flip_search": False,
        "epochs": 60, "batch_size": 16, "learning_rate": 3.0e-4}
 
 
@@ -558,6 +558,7 @@ class DetectorSettings:
     contrast: str = "embedding"  # NT-Xent on the centred embeddings similarity compares, or on a projection head
     koleo_weight: float = 0.0  # weight of SSCD's KoLeo entropy term (0: off)
     shift_search: int = 0  # score each pair at its best whole-voxel shift of at most this many (0: off; embed.py)
+    flip_search: bool = False  # ... and at its best left-right orientation (the volume also mirrored; embed.py)
     epochs: int = 60
     batch_size: int = 16
     learning_rate: float = 1.0e-3
@@ -604,6 +605,8 @@ class DetectorSettings:
             raise ValueError(f"detector.contrast = {self.contrast!r}: expected one of {', '.join(CONTRASTS)}")
         if not is_number(self.koleo_weight) or self.koleo_weight < 0:
             raise ValueError(f"detector.koleo_weight = {self.koleo_weight!r}: expected a number >= 0 (0: off)")
+        if not isinstance(self.flip_search, bool):
+            raise ValueError(f"detector.flip_search = {self.flip_search!r}: expected true or false")
         _require_int("shift_search", self.shift_search, minimum=0)
         if self.shift_search > 4:
             raise ValueError(f"detector.shift_search = {self.shift_search}: expected at most 4 voxels of the working "
