@@ -305,7 +305,8 @@ def outside_audit_config(workdir: Path) -> dict:
     config = tiny_config()
     config["data"].update(source="folder", folder={**config["data"]["folder"], "path": str(workdir / "cohort")})
     config["synthetic"] = {"source": "folder", "folder": str(workdir / "synthetic")}
-    # The shift search through the whole chain (embed → similarity → assess): 27 shifts of ±1 voxel.
+    # The shift search through the whole chain (embed → similarity → assess): 27 shifts of ±1 voxel, each also
+    # mirrored (detector.flip_search, the default).
     config["detector"]["shift_search"] = 1
     config["experiments"] = {"outside": {}}
     return config
@@ -329,8 +330,8 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
             if embeddings.stem == "train":  # searched unshifted: no shifts embedded
                 assert "shifted" not in data
             else:
-                assert data["shifted"].shape[:2] == (len(data["ids"]), 27), embeddings
-    assert "best of 27 shifts" in next((results / "logs" / "similarity").glob("*.log")).read_text()
+                assert data["shifted"].shape[:2] == (len(data["ids"]), 2 * 27), embeddings
+    assert "best of 54 shifts" in next((results / "logs" / "similarity").glob("*.log")).read_text()
     assert sum(split[f"patient_{i:02d}"] == "train" for i in range(5)) >= 2  # the split is seeded
     for index in range(5):
         source = f"patient_{index:02d}"
