@@ -379,8 +379,9 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
     # decoding of the real volumes and controls through it (similarity.reference: decoded), embedded.
     ("training_length", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
                          "train_diffusion": 1, "sample": 4, "decode": 1, "embed": 8, "screen": 4, "assess": 4, "total": 46}),
+    # Two seeds per experiment (replicates: 2): four diffusion models, one instrument.
     ("augmentation", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                      "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 6, "screen": 2, "assess": 2, "total": 31}),
+                      "train_diffusion": 4, "sample": 4, "decode": 1, "embed": 8, "screen": 4, "assess": 4, "total": 49}),
     # Model size changes the autoencoder too, and with it the controls; the detector is shared.
     ("model_size", {"train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3, "train_detector": 1,
                     "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 11, "screen": 3, "assess": 3, "total": 52}),
