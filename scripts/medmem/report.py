@@ -66,7 +66,8 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
     An experiment whose controls failed is marked INCONCLUSIVE under its name.
     """
     measures = MEASURES
-    figure = Figure(figsize=(2.6 + 1.8 * len(summary), 4.6))
+    # Constrained layout leaves room below for the multi-line labels (INCONCLUSIVE, the differences) and the legend.
+    figure = Figure(figsize=(2.6 + 2.2 * len(summary), 5.4), layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / len(measures)
     positions = np.arange(len(summary))
@@ -89,9 +90,8 @@ def plot_summary(summary: pd.DataFrame, path: str | os.PathLike) -> None:
                 linewidth=1, label="held-out patients above τ")
     axes.set_ylabel("% above τ")
     axes.set_ylim(0, 105)
-    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    figure.legend(fontsize=7, loc="outside lower center", ncol=2)
     axes.set_title(f"Memorization per experiment ({100 * summary['confidence'].iloc[0]:g}% bootstrap intervals)")
-    figure.tight_layout()
     figures.save_png(figure, path)
 
 
@@ -101,7 +101,7 @@ def _difference_label(row: pd.Series) -> str:
         return ""
     lines = [f"Δ{label} {row[f'delta_pct_{column}']:+.1f} [{row[f'delta_pct_{column}_low']:+.1f}, "
              f"{row[f'delta_pct_{column}_high']:+.1f}]: "
-             f"{'none shown' if row[f'difference_{column}'].startswith('no evidence') else row[f'difference_{column}']}"
+             f"{'no evidence' if row[f'difference_{column}'].startswith('no evidence') else row[f'difference_{column}']}"
              for column, label in (("mem", "N_mem"), ("copies", "N_copies"))]
     return f"\nvs {row['reference']}:\n" + "\n".join(lines)
 
