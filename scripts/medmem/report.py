@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +228,9 @@ def plot_study(summary: pd.DataFrame, study: dict | None, path: str | os.PathLik
     axes.set_xlabel(factor)
     axes.set_ylabel("% above τ")
     figure.legend(fontsize=7, loc="outside lower center", ncol=2)
-    axes.set_title(f"Memorization against {factor} "
-                   f"({100 * table['confidence'].iloc[0]:g}% bootstrap intervals)", fontsize=10)
+    # A long factor name wraps instead of running off the figure.
+    axes.set_title(textwrap.fill(f"Memorization against {factor} "
+                                 f"({100 * table['confidence'].iloc[0]:g}% bootstrap intervals)", 70), fontsize=10)
     figures.save_png(figure, path)
 
 
