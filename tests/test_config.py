@@ -141,14 +141,15 @@ def load_study(config, study):
                                    "training_size"])
 def test_changing_one_factor_rekeys_only_its_branch(config, study):
     merged = load_study(config, study)
-    before = make_plan(merged, SCHEMA).experiments
+    plan = make_plan(merged, SCHEMA)
+    before = plan.experiments
     changed = copy.deepcopy(merged)
     first = next(iter(changed["experiments"]))
     changed["experiments"][first] = deep_merge(changed["experiments"][first], {"sample": {"seed": 9}})
     after = make_plan(changed, SCHEMA).experiments
     for name in before:
         moved = {stage for stage in before[name] if before[name][stage] != after[name][stage]}
-        if name == first:  # its samples and everything downstream of them
+        if plan.replicate_of[name] == first:  # its samples (every replicate's) and everything downstream of them
             assert moved == {synthetic_stage(before[name]), "similarity", "baselines", "screen"}, moved
         else:
             assert not moved, (name, moved)
