@@ -18,14 +18,13 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from medmem import autoencoder, volume_sets  # noqa: E402
+from medmem import autoencoder, similarity, volume_sets  # noqa: E402
 
 
 def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, ...) and (M, ...) volumes → (N, M) voxel Pearson correlations."""
-    a, b = (x.reshape(len(x), -1).astype(np.float64) for x in (a, b))
-    a, b = ((x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True) for x in (a, b))
-    return a @ b.T / a.shape[1]
+    a, b = (similarity.pearson_vectors(x.reshape(len(x), -1)).astype(np.float64) for x in (a, b))
+    return a @ b.T
 
 
 def main(results: Path, experiment: str, rows: int) -> None:

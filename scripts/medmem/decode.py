@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def run(autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike, split
         entries += [(i, p, subset) for i, p in zip(ids, paths)]
     probes = volume_sets.read_volume_table(controls_manifest)
     entries += [(i, p, "controls") for i, p in zip(probes["id"], probes["path"])]
-    repeated = sorted({i for i, _, _ in entries if [e[0] for e in entries].count(i) > 1})
+    repeated = sorted(i for i, count in Counter(i for i, _, _ in entries).items() if count > 1)
     if repeated:
         raise ValueError(f"{split_csv} and {controls_manifest} name volumes {repeated[:5]} more than once; every "
                          "case and probe needs its own id")
