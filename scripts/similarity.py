@@ -6,7 +6,7 @@ similarity.run(
     train_npz=snakemake.input.train,
     holdout_npz=snakemake.input.holdout,
     synthetic_npz=snakemake.input.synthetic,
-    controls_npz=snakemake.input.controls,
+    controls_npz=snakemake.input.get("controls"),  # decoded reference: the controls are in the decoded set
     split_csv=snakemake.input.split,
     synthetic_to_train_csv=snakemake.output.synthetic_to_train,
     train_to_synthetic_csv=snakemake.output.train_to_synthetic,
@@ -14,5 +14,5 @@ similarity.run(
     holdout_to_train_csv=snakemake.output.holdout_to_train,
     controls_to_train_csv=snakemake.output.controls_to_train,
     settings=similarity.Settings(**snakemake.params.settings),
-    decoded_npz=snakemake.input.decoded if "decoded" in snakemake.input.keys() else None,
+    decoded_npz=snakemake.input.get("decoded"),
 )

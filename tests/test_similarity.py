@@ -87,7 +87,8 @@ def test_a_decoded_reference_replaces_every_real_volume_by_its_decoding(tmp_path
                ("synthetic_to_train", "train_to_synthetic", "train_to_holdout", "holdout_to_train",
                 "controls_to_train")}
     split = write_split(tmp_path / "split.csv", train_ids, holdout_ids)
-    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
+    # The controls are the decoded volumes that are no patient's: the scanned controls' embeddings are not read.
+    similarity.run(npz["train"], npz["holdout"], npz["synthetic"], None, split, *outputs.values(),
                    settings=similarity.Settings(reference="decoded"), decoded_npz=npz["decoded"])
     nearest = pd.read_csv(outputs["synthetic_to_train"]).iloc[0]
     assert nearest["neighbour_id"] == "t1" and nearest["score"] > 0.99
@@ -100,9 +101,12 @@ def test_a_decoded_reference_replaces_every_real_volume_by_its_decoding(tmp_path
     with pytest.raises(ValueError, match="similarity.reference is 'decoded' but decoded embeddings were not given"):
         similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
                        settings=similarity.Settings(reference="decoded"))
-    short = write_embeddings(tmp_path / "short.npz", train_ids, decoded[:3])
-    with pytest.raises(ValueError, match=r"no decoded embedding of \['h0', 'probe-exact-t2'\]"):
+    with pytest.raises(ValueError, match="give exactly one"):
         similarity.run(npz["train"], npz["holdout"], npz["synthetic"], npz["controls"], split, *outputs.values(),
+                       settings=similarity.Settings(reference="decoded"), decoded_npz=npz["decoded"])
+    short = write_embeddings(tmp_path / "short.npz", train_ids, decoded[:3])
+    with pytest.raises(ValueError, match=r"no decoded embedding of \['h0'\]"):
+        similarity.run(npz["train"], npz["holdout"], npz["synthetic"], None, split, *outputs.values(),
                        settings=similarity.Settings(reference="decoded"), decoded_npz=short)
 
 

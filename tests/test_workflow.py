@@ -75,12 +75,13 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     jobs = planned_jobs(tmp_path)
     # Two experiments, differing only in the diffusion model's data (canaries) and epochs, share ingest, split,
     # autoencoder, detector and the detector's train/holdout embeddings.
-    # The planted controls and their embedding are shared too, and so are the real volumes and controls decoded
-    # through the shared autoencoder (similarity.reference: auto is decoded for an LDM) and their embedding.
+    # The planted controls are shared too, and so are the real volumes and controls decoded through the shared
+    # autoencoder (similarity.reference: auto is decoded for an LDM) and their embedding; the controls as planted
+    # are not embedded, since nothing compares them.
     assert jobs == {"all": 1, "ingest": 1, "split": 1, "canaries": 1, "plant_controls": 1, "train_autoencoder": 1,
-                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 6, "similarity": 2,
+                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 5, "similarity": 2,
                     "baselines": 2, "baselines_controls": 1, "screen": 2, "assess": 2, "quality": 2, "release": 2,
-                    "report": 1, "total": 32}
+                    "report": 1, "total": 31}
 
 
 def test_planning_imports_no_torch_monai_faiss_or_simpleitk(tmp_path):
@@ -375,25 +376,25 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
 
 @pytest.mark.parametrize("study, expected", [
     # One 400-epoch diffusion run, four checkpoints sampled. The controls reconstruct through the experiment's
-    # autoencoder: one set of controls (and of baselines on them, and one embedding) per autoencoder, and one
-    # decoding of the real volumes and controls through it (similarity.reference: decoded), embedded.
+    # autoencoder: one set of controls (and of baselines on them) per autoencoder, and one decoding of the real
+    # volumes and controls through it (similarity.reference: decoded), embedded.
     ("training_length", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                         "train_diffusion": 1, "sample": 4, "decode": 1, "embed": 8, "screen": 4, "assess": 4, "total": 46}),
+                         "train_diffusion": 1, "sample": 4, "decode": 1, "embed": 7, "screen": 4, "assess": 4, "total": 45}),
     # Two seeds per experiment (replicates: 2): four diffusion models, one instrument.
     ("augmentation", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                      "train_diffusion": 4, "sample": 4, "decode": 1, "embed": 8, "screen": 4, "assess": 4, "total": 49}),
+                      "train_diffusion": 4, "sample": 4, "decode": 1, "embed": 7, "screen": 4, "assess": 4, "total": 48}),
     # Model size changes the autoencoder too, and with it the controls; the detector is shared.
     ("model_size", {"train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3, "train_detector": 1,
-                    "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 11, "screen": 3, "assess": 3, "total": 52}),
+                    "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 8, "screen": 3, "assess": 3, "total": 49}),
     # The VAE is the LDM's own autoencoder: one autoencoder and one set of controls for both; the GAN trains on
     # its own, its controls band-limit (it has no autoencoder).
     ("model_families", {"train_autoencoder": 1, "plant_controls": 2, "baselines_controls": 2, "train_diffusion": 1,
                         "sample": 1, "sample_vae": 1, "train_gan": 1, "sample_gan": 1, "train_detector": 1,
-                        "decode": 1, "embed": 8, "screen": 3, "assess": 3, "total": 42}),
+                        "decode": 1, "embed": 7, "screen": 3, "assess": 3, "total": 41}),
     # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
     ("training_size", {"train_subset": 2, "train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3,
-                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 11, "similarity": 3,
-                       "screen": 3, "assess": 3, "total": 54}),
+                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 8, "similarity": 3,
+                       "screen": 3, "assess": 3, "total": 51}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
     write_config(tmp_path, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))

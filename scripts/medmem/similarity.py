@@ -187,7 +187,7 @@ def nearest_over_shifts(query_ids: list[str], queries: np.ndarray, database_ids:
 
 
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
-        controls_npz: str | os.PathLike, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
+        controls_npz: str | os.PathLike | None, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
         holdout_to_train_csv: str | os.PathLike, controls_to_train_csv: str | os.PathLike, k: int = 1,
         settings: Settings = Settings(), decoded_npz: str | os.PathLike | None = None) -> None:
@@ -202,24 +202,30 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
 
     With ``settings.reference`` decoded, ``decoded_npz`` holds the embeddings of the training and held-out
     volumes and of the controls as the experiment's autoencoder reproduces them (decode.py): they take the
-    place of the scans' embeddings in every search; the synthetic volumes are compared as they are.
+    place of the scans' embeddings in every search; the synthetic volumes are compared as they are. The
+    controls are then the decoded volumes that are neither training nor held-out patients, and
+    ``controls_npz`` (the scanned controls' embeddings) must be None: nothing would read it.
     """
     train_ids, train = read_embeddings(train_npz)
     holdout_ids, holdout = read_embeddings(holdout_npz)
     synthetic_ids, synthetic = read_embeddings(synthetic_npz)
-    controls_ids, controls = read_embeddings(controls_npz)
     if (settings.reference == "decoded") != (decoded_npz is not None):
         raise ValueError(f"similarity.reference is {settings.reference!r} but decoded embeddings were "
                          f"{'not ' if decoded_npz is None else ''}given: decoded needs them, scanned reads none")
+    if (controls_npz is None) != (decoded_npz is not None):
+        raise ValueError("the controls' embeddings come from the scanned controls (controls_npz) with "
+                         "similarity.reference scanned and from the decoded set with decoded: give exactly one")
     decoded_shifted = {}
     if decoded_npz is not None:
         decoded_ids, decoded = read_embeddings(decoded_npz)
         shifted_all = read_shifted(decoded_npz)
         where = {volume: i for i, volume in enumerate(decoded_ids)}
-        missing = [i for i in (*train_ids, *holdout_ids, *controls_ids) if i not in where]
+        missing = [i for i in (*train_ids, *holdout_ids) if i not in where]
         if missing:
             raise ValueError(f"{decoded_npz}: no decoded embedding of {missing[:5]} ({len(missing)} in all); "
                              "decode and embed this split's volumes and controls")
+        patients = {*train_ids, *holdout_ids}
+        controls_ids = [i for i in decoded_ids if i not in patients]
 
         def take(ids: list[str], vectors: np.ndarray) -> np.ndarray:
             return vectors[[where[i] for i in ids]]
@@ -227,6 +233,8 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         train, holdout, controls = take(train_ids, decoded), take(holdout_ids, decoded), take(controls_ids, decoded)
         if shifted_all is not None:
             decoded_shifted = {"holdout": take(holdout_ids, shifted_all), "controls": take(controls_ids, shifted_all)}
+    else:
+        controls_ids, controls = read_embeddings(controls_npz)
     leaked = sorted(set(train_ids) & set(holdout_ids))
     if leaked:
         raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
@@ -247,12 +255,12 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         backgrounds = {"synthetic": of(synthetic, generator), "holdout": of(holdout, train),
                        "controls": of(controls, train)}
     # With detector.shift_search, every volume compared with the training set is searched at each of its shifts.
-    at_shifts = {name: read_shifted(path) for name, path in
-                 (("synthetic", synthetic_npz), ("holdout", holdout_npz), ("controls", controls_npz))}
+    real = {"holdout": holdout_npz, "controls": controls_npz} if decoded_npz is None else {}
+    at_shifts = {name: read_shifted(path) for name, path in (("synthetic", synthetic_npz), *real.items())}
     at_shifts.update(decoded_shifted)
     if len({value is None for value in at_shifts.values()}) > 1:
-        raise ValueError(f"{synthetic_npz}, {holdout_npz} and {controls_npz}: only some hold shifted embeddings; "
-                         "embed every set with the same detector")
+        raise ValueError(f"{synthetic_npz}, {holdout_npz} and {controls_npz or decoded_npz}: only some hold shifted "
+                         "embeddings; embed every set with the same detector")
     search = nearest_neighbours if at_shifts["synthetic"] is None else nearest_over_shifts
     if search is nearest_over_shifts:
         synthetic, holdout, controls = at_shifts["synthetic"], at_shifts["holdout"], at_shifts["controls"]
@@ -264,8 +272,8 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
         (holdout_to_train_csv, holdout_ids, holdout, train_ids, train, backgrounds["holdout"], None),
         (controls_to_train_csv, controls_ids, controls, train_ids, train, backgrounds["controls"], None),
     ]
-    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "controls": controls_npz,
-              "split": split_csv, **({"decoded": decoded_npz} if decoded_npz is not None else {})}
+    inputs = {"train": train_npz, "holdout": holdout_npz, "synthetic": synthetic_npz, "split": split_csv,
+              **({"controls": controls_npz} if decoded_npz is None else {"decoded": decoded_npz})}
     for output, query_ids, queries, database_ids, database, query_background, database_background in searches:
         table = search(query_ids, queries, database_ids, database, k, query_background, database_background)
         artefacts.write_csv(output, table)

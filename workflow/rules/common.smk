@@ -189,17 +189,19 @@ def similarity_inputs(wildcards):
 
 
 def embedding_files(similarity_key):
-    """The four embedding sets that the similarity stage at `similarity_key` searches."""
+    """The embedding sets that the similarity stage at `similarity_key` searches: the controls as planted, or
+    with similarity.reference decoded the decoded set, which holds them (and the patients) decoded."""
     keys = PLAN.run("similarity", similarity_key).inputs
     embeddings = f"{RESULTS}/embeddings/{keys['detector']}"
     files = {
         "train": f"{embeddings}/train.npz",
         "holdout": f"{embeddings}/holdout.npz",
         "synthetic": f"{embeddings}/synthetic-{keys[synthetic_stage(keys)]}.npz",
-        "controls": f"{embeddings}/controls-{keys['controls']}.npz",
     }
-    if "decode" in keys:  # similarity.reference: decoded
+    if "decode" in keys:
         files["decoded"] = f"{embeddings}/decoded-{keys['decode']}.npz"
+    else:
+        files["controls"] = f"{embeddings}/controls-{keys['controls']}.npz"
     return files
 
 
