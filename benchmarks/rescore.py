@@ -34,7 +34,8 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def main(results: Path, experiment: str, percentile: float) -> None:
+def main(results: Path, experiment: str, percentile: float, detector_path: Path | None = None,
+         references: tuple[str, ...] = ("scanned", "decoded"), shift_searches: tuple[int, ...] = (0, 1)) -> None:
     index = pd.read_csv(results / "report" / "index.csv")
     key = dict(index.loc[index["experiment"] == experiment, ["stage", "key"]].to_numpy())
     cpu = torch.device("cpu")
@@ -54,12 +55,13 @@ def main(results: Path, experiment: str, percentile: float) -> None:
     def decoded(volumes: np.ndarray) -> np.ndarray:
         return autoencoder.decode(model_ae, autoencoder.encode(model_ae, volumes, cpu), cpu).clamp(0, 1).numpy()
 
-    model, _ = detector.load(results / "detector" / key["detector"] / "detector.pt", cpu)
-    real = {"scanned": (train, holdout, controls), "decoded": (decoded(train), decoded(holdout), decoded(controls))}
+    model, _ = detector.load(detector_path or results / "detector" / key["detector"] / "detector.pt", cpu)
+    real = {"scanned": lambda: (train, holdout, controls),
+            "decoded": lambda: (decoded(train), decoded(holdout), decoded(controls))}
     kind, strength = probes["kind"].to_numpy(), probes["strength"].to_numpy()
     rows = []
-    for reference, shifts, flips in itertools.product(("scanned", "decoded"), (0, 1), (False, True)):
-        database, queries_holdout, queries_controls = real[reference]
+    for reference, shifts, flips in itertools.product(references, shift_searches, (False, True)):
+        database, queries_holdout, queries_controls = real[reference]()
         database = unit(embed.embed_volumes(model, database, cpu))
 
         def best(volumes: np.ndarray) -> np.ndarray:
@@ -98,5 +100,10 @@ if __name__ == "__main__":
     parser.add_argument("results", type=Path)
     parser.add_argument("experiment")
     parser.add_argument("--percentile", type=float, default=95.0, help="assess.percentile of the run")
+    parser.add_argument("--detector", type=Path, default=None,
+                        help="another detector checkpoint (detector.pt) to score with, e.g. one trained with other settings")
+    parser.add_argument("--references", nargs="+", choices=("scanned", "decoded"), default=("scanned", "decoded"))
+    parser.add_argument("--shift-search", nargs="+", type=int, default=(0, 1), help="detector.shift_search values")
     arguments = parser.parse_args()
-    main(arguments.results, arguments.experiment, arguments.percentile)
+    main(arguments.results, arguments.experiment, arguments.percentile, arguments.detector,
+         tuple(arguments.references), tuple(arguments.shift_search))
