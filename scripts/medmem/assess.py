@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from medmem import artefacts, calibration, figures, screen, volume_sets
-from medmem.settings import AssessSettings as Settings, minimum_calibration_size, minimum_holdout, _ordinal
+from medmem.settings import BASELINE_SCORE_COLUMNS as SCORE_COLUMNS, AssessSettings as Settings
+from medmem.settings import minimum_calibration_size, minimum_holdout, _ordinal
 
 logger = logging.getLogger("medmem.assess")
 
@@ -91,7 +92,6 @@ CONTRASTIVE = "contrastive"  # the published detector; every other method is a b
 # The contrastive detector's neighbour tables as sets of the unified score table (see baselines.py).
 CONTRASTIVE_SETS = {"calibration": "train_to_holdout", "memorization": "train_to_synthetic",
                     "synthetic": "synthetic_to_train", "holdout": "holdout_to_train", "controls": "controls_to_train"}
-SCORE_COLUMNS = ["method", "set", "query_id", "neighbour_id", "score"]
 
 
 @dataclass(frozen=True)

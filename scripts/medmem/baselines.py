@@ -72,11 +72,11 @@ from monai.metrics import SSIMMetric
 from monai.networks.layers import GaussianFilter
 
 from medmem import artefacts, similarity, volume_sets
-from medmem.settings import BASELINE_METHODS as METHODS, BaselinesSettings as Settings
+from medmem.settings import BASELINE_METHODS as METHODS, BASELINE_SCORE_COLUMNS as SCORE_COLUMNS
+from medmem.settings import BaselinesSettings as Settings
 
 logger = logging.getLogger("medmem.baselines")
 
-SCORE_COLUMNS = ["method", "set", "query_id", "neighbour_id", "score"]
 STATISTIC_COLUMNS = ["method", "set", "statistic", "value"]
 
 # Canonical volumes lie in [0, 1]; two volumes closer than this in L2 are identical at float32 precision.

@@ -22,13 +22,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from medmem.settings import THRESHOLD_RULES
+from medmem.settings import MILD_STRENGTHS, REALISTIC_STRENGTHS, THRESHOLD_RULES
 from medmem.settings_checks import is_int, is_number
 
 CONTROL_METRIC_COLUMNS = ["role", "strength", "n_probes", "n_found", "recall", "auc", "precision_at_95_recall",
                           "n_negatives", "false_positives", "fpr", "fpr_low", "fpr_high"]
-MILD_STRENGTHS = ("exact", "flip", "rotate_5")
-REALISTIC_STRENGTHS = ("reconstruction", "combined")  # as controls.py (which this module does not import: torch)
 # Probe kinds that are no copy: held-out patients (unchanged, or strength "reconstruction") and averages of
 # training patients. A negative is named by negative_name: "holdout", "holdout_reconstruction", "average".
 NEGATIVE_KINDS = ("holdout", "average")

@@ -70,10 +70,6 @@ from medmem.settings import STRENGTHS, ControlsSettings as Settings
 
 logger = logging.getLogger("medmem.controls")
 
-# Copies a good detector must find: mirrored or barely turned anatomy is still the same patient.
-MILD_STRENGTHS: tuple[str, ...] = ("exact", "flip", "rotate_5")
-# The copies a memorizing LDM makes: decoded by its autoencoder, a little shifted, re-noised.
-REALISTIC_STRENGTHS: tuple[str, ...] = ("reconstruction", "combined")
 
 FLIP_AXIS = 0  # RAS+: array axis 0 runs left → right, the body's near-symmetry plane is across it
 ROTATION_DEGREES = {"rotate_5": 5.0, "rotate_10": 10.0}  # bound of each of the three angles (2D: the one)
