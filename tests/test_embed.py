@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
         artefacts.save_nifti(path, volume[0], np.eye(4))
     artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"volumes/{i}.nii.gz" for i in ids]}))
     artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 4 + ["holdout"] * 2}))
-    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4)
+    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4,
+                                 flip_search=False)
     detector.run(settings, folder / "cases.csv", folder / "split.csv", folder / "detector.pt", folder / "curve.csv",
                  CPU)
     return folder, ids, [str(p) for p in paths], volumes
@@ -111,7 +112,8 @@ def trained_2d(tmp_path_factory):
         save_image(path, image[0])
     artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": ids, "path": [f"images/{i}.nii.gz" for i in ids]}))
     artefacts.write_csv(folder / "split.csv", pd.DataFrame({"id": ids, "split": ["train"] * 4 + ["holdout"] * 2}))
-    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4)
+    settings = detector.Settings(channels=(4, 8), embedding_dim=8, projection_dim=8, epochs=1, batch_size=4,
+                                 flip_search=False)
     detector.run(settings, folder / "cases.csv", folder / "split.csv", folder / "detector.pt", folder / "curve.csv",
                  CPU)
     return folder, ids, [str(p) for p in paths], images
@@ -191,7 +193,7 @@ def test_with_flip_search_a_mirrored_copy_has_its_original_embedding_among_its_v
 def test_run_writes_shifted_embeddings_when_the_detector_searches_shifts(trained, tmp_path):
     folder, ids, paths, volumes = trained
     checkpoint = torch.load(folder / "detector.pt", weights_only=True)
-    checkpoint["settings"] = {**checkpoint["settings"], "shift_search": 1}
+    checkpoint["settings"] = {**checkpoint["settings"], "shift_search": 1, "flip_search": False}
     artefacts.save_torch(tmp_path / "detector.pt", checkpoint)
     embed.run(tmp_path / "detector.pt", ids, paths, tmp_path / "train.npz", CPU)
     with np.load(tmp_path / "train.npz", allow_pickle=False) as data:

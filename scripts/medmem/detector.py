@@ -260,7 +260,7 @@ def resample(volumes: torch.Tensor, theta: torch.Tensor, shifts: torch.Tensor,
     voxels; displacement (B, d, *S) voxels along the array axes, or None. With
     align_corners=False one voxel is 2 / n in normalised coordinates. Border padding.
     """
-    batch, spatial_dims = volumes.shape[0], volumes.ndim - 2
+    spatial_dims = volumes.ndim - 2
     sizes = torch.tensor(volumes.shape[2:][::-1], dtype=torch.float64)
     offsets = -shifts.flip(1) * 2 / sizes
     theta = torch.cat([theta, offsets[:, :, None]], dim=2).to(device=volumes.device, dtype=volumes.dtype)

@@ -2,7 +2,11 @@
 
 A config section becomes its stage's Settings here (``medmem.<stage>.Settings`` is the same class), so that
 planning (`snakemake -n`, config.make_plan) validates every experiment without importing torch, MONAI, faiss
-or SimpleITK: this module needs only numpy and the standard library.
+or SimpleITK: this module needs only numpy, PyYAML and the standard library.
+
+config/config.yaml is the one place a default lives: ``@defaults_from(section)`` gives each field of a Settings
+class the value its section holds there, so ``DiffusionSettings(epochs=3)`` is config.yaml's diffusion section
+with 3 epochs. The classes hold the checks only.
 """
 
 from __future__ import annotations
@@ -11,17 +15,45 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args
+
+import yaml
 
 from medmem.phantom import PhantomSettings
 from medmem.settings_checks import check_float, check_int, is_int, is_number
 
 THRESHOLD_RULES = ("calibrated", "published")  # which threshold the verdict reads (calibration.py)
+CONFIG_YAML = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+DEFAULTS: dict = yaml.safe_load(CONFIG_YAML.read_text())
+
+
+def _frozen(value: object) -> object:
+    """A config value as a frozen dataclass default: lists become tuples."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def defaults_from(*section: str, resolved: tuple[str, ...] = ()):
+    """Class decorator, under ``@dataclass``: every annotated field named in config.yaml's ``section`` (a path
+    of keys) takes its value there as its default. ``resolved``: keys whose config value (null, auto) the plan
+    resolves before building the settings; those keep the default written in the class."""
+    values = DEFAULTS
+    for key in section:
+        values = values[key]
+
+    def apply(cls: type) -> type:
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name in values and name not in resolved and not isinstance(values[name], dict):
+                setattr(cls, name, _frozen(values[name]))
+        return cls
+
+    return apply
 
 
 # -------------------- split ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("split")
 class SplitSettings:
     holdout_fraction: float  # share of patients held out, rounded to a whole number of patients
     min_holdout: int         # fewer holdout patients than this is an error
@@ -40,6 +72,7 @@ class SplitSettings:
 
 
 @dataclass(frozen=True)
+@defaults_from("train_subset")
 class SubsetSettings:
     fraction: float  # share of the training patients the generator trains on, rounded to whole patients
     seed: int        # one seed orders the patients for every fraction, so the subsets are nested
@@ -54,6 +87,7 @@ class SubsetSettings:
 
 
 @dataclass(frozen=True)
+@defaults_from("canaries")
 class CanarySettings:
     """The ``canaries:`` section: memorization with ground truth (Carlini et al. 2023 plant duplicates so)."""
 
@@ -88,9 +122,10 @@ AcrossPatients = Literal["error", "merge", "warn"]
 
 
 @dataclass(frozen=True)
+@defaults_from("data", "duplicates")
 class DuplicatesSettings:
-    threshold: float = 0.99                   # Pearson correlation above which two cases are a pair
-    across_patients: AcrossPatients = "error"
+    threshold: float  # Pearson correlation above which two cases are a pair
+    across_patients: AcrossPatients
 
     def __post_init__(self) -> None:
         if not is_number(self.threshold) or not 0 < self.threshold <= 1:
@@ -202,21 +237,22 @@ def _pair(value: object, key: str) -> tuple[float, float]:
 # -------------------- autoencoder ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("autoencoder")
 class AutoencoderSettings:
     """The ``autoencoder:`` section of config.yaml."""
 
-    channels: tuple[int, ...] = (8, 16, 16)
-    latent_channels: int = 3
-    num_res_blocks: int = 1
-    norm_num_groups: int = 4
-    epochs: int = 30
-    batch_size: int = 4
-    learning_rate: float = 1.0e-3
-    kl_weight: float = 1.0e-6
-    adversarial_weight: float = 0.01
-    adversarial_warmup_epochs: int = 20
-    discriminator_channels: int = 16
-    seed: int = 0
+    channels: tuple[int, ...]
+    latent_channels: int
+    num_res_blocks: int
+    norm_num_groups: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    kl_weight: float
+    adversarial_weight: float
+    adversarial_warmup_epochs: int
+    discriminator_channels: int
+    seed: int
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels, (list, tuple)) or not self.channels:
@@ -272,26 +308,27 @@ PredictionType = Literal["v_prediction", "sample", "epsilon"]
 
 
 @dataclass(frozen=True)
+@defaults_from("diffusion")
 class DiffusionSettings:
     """The ``diffusion:`` section of config.yaml."""
 
-    channels: tuple[int, ...] = (32, 64)
-    attention_levels: tuple[bool, ...] = (False, False)
-    num_res_blocks: int = 1
-    norm_num_groups: int = 16
-    num_train_timesteps: int = 1000
-    schedule: Schedule = "scaled_linear_beta"
-    beta_start: float = 0.0015
-    beta_end: float = 0.0195
-    epochs: int = 150
-    batch_size: int = 8
-    learning_rate: float = 2.5e-4
-    ema_decay: float = 0.999
-    augmentation: bool = False
-    seed: int = 0
-    prediction_type: PredictionType = "v_prediction"  # what the UNet learns to output; see the module docstring
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    num_res_blocks: int
+    norm_num_groups: int
+    num_train_timesteps: int
+    schedule: Schedule
+    beta_start: float
+    beta_end: float
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    ema_decay: float
+    augmentation: bool
+    seed: int
+    prediction_type: PredictionType  # what the UNet learns to output; see the module docstring
     # Epochs at which the EMA weights are also kept, so one run gives every training length of a study.
-    checkpoint_epochs: tuple[int, ...] = ()
+    checkpoint_epochs: tuple[int, ...]
 
     def __post_init__(self) -> None:
         for name in ("channels", "attention_levels"):
@@ -359,6 +396,7 @@ def check_diffusion_shape(latent_shape: tuple[int, ...] | list[int], settings: D
 # -------------------- gan -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("gan")
 class GanSettings:
     """The ``gan:`` section of config.yaml.
 
@@ -367,12 +405,12 @@ class GanSettings:
     epochs at batch size 8 and learning rate 2e-4 would take about 8 minutes (2.5 s per epoch).
     """
 
-    latent_dim: int = 64
-    channels: tuple[int, ...] = (32, 16, 8)  # generator channels per upsampling stage, mirrored in the discriminator
-    epochs: int = 100
-    batch_size: int = 4  # small batches: more updates for the same compute, which a GAN on few patients needs
-    learning_rate: float = 1.0e-3
-    seed: int = 0
+    latent_dim: int
+    channels: tuple[int, ...]  # generator channels per upsampling stage, mirrored in the discriminator
+    epochs: int
+    batch_size: int  # small batches: more updates for the same compute, which a GAN on few patients needs
+    learning_rate: float
+    seed: int
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels, (list, tuple)) or not self.channels:
@@ -416,14 +454,15 @@ SchedulerName = Literal["ddim", "ddpm"]
 
 
 @dataclass(frozen=True)
+@defaults_from("sample")
 class SampleSettings:
     """The ``sample:`` section of config.yaml."""
 
-    scheduler: SchedulerName = "ddim"
-    steps: int = 50
-    n_samples: int | None = None
-    seed: int = 0
-    diffusion_epoch: int | None = None  # null: the final weights; else one of diffusion.checkpoint_epochs
+    scheduler: SchedulerName
+    steps: int
+    n_samples: int | None
+    seed: int
+    diffusion_epoch: int | None  # null: the final weights; else one of diffusion.checkpoint_epochs
 
     def __post_init__(self) -> None:
         if self.scheduler not in get_args(SchedulerName):
@@ -445,13 +484,18 @@ Strength = Literal["exact", "flip", "rotate_5", "rotate_10", "noise", "intensity
 
 
 STRENGTHS: tuple[str, ...] = get_args(Strength)
+# Copies a good detector must find: mirrored or barely turned anatomy is still the same patient.
+MILD_STRENGTHS: tuple[str, ...] = ("exact", "flip", "rotate_5")
+# The copies a memorizing LDM makes: decoded by its autoencoder, a little shifted, re-noised.
+REALISTIC_STRENGTHS: tuple[str, ...] = ("reconstruction", "combined")
 
 
 @dataclass(frozen=True)
+@defaults_from("controls")
 class ControlsSettings:
-    strengths: tuple[str, ...] = STRENGTHS  # subset of STRENGTHS, planted in this order
-    n_per_strength: int | None = None  # training volumes copied per strength; None: every training volume
-    seed: int = 0
+    strengths: tuple[str, ...]  # subset of STRENGTHS, planted in this order
+    n_per_strength: int | None  # training volumes copied per strength; None: every training volume
+    seed: int
 
     def __post_init__(self) -> None:
         strengths = tuple(self.strengths) if isinstance(self.strengths, (list, tuple)) else self.strengths
@@ -488,6 +532,7 @@ CONTRASTS: tuple[str, ...] = get_args(Contrast)
 
 
 @dataclass(frozen=True)
+@defaults_from("detector", "views")
 class Views:
     """How ``augment`` turns one volume into each of its two training views; a size of 0 switches a view off.
 
@@ -498,17 +543,17 @@ class Views:
     degradation is applied with ``degradation_probability``.
     """
 
-    rotation_degrees: float = 5.0   # about every axis (one in-plane angle in 2D), uniform in ± this
-    flip_probability: float = 0.5   # each axis flipped with this probability
-    translation: float = 0.0        # shift along each axis uniform in ± this share of its side; what leaves is lost
-    zoom: float = 0.0               # scale about the centre uniform in [1 - zoom, 1 + zoom]: a crop or a wider field
-    elastic: float = 0.0            # smooth warp: each component at 4³ (4²) control points in ± this share of the side
-    downsample_factor: float = 1.0  # down- (area) then up-sampling (linear) by a factor in [1, this]; 1 is off
-    blur_sigma: float = 0.0         # Gaussian blur, σ uniform in [0, this] voxels
-    noise_std: float = 0.0          # additive Gaussian noise, std uniform in [0, this] (intensities in [0, 1])
-    intensity_scale: float = 0.0    # intensities times a factor uniform in [1 - this, 1 + this]
-    gamma: float = 0.0              # intensities to the power exp(u), u uniform in ± log(1 + this)
-    degradation_probability: float = 0.5  # each of down-sampling, blur, noise, intensity and gamma per view
+    rotation_degrees: float  # about every axis (one in-plane angle in 2D), uniform in ± this
+    flip_probability: float  # each axis flipped with this probability
+    translation: float  # shift along each axis uniform in ± this share of its side; what leaves is lost
+    zoom: float  # scale about the centre uniform in [1 - zoom, 1 + zoom]: a crop or a wider field
+    elastic: float  # smooth warp: each component at 4³ (4²) control points in ± this share of the side
+    downsample_factor: float  # down- (area) then up-sampling (linear) by a factor in [1, this]; 1 is off
+    blur_sigma: float  # Gaussian blur, σ uniform in [0, this] voxels
+    noise_std: float  # additive Gaussian noise, std uniform in [0, this] (intensities in [0, 1])
+    intensity_scale: float  # intensities times a factor uniform in [1 - this, 1 + this]
+    gamma: float  # intensities to the power exp(u), u uniform in ± log(1 + this)
+    degradation_probability: float  # each of down-sampling, blur, noise, intensity and gamma per view
 
     def __post_init__(self) -> None:
         for name in ("translation", "zoom", "elastic", "blur_sigma", "noise_std", "intensity_scale", "gamma"):
@@ -539,30 +584,34 @@ class Views:
 
 # Dar et al.'s recipe exactly as medmem ran it before issue 13 (config.yaml's detector section then).
 DAR = {"channels": (8, 16, 32, 64), "input_size": None, "embedding_dim": 32, "projection_dim": 32, "temperature": 0.07,
-       "views": Views(rotation_degrees=5.0, flip_probability=0.5), "contrast": "projection", "koleo_weight": 0.0,
+       "views": Views(rotation_degrees=5.0, flip_probability=0.5, translation=0.0, zoom=0.0, elastic=0.0,
+                      downsample_factor=1.0, blur_sigma=0.0, noise_std=0.0, intensity_scale=0.0, gamma=0.0,
+                      degradation_probability=0.5),
+       "contrast": "projection", "koleo_weight": 0.0,
        "shift_search": 0, "flip_search": False,
        "epochs": 60, "batch_size": 16, "learning_rate": 3.0e-4}
 
 
 @dataclass(frozen=True)
+@defaults_from("detector")
 class DetectorSettings:
     # sscd: the settings below | dar: Dar et al.'s (DAR); every setting but seed is then DAR's, so one
     # switch reproduces the published recipe whatever else the section says.
-    recipe: str = "sscd"
-    channels: tuple[int, ...] = (16, 32, 64)  # one stage (stride-2 downsampling) per entry
-    input_size: int | None = None  # the encoder's grid: longest side at most this (working_shape); None: the data's
-    embedding_dim: int = 32
-    projection_dim: int = 32
-    temperature: float = 0.07
+    recipe: str
+    channels: tuple[int, ...]  # one stage (stride-2 downsampling) per entry
+    input_size: int | None  # the encoder's grid: longest side at most this (working_shape); None: the data's
+    embedding_dim: int
+    projection_dim: int
+    temperature: float
     views: Views = field(default_factory=Views)
-    contrast: str = "embedding"  # NT-Xent on the centred embeddings similarity compares, or on a projection head
-    koleo_weight: float = 0.0  # weight of SSCD's KoLeo entropy term (0: off)
-    shift_search: int = 0  # score each pair at its best whole-voxel shift of at most this many (0: off; embed.py)
-    flip_search: bool = False  # ... and at its best left-right orientation (the volume also mirrored; embed.py)
-    epochs: int = 60
-    batch_size: int = 16
-    learning_rate: float = 1.0e-3
-    seed: int = 0
+    contrast: str  # NT-Xent on the centred embeddings similarity compares, or on a projection head
+    koleo_weight: float  # weight of SSCD's KoLeo entropy term (0: off)
+    shift_search: int  # score each pair at its best whole-voxel shift of at most this many (0: off; embed.py)
+    flip_search: bool  # ... and at its best left-right orientation (the volume also mirrored; embed.py)
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -631,11 +680,14 @@ REFERENCES = ("decoded", "scanned")
 
 
 @dataclass(frozen=True)
+@defaults_from("similarity", resolved=("reference",))
 class SimilaritySettings:
-    score: str = "correlation"  # correlation: Pearson (Dar et al.) | normalized: minus the background (SSCD)
-    background_neighbours: int = 10  # the training patients after the nearest whose mean is the background
-    background_weight: float = 1.0  # β: how much of the background is subtracted
-    reference: str = "scanned"  # decoded: real volumes through the experiment's autoencoder (decode.py) | scanned
+    score: str  # correlation: Pearson (Dar et al.) | normalized: minus the background (SSCD)
+    background_neighbours: int  # the training patients after the nearest whose mean is the background
+    background_weight: float  # β: how much of the background is subtracted
+    # decoded: real volumes through the experiment's autoencoder (decode.py) | scanned; the plan resolves
+    # config.yaml's auto by the synthetic source, and a source without an autoencoder is compared scanned
+    reference: str = "scanned"
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -650,19 +702,22 @@ class SimilaritySettings:
 # -------------------- baselines -----------------------------------------------------------------------
 
 BASELINE_METHODS = ("pixel_pearson", "ssim", "carlini", "meehan", "authenticity", "shift_pearson")
+# The columns of a baselines stage's scores.csv (baselines writes it, assess reads it).
+BASELINE_SCORE_COLUMNS = ["method", "set", "query_id", "neighbour_id", "score"]
 
 
 @dataclass(frozen=True)
+@defaults_from("baselines")
 class BaselinesSettings:
     """The ``baselines:`` section of config.yaml."""
 
-    methods: tuple[str, ...] = BASELINE_METHODS
-    ssim_candidates: int = 10  # most correlated reference volumes whose SSIM is computed, per query
-    shift_candidates: int = 10  # most correlated reference volumes searched over shifts, per query
-    carlini_alpha: float = 0.5  # α of Carlini et al.'s relative distance
-    carlini_neighbours: int = 50  # n of Carlini et al.'s relative distance
-    meehan_cells: int = 3  # k-means cells of Meehan et al.'s test
-    seed: int = 0  # k-means seed
+    methods: tuple[str, ...]
+    ssim_candidates: int  # most correlated reference volumes whose SSIM is computed, per query
+    shift_candidates: int  # most correlated reference volumes searched over shifts, per query
+    carlini_alpha: float  # α of Carlini et al.'s relative distance
+    carlini_neighbours: int  # n of Carlini et al.'s relative distance
+    meehan_cells: int  # k-means cells of Meehan et al.'s test
+    seed: int  # k-means seed
 
     def __post_init__(self) -> None:
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -682,8 +737,9 @@ class BaselinesSettings:
 # -------------------- screen --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("screen")
 class ScreenSettings:
-    threshold: float = 0.99  # voxel correlation above which a synthetic volume counts as a real case's scan
+    threshold: float  # voxel correlation above which a synthetic volume counts as a real case's scan
 
     def __post_init__(self) -> None:
         if not is_number(self.threshold) or not 0 < self.threshold <= 1:
@@ -695,16 +751,17 @@ class ScreenSettings:
 # -------------------- assess --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("assess", resolved=("training_images",))
 class AssessSettings:
-    percentile: float = 95.0  # τ = this percentile of train → nearest-holdout correlations; rate 1 - it / 100
-    threshold: str = "calibrated"  # which threshold the counts, verdict and figures read: calibrated | published
-    montage_pairs: int = 6  # most similar synthetic/training pairs shown in the montage
-    min_mild_recall: float = 0.9  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
-    min_realistic_recall: float = 0.9  # ... and below this one on reconstruction/combined probes (a second recall)
-    bootstrap_resamples: int = 1000  # confidence intervals for τ, N_mem and N_copies
-    confidence: float = 0.95
+    percentile: float  # τ = this percentile of train → nearest-holdout correlations; rate 1 - it / 100
+    threshold: str  # which threshold the counts, verdict and figures read: calibrated | published
+    montage_pairs: int  # most similar synthetic/training pairs shown in the montage
+    min_mild_recall: float  # below this recall on exact/flip/rotate_5 probes the verdict is inconclusive
+    min_realistic_recall: float  # ... and below this one on reconstruction/combined probes (a second recall)
+    bootstrap_resamples: int  # confidence intervals for τ, N_mem and N_copies
+    confidence: float
     training_images: bool = False  # show training volumes in figures (patient images on real data)
-    seed: int = 0
+    seed: int
 
     def __post_init__(self) -> None:
         for name in ("min_mild_recall", "min_realistic_recall"):
@@ -755,12 +812,13 @@ def _ordinal(percentile: float) -> str:
 # -------------------- quality -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("quality")
 class QualitySettings:
     """The ``quality:`` section of config.yaml."""
 
-    diversity_pairs: int = 100  # random distinct pairs for MS-SSIM diversity (all pairs when there are fewer)
-    fid_weights: str | None = None  # optional local TorchScript extractor, (B, 1, D, H, W) or (B, 1, H, W) -> (B, F)
-    seed: int = 0
+    diversity_pairs: int  # random distinct pairs for MS-SSIM diversity (all pairs when there are fewer)
+    fid_weights: str | None  # optional local TorchScript extractor, (B, 1, D, H, W) or (B, 1, H, W) -> (B, F)
+    seed: int
 
     def __post_init__(self) -> None:
         check_int("quality.diversity_pairs", self.diversity_pairs, minimum=1)
@@ -774,9 +832,10 @@ class QualitySettings:
 # -------------------- release -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+@defaults_from("release", resolved=("percentile", "threshold"))
 class ReleaseSettings:
     percentile: float = 95.0  # per method: flag at false-positive rate 1 - percentile / 100 (or τ's percentile)
-    methods: tuple[str, ...] | str = "all"  # "all": every method the experiment ran
+    methods: tuple[str, ...] | str  # "all": every method the experiment ran
     threshold: str = "calibrated"  # calibrated (conformal on held-out patients) | published (Dar et al.'s τ)
 
     def __post_init__(self) -> None:
