@@ -79,7 +79,7 @@ def blocks(block_mm: float, grid: int) -> tuple[list[str], np.ndarray]:
         image = nib.as_closest_canonical(nib.load(str(path)))  # RAS+: array axis 0 runs left → right
         data = np.asarray(image.dataobj, dtype=np.float64)
         data = data[..., frame] if frame is not None else data
-        data = volume_io.scale_mr(data, PERCENTILES, path).astype(np.float32)
+        data = volume_io.scale_to_unit(data, volume_io.percentile_range(data, PERCENTILES, path)).astype(np.float32)
         size = [max(1, round(block_mm / float(z))) for z in image.header.get_zooms()[:3]]
         left = data[:data.shape[0] // 2]
         counts = [extent // side for extent, side in zip(left.shape, size)]
@@ -148,8 +148,8 @@ def contrastive(config: dict, folder: Path, train: np.ndarray, holdout: np.ndarr
     tables = {table: folder / f"{table}.csv" for table in ("synthetic_to_train", "train_to_synthetic",
                                                           "train_to_holdout", "holdout_to_train",
                                                           "controls_to_train")}
-    # The search's own settings where similarity.py has them (the normalized score is on its way in).
-    search = {"settings": similarity.Settings(**config["similarity"])} if "similarity" in config else {}
+    # No autoencoder here: the blocks are compared as scanned (what similarity.reference: auto gives a folder).
+    search = {"settings": similarity.Settings(**{**config["similarity"], "reference": "scanned"})}
     similarity.run(folder / "train.npz", folder / "holdout.npz", folder / "probes.npz", folder / "probes.npz",
                    folder / "split.csv", *tables.values(), **search)
 
@@ -213,7 +213,8 @@ def markdown(results: pd.DataFrame, rule: str) -> str:
     return "\n".join(lines)
 
 
-def main(grid: int, block_mm: float, per_kind: int, seed: int, detector_config: Path | None, out: Path) -> None:
+def main(grid: int, block_mm: float, per_kind: int, seed: int, detector_config: Path | None, out: Path,
+         methods: tuple[str, ...] = (assess.CONTRASTIVE, *baselines.METHODS)) -> None:
     started = time.perf_counter()
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     if detector_config is not None:
@@ -237,13 +238,14 @@ def main(grid: int, block_mm: float, per_kind: int, seed: int, detector_config: 
           f"{int((table['role'] == 'negative').sum())} other negatives ({time.perf_counter() - started:.0f} s)")
 
     results, timings = [], {}
-    with tempfile.TemporaryDirectory() as folder:
-        begin = time.perf_counter()
-        scores = contrastive(config, Path(folder), train, holdout, np.stack(table["volume"]), block_mm)
-        timings[assess.CONTRASTIVE] = time.perf_counter() - begin
-        results += measure(assess.CONTRASTIVE, scores, table, percentile)
+    if assess.CONTRASTIVE in methods:
+        with tempfile.TemporaryDirectory() as folder:
+            begin = time.perf_counter()
+            scores = contrastive(config, Path(folder), train, holdout, np.stack(table["volume"]), block_mm)
+            timings[assess.CONTRASTIVE] = time.perf_counter() - begin
+            results += measure(assess.CONTRASTIVE, scores, table, percentile)
     settings = baselines.Settings(**config["baselines"])
-    for method in baselines.METHODS:
+    for method in (m for m in baselines.METHODS if m in methods):
         begin = time.perf_counter()
         results += measure(method, voxel_scores(method, settings, train, holdout, table), table, percentile)
         timings[method] = time.perf_counter() - begin
@@ -268,6 +270,8 @@ if __name__ == "__main__":
     parser.add_argument("--detector-config", type=Path, default=None,
                         help="YAML of detector settings (or a config with a detector section) over config.yaml's")
     parser.add_argument("--out", type=Path, default=Path("real_anatomy.csv"))
+    parser.add_argument("--methods", nargs="+", default=[assess.CONTRASTIVE, *baselines.METHODS],
+                        choices=[assess.CONTRASTIVE, *baselines.METHODS], help="the methods to measure (default: all)")
     arguments = parser.parse_args()
     main(arguments.grid, arguments.block_mm, arguments.per_kind, arguments.seed, arguments.detector_config,
-         arguments.out)
+         arguments.out, tuple(arguments.methods))
