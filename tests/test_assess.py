@@ -303,6 +303,34 @@ def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_
     assert hidden.montage.stat().st_size < shown.montage.stat().st_size
 
 
+def test_with_a_decoded_reference_the_montage_shows_the_decoded_training_patient(neighbour_tables, tmp_path):
+    """What the detector compared is what the reader sees: the nearest training patient as the autoencoder
+    reproduces it (decode.py's manifest), not its scan; still only where patient images are allowed."""
+    rng = np.random.default_rng(1)
+    decoded = tmp_path / "decode"
+    for volume_id in TRAIN:
+        artefacts.save_nifti(decoded / "volumes" / f"{volume_id}.nii.gz", rng.random((8, 10, 12), dtype=np.float32),
+                             np.eye(4))
+    artefacts.write_csv(decoded / "manifest.csv", pd.DataFrame(
+        {"id": TRAIN, "path": [f"volumes/{i}.nii.gz" for i in TRAIN], "set": "train"}))
+    with_decoded = dataclasses.replace(neighbour_tables, decoded_manifest=decoded / "manifest.csv",
+                                       decoded_volumes=decoded / "volumes")
+    scanned, compared = outputs_in(tmp_path / "scanned"), outputs_in(tmp_path / "decoded")
+    assess.run(assess.Settings(montage_pairs=1, training_images=True), neighbour_tables, scanned)
+    assess.run(assess.Settings(montage_pairs=1, training_images=True), with_decoded, compared)
+    assert scanned.montage.read_bytes() != compared.montage.read_bytes()
+    # Every table but the montage is the same: the decoded volumes are only drawn.
+    assert scanned.per_sample.read_bytes() == compared.per_sample.read_bytes()
+    hidden = [outputs_in(tmp_path / name) for name in ("scanned_hidden", "decoded_hidden")]
+    assess.run(assess.Settings(montage_pairs=1, training_images=False), neighbour_tables, hidden[0])
+    assess.run(assess.Settings(montage_pairs=1, training_images=False), with_decoded, hidden[1])
+    # Without patient images neither the scan nor the decoding is drawn: the montages differ by their title only.
+    assert hidden[1].montage.stat().st_size < compared.montage.stat().st_size
+    artefacts.write_csv(decoded / "manifest.csv", pd.DataFrame({"id": TRAIN[1:], "path": "x.nii.gz", "set": "train"}))
+    with pytest.raises(ValueError, match="no volumes for ids"):
+        assess.run(assess.Settings(montage_pairs=20, training_images=True), with_decoded, outputs_in(tmp_path / "bad"))
+
+
 def test_montage_never_shows_a_synthetic_volume_that_is_a_real_scan(neighbour_tables, tmp_path):
     """s1, second in the montage, is a held-out patient's scan: without training images it is not drawn."""
     flagged, unflagged = outputs_in(tmp_path / "flagged"), outputs_in(tmp_path / "unflagged")

@@ -113,6 +113,10 @@ class Inputs:
     volumes: str | os.PathLike | None = None            # folders the tables point into (rule dependencies)
     synthetic_volumes: str | os.PathLike | None = None
     controls_volumes: str | os.PathLike | None = None
+    # similarity.reference decoded: the decode stage's manifest (id, path, set), the patients as the experiment's
+    # autoencoder reproduces them. The montage then shows the decoded training patient: what was compared.
+    decoded_manifest: str | os.PathLike | None = None
+    decoded_volumes: str | os.PathLike | None = None
 
 
 @dataclass(frozen=True)
@@ -439,11 +443,13 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
 
 def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, montage_png: str | os.PathLike) -> None:
     """The most similar synthetic/training pairs; training volumes, and synthetic volumes that are real scans, only
-    where settings allow patient images."""
-    training_paths = volume_sets.read_volume_table(inputs.cases).set_index("id")["path"]
+    where settings allow patient images. With a decoded reference the training side is the patient decoded, as
+    the detector compared it (a reconstruction of a patient is patient data too)."""
+    training_table = inputs.decoded_manifest or inputs.cases
+    training_paths = volume_sets.read_volume_table(training_table).set_index("id")["path"]
     synthetic_paths = volume_sets.read_volume_table(inputs.synthetic_manifest).set_index("id")["path"]
     for table, ids, column in ((inputs.synthetic_manifest, synthetic_paths, "synthetic_id"),
-                               (inputs.cases, training_paths, "nearest_train_id")):
+                               (training_table, training_paths, "nearest_train_id")):
         unknown = sorted(set(shown[column]) - set(ids.index))
         if unknown:
             raise ValueError(f"{table}: no volumes for ids {unknown} of {inputs.synthetic_to_train}; "
@@ -454,6 +460,7 @@ def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, monta
               artefacts.load_nifti(training_paths[row.nearest_train_id])[0] if settings.training_images else None,
               (row.synthetic_id, row.nearest_train_id), float(row.correlation), bool(row.is_copy))
              for row in shown.itertuples()]
-    figures.plot_montage(pairs, montage_png, spatial_dims=artefacts.load_nifti(training_paths.iloc[0])[0].ndim)
+    figures.plot_montage(pairs, montage_png, spatial_dims=artefacts.load_nifti(training_paths.iloc[0])[0].ndim,
+                         training_label="training, decoded" if inputs.decoded_manifest else "training")
 
 

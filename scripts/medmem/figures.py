@@ -76,14 +76,16 @@ def _canonical(volume: np.ndarray, name: str) -> np.ndarray:
     return volume
 
 
-def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_dims: int = 3) -> None:
+def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_dims: int = 3,
+                 training_label: str = "training") -> None:
     """One row per (synthetic volume, training volume, (synthetic id, training id), correlation, flagged).
 
     Each row shows the centre sagittal, coronal and axial slices of the synthetic volume, then the
     same three of its nearest training volume, on a shared [0, 1] grey scale. 2D (H, W) images are
     shown whole, one panel each. A training volume of None (patient images not allowed in figures)
     leaves its panels blank but for its id; so does a synthetic volume of None (a real patient's scan,
-    see screen.py). ``spatial_dims`` says which kind to draw when no synthetic volume is shown.
+    see screen.py). ``spatial_dims`` says which kind to draw when no synthetic volume is shown;
+    ``training_label`` heads the training half ("training, decoded" when that is what was compared).
     """
     if not pairs:
         raise ValueError("plot_montage needs at least one (synthetic, training, labels, correlation) pair")
@@ -105,7 +107,8 @@ def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_
                     axes.set_xticks([])
                     axes.set_yticks([])
                     if row == 0:
-                        axes.set_title(f"{'synthetic' if half == 0 else 'training'}: {views[column][0]}", fontsize=9)
+                        axes.set_title(f"{'synthetic' if half == 0 else training_label}: {views[column][0]}",
+                                       fontsize=9)
                 grid[row, per_half * half].set_ylabel(name, fontsize=8)
                 middle = grid[row, per_half * half + per_half // 2]
                 why = ("a real patient's scan (screen)\nnot shown" if half == 0
@@ -124,7 +127,7 @@ def plot_montage(pairs: Sequence[MontagePair], path: str | os.PathLike, spatial_
                 axes.set_xticks([])
                 axes.set_yticks([])
                 if row == 0:
-                    axes.set_title(f"{'synthetic' if half == 0 else 'training'}: {view}", fontsize=9)
+                    axes.set_title(f"{'synthetic' if half == 0 else training_label}: {view}", fontsize=9)
                 if column == 0:
                     label = f"{name}\nr = {correlation:.4f}{' FLAGGED' if flagged else ''}" if half == 0 else name
                     axes.set_ylabel(label, fontsize=8, color="tab:red" if flagged and half == 0 else "black")

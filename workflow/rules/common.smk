@@ -247,6 +247,8 @@ def experiment_files(name):
         **controls_set("similarity", keys["similarity"]),
         "synthetic_embeddings": embeddings["synthetic"],
         "holdout_embeddings": embeddings["holdout"],
+        **({"decoded_manifest": f"{RESULTS}/decode/{keys['decode']}/manifest.csv",
+            "decoded_volumes": f"{RESULTS}/decode/{keys['decode']}/volumes"} if "decode" in keys else {}),
     }
 
 
@@ -254,8 +256,9 @@ def assess_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
     names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "control_baseline_scores",
              "control_baseline_statistics", "screen", "cases", "volumes", "generator_split",
-             "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
-    return {name: files[name] for name in names}
+             "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes",
+             "decoded_manifest", "decoded_volumes"]
+    return {name: files[name] for name in names if name in files}
 
 
 def quality_inputs(wildcards):
