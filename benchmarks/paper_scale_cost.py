@@ -357,8 +357,12 @@ def study_costs(config: dict, study: dict, scale: Scale) -> dict[str, list]:
                 controls = plan.run("controls", controls_key).settings
                 embedded[(detector_key, "train")] = scale.n_train
                 embedded[(detector_key, "holdout")] = scale.n_holdout
-                embedded[(detector_key, f"controls-{controls_key}")] = (
-                    (controls["n_per_strength"] or scale.n_train) * len(controls["strengths"]) + scale.n_holdout)
+                n_controls = (controls["n_per_strength"] or scale.n_train) * len(controls["strengths"]) + scale.n_holdout
+                if "decode" in run.inputs:  # the decoded set: every patient and control, as the autoencoder draws it
+                    embedded[(detector_key, f"decoded-{run.inputs['decode']}")] = (
+                        scale.n_train + scale.n_holdout + n_controls)
+                else:
+                    embedded[(detector_key, f"controls-{controls_key}")] = n_controls
                 synthetic = next((s for s in ("sample", "sample_vae", "sample_gan") if s in run.inputs), None)
                 if synthetic:  # volumes from a folder: their number is not known here
                     embedded[(detector_key, f"{synthetic}-{run.inputs[synthetic]}")] = n_synthetic(
