@@ -8,6 +8,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
+# The suite runs on two pytest-xdist workers (`make test`: -n 2 --dist loadgroup). Each module's tests stay on one
+# worker, so a module-scoped fixture (a trained network) is built once; the modules that read the shared tiny run
+# (conftest.tiny_run) share one group, so it runs once. The SLURM test, which mostly waits on the scheduler, then
+# overlaps with the CPU-bound tests on the other worker.
+TINY_RUN_MODULES = ("test_workflow", "test_reproducible")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            module = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group("tiny_run" if module in TINY_RUN_MODULES else module))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny convolutions run fastest on one thread, and do not slow to a crawl on a busy machine."""
