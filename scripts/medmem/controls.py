@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
-from medmem import artefacts, autoencoder, volume_sets
+from medmem import artefacts, autoencoder, detector, volume_sets
 from medmem.settings import STRENGTHS, ControlsSettings as Settings
 
 logger = logging.getLogger("medmem.controls")
@@ -225,17 +225,7 @@ def rotate(volume: np.ndarray, angles: np.ndarray) -> np.ndarray:
         raise ValueError(f"rotating a {spatial_dims}D array of shape {volume.shape} needs {n_angles} angle(s), got "
                          f"{angles.size}; pass one angle per rotation axis")
 
-    def about(angle: float, axes: tuple[int, int]) -> np.ndarray:
-        matrix = np.eye(spatial_dims)
-        i, j = axes
-        matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = (math.cos(angle), -math.sin(angle),
-                                                                  math.sin(angle), math.cos(angle))
-        return matrix
-
-    if spatial_dims == 3:
-        rotation = about(angles[0], (1, 2)) @ about(angles[1], (0, 2)) @ about(angles[2], (0, 1))
-    else:
-        rotation = about(angles[0], (0, 1))
+    rotation = detector.rotation_matrices(torch.from_numpy(angles)[None])[0].numpy()
     # Grid coordinates run over the array axes in reverse, (x, y, z) = (W, H, D) or (x, y) = (W, H),
     # each normalised to [-1, 1].
     sizes = np.array(volume.shape[::-1], dtype=np.float64)

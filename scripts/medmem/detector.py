@@ -203,20 +203,7 @@ def augment(volumes: torch.Tensor, views: Views, generator: torch.Generator) -> 
     flips = torch.where(torch.rand(batch, spatial_dims, generator=generator) < views.flip_probability,
                         -1.0, 1.0).double()
 
-    cos, sin = angles.cos(), angles.sin()
-    one = torch.ones(batch, dtype=torch.float64)
-
-    def rotation(c: torch.Tensor, s: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
-        matrix = torch.diag_embed(torch.stack([one] * spatial_dims, dim=1))
-        i, j = axes
-        matrix[:, i, i], matrix[:, i, j], matrix[:, j, i], matrix[:, j, j] = c, -s, s, c
-        return matrix
-
-    if spatial_dims == 3:
-        rotations = (rotation(cos[:, 0], sin[:, 0], (1, 2)) @ rotation(cos[:, 1], sin[:, 1], (0, 2))
-                     @ rotation(cos[:, 2], sin[:, 2], (0, 1)))
-    else:
-        rotations = rotation(cos[:, 0], sin[:, 0], (0, 1))
+    rotations = rotation_matrices(angles)
     # Grid coordinates run over the array axes in reverse, (x, y, z) = (W, H, D) or (x, y) = (W, H),
     # each normalised to [-1, 1].
     sizes = torch.tensor(shape[::-1], dtype=torch.float64)
@@ -233,6 +220,27 @@ def augment(volumes: torch.Tensor, views: Views, generator: torch.Generator) -> 
     if views.elastic > 0:
         displacement = elastic_displacement(batch, tuple(shape), views.elastic, generator)
     return degrade(resample(volumes, theta, shifts, displacement), views, generator)
+
+
+def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) angles (radians) about the array axes' planes (1, 2), (0, 2), (0, 1), composed in that order, or
+    (B, 1) in-plane angles of 2D images -> (B, d, d) float64 rotations in array-axis (voxel) coordinates.
+    The one rotation convention of medmem: the detector's views and the planted controls (controls.rotate)."""
+    angles = angles.to(torch.float64)
+    spatial_dims = 3 if angles.shape[1] == 3 else 2
+    cos, sin = angles.cos(), angles.sin()
+    one = torch.ones(len(angles), dtype=torch.float64)
+
+    def rotation(c: torch.Tensor, s: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
+        matrix = torch.diag_embed(torch.stack([one] * spatial_dims, dim=1))
+        i, j = axes
+        matrix[:, i, i], matrix[:, i, j], matrix[:, j, i], matrix[:, j, j] = c, -s, s, c
+        return matrix
+
+    if spatial_dims == 3:
+        return (rotation(cos[:, 0], sin[:, 0], (1, 2)) @ rotation(cos[:, 1], sin[:, 1], (0, 2))
+                @ rotation(cos[:, 2], sin[:, 2], (0, 1)))
+    return rotation(cos[:, 0], sin[:, 0], (0, 1))
 
 
 def elastic_displacement(batch: int, shape: tuple[int, ...], share: float,
