@@ -99,7 +99,7 @@ def test_the_slurm_profile_dry_run_shows_runtime_memory_cores_and_gpus(tmp_path)
     write_config(tmp_path, tiny_config())
     jobs = dry_run_jobs(tmp_path, "--workflow-profile", str(PROFILES / "slurm"))
     rules = {rule for rule, _ in jobs}
-    assert {"train_autoencoder", "train_diffusion", "sample", "train_detector", "embed"} <= rules
+    assert {"train_autoencoder", "train_diffusion", "sample", "train_detector", "embed_split", "embed_set"} <= rules
     assert {"ingest", "split", "similarity", "assess", "report"} <= rules
     for rule, line in jobs:
         if rule == "all":
@@ -190,7 +190,7 @@ def test_the_tiny_workflow_runs_on_slurm_with_gpus_for_gpu_rules_only(slurm, tmp
     gpus = task_gpus(state_dir)
     assert {job["JobState"] for job in jobs} == {"COMPLETED"}
     rules = {job["Rule"] for job in jobs}
-    assert {"train_autoencoder", "train_diffusion", "sample", "train_detector", "embed"} <= rules
+    assert {"train_autoencoder", "train_diffusion", "sample", "train_detector", "embed_split", "embed_set"} <= rules
     assert {"ingest", "split", "plant_controls", "similarity", "baselines", "assess", "quality", "report"} <= rules
     for job in jobs:
         on_gpu = job["Rule"] in GPU_RULES

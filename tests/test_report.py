@@ -199,7 +199,7 @@ def test_privacy_utility_needs_a_quality_column(tmp_path):
 def test_the_cost_table_reads_the_benchmark_file_of_every_job_of_the_plan(tmp_path):
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     jobs = {"train_autoencoder/ab12": "61.5\t0:01:01\t812.4\t2000\t700\t710\t0.1\t3.2\t95.0\t58.1\n",
-            "embed/cd34-synthetic-ef56": "4.2\t0:00:04\t301.0\t900\t280\t290\t0\t0.1\t80.0\t3.3\n",
+            "embed_set/cd34-sample-ef56": "4.2\t0:00:04\t301.0\t900\t280\t290\t0\t0.1\t80.0\t3.3\n",
             "assess/long-run": "7.0\t0:00:07\t250.5\t800\t240\t245\t0\t0.2\t90.0\t6.1\n",
             "assess/other": "9.0\t0:00:09\t260.0\t800\t240\t245\t0\t0.2\t90.0\t8.0\n"}  # not this plan's
     for job, line in jobs.items():
@@ -209,7 +209,7 @@ def test_the_cost_table_reads_the_benchmark_file_of_every_job_of_the_plan(tmp_pa
                   {"experiment": "long-run", "stage": "autoencoder", "key": "ab12"},
                   {"experiment": "long-run", "stage": "detector", "key": "cd34"}]
     costs = report.cost_table(tmp_path, index_rows)
-    assert costs["job"].tolist() == ["ab12", "long-run", "cd34-synthetic-ef56"]  # longest first
-    assert costs["rule"].tolist() == ["train_autoencoder", "assess", "embed"]
+    assert costs["job"].tolist() == ["ab12", "long-run", "cd34-sample-ef56"]  # longest first
+    assert costs["rule"].tolist() == ["train_autoencoder", "assess", "embed_set"]
     assert costs["experiments"].tolist() == ["base;long-run", "long-run", "long-run"]
     assert costs.iloc[0][["wall_s", "max_rss_mb", "cpu_s", "mean_load"]].tolist() == [61.5, 812.4, 58.1, 95.0]

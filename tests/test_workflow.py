@@ -79,7 +79,7 @@ def test_default_plan_shares_upstream_stages(tmp_path):
     # autoencoder (similarity.reference: auto is decoded for an LDM) and their embedding; the controls as planted
     # are not embedded, since nothing compares them.
     assert jobs == {"all": 1, "ingest": 1, "split": 1, "canaries": 1, "plant_controls": 1, "train_autoencoder": 1,
-                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed": 5, "similarity": 2,
+                    "train_detector": 1, "train_diffusion": 2, "sample": 2, "decode": 1, "embed_split": 2, "embed_set": 3, "similarity": 2,
                     "baselines": 2, "baselines_controls": 1, "screen": 2, "assess": 2, "quality": 2, "release": 2,
                     "report": 1, "total": 31}
 
@@ -126,7 +126,8 @@ def test_end_to_end_outputs_are_consistent(tiny_run):
     costs = pd.read_csv(results / "report" / "costs.csv").set_index("job")
     assert len(costs) == 29 and set(costs["rule"]) == {
         "ingest", "split", "canaries", "plant_controls", "decode", "train_autoencoder", "train_detector", "train_diffusion", "sample",
-        "embed", "similarity", "baselines", "baselines_controls", "screen", "assess", "quality", "release"}
+        "embed_split", "embed_set", "similarity", "baselines", "baselines_controls", "screen", "assess", "quality",
+        "release"}
     assert (costs["wall_s"] > 0).all() and (costs["max_rss_mb"] > 0).all() and (costs["cpu_s"] >= 0).all()
     assert costs.at[keys.loc["autoencoder", "baseline"], "experiments"] == "baseline;canaries"
     assert sorted(costs.loc["canaries", "rule"]) == ["assess", "quality", "release"]
@@ -230,7 +231,7 @@ def test_rerun_plans_nothing_and_a_changed_experiment_replans_only_its_branch(ti
         jobs = planned_jobs(tiny_run)
     finally:
         write_config(tiny_run, tiny_config())
-    assert jobs == {"all": 1, "train_diffusion": 1, "sample": 1, "embed": 1, "similarity": 1, "baselines": 1,
+    assert jobs == {"all": 1, "train_diffusion": 1, "sample": 1, "embed_set": 1, "similarity": 1, "baselines": 1,
                     "screen": 1, "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 11}
 
 
@@ -317,7 +318,7 @@ def test_an_outside_folder_is_audited_without_training_a_generator(tmp_path):
     write_config(tmp_path, outside_audit_config(tmp_path))
     jobs = planned_jobs(tmp_path)
     assert jobs == {"all": 1, "ingest": 1, "ingest_synthetic": 1, "split": 1, "plant_controls": 1,
-                    "train_detector": 1, "embed": 4, "similarity": 1, "baselines": 1, "baselines_controls": 1,
+                    "train_detector": 1, "embed_split": 2, "embed_set": 2, "similarity": 1, "baselines": 1, "baselines_controls": 1,
                     "screen": 1, "assess": 1, "quality": 1, "release": 1, "report": 1, "total": 18}
     inputs_before = input_digests(tmp_path / "cohort", tmp_path / "synthetic")
     snakemake(tmp_path, *CPU_RUN)
@@ -379,21 +380,21 @@ def test_experiments_from_the_command_line_replace_the_default_ones(tmp_path):
     # autoencoder: one set of controls (and of baselines on them) per autoencoder, and one decoding of the real
     # volumes and controls through it (similarity.reference: decoded), embedded.
     ("training_length", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                         "train_diffusion": 1, "sample": 4, "decode": 1, "embed": 7, "screen": 4, "assess": 4, "total": 45}),
+                         "train_diffusion": 1, "sample": 4, "decode": 1, "embed_split": 2, "embed_set": 5, "screen": 4, "assess": 4, "total": 45}),
     # Two seeds per experiment (replicates: 2): four diffusion models, one instrument.
     ("augmentation", {"train_autoencoder": 1, "plant_controls": 1, "baselines_controls": 1, "train_detector": 1,
-                      "train_diffusion": 4, "sample": 4, "decode": 1, "embed": 7, "screen": 4, "assess": 4, "total": 48}),
+                      "train_diffusion": 4, "sample": 4, "decode": 1, "embed_split": 2, "embed_set": 5, "screen": 4, "assess": 4, "total": 48}),
     # Model size changes the autoencoder too, and with it the controls; the detector is shared.
     ("model_size", {"train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3, "train_detector": 1,
-                    "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 8, "screen": 3, "assess": 3, "total": 49}),
+                    "train_diffusion": 3, "sample": 3, "decode": 3, "embed_split": 2, "embed_set": 6, "screen": 3, "assess": 3, "total": 49}),
     # The VAE is the LDM's own autoencoder: one autoencoder and one set of controls for both; the GAN trains on
     # its own, its controls band-limit (it has no autoencoder).
     ("model_families", {"train_autoencoder": 1, "plant_controls": 2, "baselines_controls": 2, "train_diffusion": 1,
                         "sample": 1, "sample_vae": 1, "train_gan": 1, "sample_gan": 1, "train_detector": 1,
-                        "decode": 1, "embed": 7, "screen": 3, "assess": 3, "total": 41}),
+                        "decode": 1, "embed_split": 2, "embed_set": 5, "screen": 3, "assess": 3, "total": 41}),
     # Each fraction below 1 takes its subset and trains its own generator; the detector is shared.
     ("training_size", {"train_subset": 2, "train_autoencoder": 3, "plant_controls": 3, "baselines_controls": 3,
-                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "decode": 3, "embed": 8, "similarity": 3,
+                       "train_detector": 1, "train_diffusion": 3, "sample": 3, "decode": 3, "embed_split": 2, "embed_set": 6, "similarity": 3,
                        "screen": 3, "assess": 3, "total": 51}),
 ])
 def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):

@@ -52,7 +52,10 @@ wildcard_constraints:
     baselines=KEY,
     baselines_controls=KEY,
     screen=KEY,
-    volume_set=f"train|holdout|synthetic-{KEY}|controls-{KEY}|decoded-{KEY}",
+    subset="train|holdout",
+    # The stages whose folder of volumes (manifest.csv + volumes/) embed_set embeds.
+    volume_stage="|".join([*SYNTHETIC_STAGES.values(), "controls", "decode"]),
+    volume_key=KEY,
     experiment="|".join(EXPERIMENTS),
 
 
@@ -167,20 +170,9 @@ def controls_set(stage, key):
     return {"controls_manifest": f"{controls}/manifest.csv", "controls_volumes": f"{controls}/volumes"}
 
 
-def embed_inputs(wildcards):
-    inputs = {"detector": f"{RESULTS}/detector/{wildcards.detector}/detector.pt"}
-    name, _, key = wildcards.volume_set.partition("-")
-    if name == "synthetic":
-        stage = next(s for s in SYNTHETIC_STAGES.values() if key in PLAN.runs.get(s, {}))
-        inputs["manifest"] = f"{RESULTS}/{stage}/{key}/manifest.csv"
-        inputs["volumes"] = f"{RESULTS}/{stage}/{key}/volumes"
-    elif name in ("controls", "decoded"):
-        folder = f"{RESULTS}/{'decode' if name == 'decoded' else 'controls'}/{key}"
-        inputs["manifest"] = f"{folder}/manifest.csv"
-        inputs["volumes"] = f"{folder}/volumes"
-    else:
-        inputs.update(cohort_inputs("detector")(wildcards))
-    return inputs
+def embed_split_inputs(wildcards):
+    return {"detector": f"{RESULTS}/detector/{wildcards.detector}/detector.pt",
+            **cohort_inputs("detector")(wildcards)}
 
 
 def similarity_inputs(wildcards):
@@ -193,13 +185,14 @@ def embedding_files(similarity_key):
     with similarity.reference decoded the decoded set, which holds them (and the patients) decoded."""
     keys = PLAN.run("similarity", similarity_key).inputs
     embeddings = f"{RESULTS}/embeddings/{keys['detector']}"
+    source = synthetic_stage(keys)
     files = {
         "train": f"{embeddings}/train.npz",
         "holdout": f"{embeddings}/holdout.npz",
-        "synthetic": f"{embeddings}/synthetic-{keys[synthetic_stage(keys)]}.npz",
+        "synthetic": f"{embeddings}/{source}-{keys[source]}.npz",
     }
     if "decode" in keys:
-        files["decoded"] = f"{embeddings}/decoded-{keys['decode']}.npz"
+        files["decoded"] = f"{embeddings}/decode-{keys['decode']}.npz"
     else:
         files["controls"] = f"{embeddings}/controls-{keys['controls']}.npz"
     return files

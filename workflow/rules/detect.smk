@@ -28,17 +28,19 @@ rule train_detector:
         "../../scripts/train_detector.py"
 
 
-rule embed:
+# The split's training or held-out patients, as scanned (the training set without shifted variants: similarity
+# searches the other sets' variants against its plain vectors).
+rule embed_split:
     input:
-        unpack(embed_inputs),
+        unpack(embed_split_inputs),
     output:
-        embeddings=f"{RESULTS}/embeddings/{{detector}}/{{volume_set}}.npz",
+        embeddings=f"{RESULTS}/embeddings/{{detector}}/{{subset}}.npz",
     params:
         device=config["device"],
     log:
-        f"{RESULTS}/logs/embed/{{detector}}-{{volume_set}}.log",
+        f"{RESULTS}/logs/embed_split/{{detector}}-{{subset}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/embed/{{detector}}-{{volume_set}}.tsv",
+        f"{RESULTS}/benchmarks/embed_split/{{detector}}-{{subset}}.tsv",
     threads: 1
     conda:
         TRAIN_ENV
@@ -46,7 +48,31 @@ rule embed:
         gpu=1,
         mem_mb=4000,
     script:
-        "../../scripts/embed.py"
+        "../../scripts/embed_split.py"
+
+
+# Every volume of one stage's folder (its manifest.csv): synthetic samples, the planted controls, the decoded set.
+rule embed_set:
+    input:
+        detector=f"{RESULTS}/detector/{{detector}}/detector.pt",
+        manifest=f"{RESULTS}/{{volume_stage}}/{{volume_key}}/manifest.csv",
+        volumes=f"{RESULTS}/{{volume_stage}}/{{volume_key}}/volumes",
+    output:
+        embeddings=f"{RESULTS}/embeddings/{{detector}}/{{volume_stage}}-{{volume_key}}.npz",
+    params:
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/embed_set/{{detector}}-{{volume_stage}}-{{volume_key}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed_set/{{detector}}-{{volume_stage}}-{{volume_key}}.tsv",
+    threads: 1
+    conda:
+        TRAIN_ENV
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    script:
+        "../../scripts/embed_set.py"
 
 
 rule similarity:
