@@ -249,9 +249,9 @@ def assess_inputs(wildcards):
     files = experiment_files(wildcards.experiment)
     names = [*NEIGHBOUR_TABLES, "baseline_scores", "baseline_statistics", "control_baseline_scores",
              "control_baseline_statistics", "screen", "cases", "volumes", "generator_split",
-             "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes",
-             "decoded_manifest", "decoded_volumes"]
-    return {name: files[name] for name in names if name in files}
+             "synthetic_manifest", "synthetic_volumes", "controls_manifest", "controls_volumes"]
+    decoded = [name for name in ("decoded_manifest", "decoded_volumes") if name in files]  # decoded reference only
+    return {name: files[name] for name in [*names, *decoded]}
 
 
 def quality_inputs(wildcards):
