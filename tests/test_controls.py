@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import test_autoencoder
-from medmem import artefacts, autoencoder, controls, volume_sets
+from medmem import artefacts, autoencoder, controls, settings, volume_sets
 from procedural_cohort import ISOTROPIC_4MM, ellipsoid_volumes, write_cohort
 
 ROOT = test_autoencoder.ROOT
@@ -53,6 +53,7 @@ def test_exact_is_bit_identical_and_flip_mirrors_left_right(volumes):
     flipped = controls.transform(source, "flip", np.random.default_rng(0))
     np.testing.assert_array_equal(flipped, np.flip(source, axis=0))
     assert not np.array_equal(flipped, source)  # the cohort's volumes are not left-right symmetric
+    assert settings.MILD_STRENGTHS == ("exact", "flip", "rotate_5")
 
 
 def test_random_strengths_differ_between_draws(volumes):
