@@ -35,7 +35,6 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -128,8 +127,9 @@ def contrastive(config: dict, folder: Path, train: np.ndarray, holdout: np.ndarr
     names = {"train": [f"train_{i:03d}" for i in range(len(train))],
              "holdout": [f"holdout_{i:03d}" for i in range(len(holdout))],
              "probes": [f"probe_{i:04d}" for i in range(len(probe_volumes))]}
-    for patient, volume in zip(names["train"] + names["holdout"], np.concatenate([train, holdout])):
-        artefacts.save_nifti(folder / "volumes" / f"{patient}.nii.gz", volume, affine)
+    for volume_id, volume in zip(names["train"] + names["holdout"] + names["probes"],
+                                 np.concatenate([train, holdout, probe_volumes])):
+        artefacts.save_nifti(folder / "volumes" / f"{volume_id}.nii.gz", volume, affine)
     patients = names["train"] + names["holdout"]
     artefacts.write_csv(folder / "cases.csv", pd.DataFrame({"id": patients,
                                                             "path": [f"volumes/{i}.nii.gz" for i in patients]}))
@@ -139,12 +139,11 @@ def contrastive(config: dict, folder: Path, train: np.ndarray, holdout: np.ndarr
     cpu = torch.device("cpu")
     detector.run(settings, folder / "cases.csv", folder / "split.csv", folder / "detector.pt", folder / "curve.csv",
                  cpu)
-    model, _ = detector.load(folder / "detector.pt", cpu)
-    for name, volumes in (("train", train), ("holdout", holdout), ("probes", probe_volumes)):
-        npz = folder / f"{name}.npz"
-        with open(npz, "wb") as handle:
-            np.savez(handle, ids=np.array(names[name]), vectors=embed.embed_volumes(model, volumes[:, None], cpu))
-        artefacts.write_sidecar(npz, settings={}, detector_settings=asdict(settings))  # as embed.run's sidecar
+    # As the embed stages do: the training set plain, the others at every variant of the detector's flip and
+    # shift search.
+    for name, ids in names.items():
+        embed.run(folder / "detector.pt", ids, [str(folder / "volumes" / f"{i}.nii.gz") for i in ids],
+                  folder / f"{name}.npz", cpu, at_shifts=name != "train")
     tables = {table: folder / f"{table}.csv" for table in ("synthetic_to_train", "train_to_synthetic",
                                                           "train_to_holdout", "holdout_to_train",
                                                           "controls_to_train")}

@@ -14,7 +14,6 @@ rates; with ``--scores`` also under the normalized score. Usage (after `make dem
 
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 
@@ -23,15 +22,15 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from medmem import autoencoder, calibration, detector, embed, volume_sets  # noqa: E402
+from medmem import autoencoder, calibration, detector, embed, similarity, volume_sets  # noqa: E402
 
 STRENGTHS = ("exact", "flip", "rotate_5", "rotate_10", "translate", "elastic", "reconstruction", "combined")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """Centred, L2-normalised along the last axis: inner products are Pearson correlations."""
-    x = x - x.mean(-1, keepdims=True)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    """(..., E) embeddings centred and L2-normalised along the last axis (similarity.pearson_vectors): inner
+    products are Pearson correlations."""
+    return similarity.pearson_vectors(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 def main(results: Path, experiment: str, percentile: float, detector_path: Path | None = None,
@@ -81,8 +80,7 @@ def main(results: Path, experiment: str, percentile: float, detector_path: Path 
                 return correlations - background[:, None] if score == "normalized" else correlations
 
             held_out = scored("holdout").max(axis=1)
-            rank = math.ceil(round(percentile / 100 * (len(held_out) + 1), 9))
-            threshold = np.sort(held_out)[rank - 1] if rank <= len(held_out) else math.inf
+            threshold = calibration.conformal_threshold(held_out, 1 - percentile / 100)
             to_samples = scored("samples")
             nearest_sample, nearest_train = to_samples.argmax(axis=0), to_samples.argmax(axis=1)
             found = sum(to_samples[:, i].max() > threshold and nearest_train[nearest_sample[i]] == i
