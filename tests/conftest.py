@@ -8,18 +8,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-# The suite runs on two pytest-xdist workers (`make test`: -n 2 --dist loadgroup). Each module's tests stay on one
-# worker, so a module-scoped fixture (a trained network) is built once; the modules that read the shared tiny run
-# (conftest.tiny_run) share one group, so it runs once. The SLURM test, which mostly waits on the scheduler, then
-# overlaps with the CPU-bound tests on the other worker.
-TINY_RUN_MODULES = ("test_workflow", "test_reproducible")
+# The suite runs on two pytest-xdist workers (`make test`: -n 2 --dist loadfile --no-loadscope-reorder): each
+# worker takes whole modules, so a module's fixtures (a trained network, the shared tiny run of test_tiny_run.py)
+# are built once. Modules are handed out in collection order: those with end-to-end snakemake runs (the
+# `workflow` marker) first, so the long ones start at once and the short unit modules fill in behind them.
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            module = item.module.__name__
-            item.add_marker(pytest.mark.xdist_group("tiny_run" if module in TINY_RUN_MODULES else module))
+    end_to_end = {item.module.__name__ for item in items if item.get_closest_marker("workflow")}
+    items.sort(key=lambda item: item.module.__name__ not in end_to_end)  # stable: each module keeps its order
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,15 +35,3 @@ def process_locale_restored():
     saved = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, saved)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The tiny audit (tests/test_workflow.py's tiny_config, two experiments), run once through snakemake for every
-    test that reads a finished run: the workflow's outputs, the rerun plan, the reproducibility check."""
-    from test_workflow import CPU_RUN, snakemake, tiny_config, write_config
-
-    workdir = tmp_path_factory.mktemp("tiny")
-    write_config(workdir, tiny_config())
-    snakemake(workdir, *CPU_RUN)
-    return workdir

@@ -24,6 +24,7 @@ CONDA_TO_PIP = {
     "pytorch": "torch",
     "simpleitk": "SimpleITK",
     "matplotlib-base": "matplotlib",
+    "seaborn-base": "seaborn",  # seaborn without its optional statsmodels
     "pyyaml": "PyYAML",
     "faiss-gpu": "faiss-cpu",  # one faiss, two builds: pip has the CPU one only
 }
@@ -34,6 +35,7 @@ IMPORT_TO_CONDA = {
     "faiss": {"faiss-cpu", "faiss-gpu"},
     "SimpleITK": {"simpleitk"},
     "matplotlib": {"matplotlib-base", "matplotlib"},
+    "seaborn": {"seaborn-base", "seaborn"},
     "yaml": {"pyyaml"},
     "PIL": {"pillow"},
     "skimage": {"scikit-image"},

@@ -36,6 +36,7 @@ def tensors(checkpoint: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 # resume state outside its outputs, --rerun-incomplete). Each trainer's resume itself is unit-tested with a kill
 # in tests/test_<trainer>.py (test_a_killed_run_resumes_to_the_same_weights; the detector's in
 # test_training_is_deterministic_and_resumes), which is where the detector's end-to-end run went (issue 16).
+@pytest.mark.workflow
 @pytest.mark.parametrize("rule", list(TRAININGS))
 def test_a_training_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, rule):
     overrides, output = TRAININGS[rule]
