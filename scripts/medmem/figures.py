@@ -1,7 +1,8 @@
 """Figures of the memorization assessment: nearest-neighbour correlations and the most similar pairs.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (rendered by Agg when saved as PNG), so
-no pyplot state or GUI backend is involved, and written atomically.
+no pyplot state or GUI backend is involved, and written atomically; seaborn draws the score histogram
+onto its axes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import seaborn
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -52,8 +54,8 @@ def plot_nn_correlations(synthetic_to_train: Sequence[float], holdout_to_train: 
     for data, name, colour in ((holdout, "holdout", "tab:blue"), (synthetic, "synthetic", "tab:red")):
         above = int((data > tau).sum())
         label = f"{name} → nearest train (n = {data.size}, {above} above the threshold)"
-        axes.hist(data, bins=bins, color=colour, alpha=0.45, label=label)
-        axes.hist(data, bins=bins, color=colour, histtype="step", linewidth=1.2)
+        seaborn.histplot(x=data, bins=bins, color=colour, alpha=0.45, element="step", linewidth=1.2, label=label,
+                         ax=axes)
     if np.isfinite(tau):
         axes.axvline(tau, color="black", linestyle="--", label=f"threshold = {tau:.4f}")
     else:
