@@ -65,6 +65,34 @@ def test_nearest_neighbours_refuse_bad_inputs():
         similarity.nearest_neighbours(["a"], vectors[:1], list("wxyz"), vectors, k=0)
 
 
+@pytest.mark.skipif(similarity.faiss_gpus() == 0, reason="needs faiss-gpu and a visible GPU (this faiss is "
+                    "CPU-only or sees none): the GPU index cannot be compared with the CPU one here")
+def test_the_gpu_index_finds_the_neighbours_the_cpu_index_finds():
+    rng = np.random.default_rng(2)
+    database = rng.standard_normal((2000, 64)).astype(np.float32)
+    queries = np.concatenate([database[:50] + 0.05 * rng.standard_normal((50, 64)), rng.standard_normal((150, 64))])
+    ids = [f"d{i}" for i in range(len(database))]
+    on = {gpu: similarity.nearest_neighbours([f"q{i}" for i in range(200)], queries.astype(np.float32), ids, database,
+                                             k=5, gpu=gpu) for gpu in (False, True)}
+    assert on[True]["neighbour_id"].tolist() == on[False]["neighbour_id"].tolist()
+    np.testing.assert_allclose(on[True]["correlation"], on[False]["correlation"], atol=1e-5)
+    gpu_nearest = similarity.exact_index(64, "l2", gpu=True)
+    gpu_nearest.add(database)
+    cpu_nearest = similarity.exact_index(64, "l2", gpu=False)
+    cpu_nearest.add(database)
+    np.testing.assert_array_equal(gpu_nearest.search(queries, 3)[1], cpu_nearest.search(queries, 3)[1])
+
+
+def test_a_gpu_index_is_refused_by_name_where_faiss_has_none():
+    if similarity.faiss_gpus() > 0:
+        pytest.skip("this faiss sees a GPU: the refusal is for CPU-only builds")
+    with pytest.raises(ValueError, match="no GPU support or sees no GPU"):
+        similarity.exact_index(8, gpu=True)
+    assert type(similarity.exact_index(8)).__name__ == "IndexFlatIP"  # auto: the CPU index
+    with pytest.raises(ValueError, match="metric = 'cosine'"):
+        similarity.exact_index(8, "cosine")
+
+
 def write_embeddings(path, ids, vectors):
     np.savez(path, ids=np.array(ids, dtype=np.str_), vectors=np.asarray(vectors, dtype=np.float32))
     return path

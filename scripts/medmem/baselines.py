@@ -63,7 +63,6 @@ import os
 import time
 from dataclasses import asdict
 
-import faiss
 import numpy as np
 from scipy import stats
 import pandas as pd
@@ -153,7 +152,7 @@ def l2_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.n
     faiss IndexFlatL2 is exact but returns squared distances computed as |x|² + |y|² − 2x·y in float32,
     which leaves a copy a small non-zero distance; the nearest one is recomputed directly in float64.
     """
-    index = faiss.IndexFlatL2(reference.shape[1])
+    index = similarity.exact_index(reference.shape[1], "l2")
     index.add(reference)
     squared, neighbours = index.search(queries, k)
     distances = np.sqrt(np.maximum(squared.astype(np.float64), 0.0))

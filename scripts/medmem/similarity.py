@@ -42,6 +42,29 @@ logger = logging.getLogger("medmem.similarity")
 NEIGHBOUR_COLUMNS = ["query_id", "neighbour_id", "rank", "correlation", "score"]
 
 
+def faiss_gpus() -> int:
+    """GPUs this faiss build can search on: 0 for faiss-cpu (no GPU support), else the GPUs the job sees."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def exact_index(dimension: int, metric: str = "inner_product", gpu: bool | None = None) -> faiss.Index:
+    """An empty exact (flat) faiss index of ``dimension``: inner product or squared L2 (``metric``: "l2").
+
+    ``gpu`` None: on the job's first GPU when this faiss build has GPU support (faiss-gpu) and the job sees one,
+    else on the CPU. Both search exhaustively, so they find the same neighbours (tests/test_similarity.py).
+    """
+    if metric not in ("inner_product", "l2"):
+        raise ValueError(f"metric = {metric!r}: expected 'inner_product' or 'l2'")
+    index = faiss.IndexFlatIP(dimension) if metric == "inner_product" else faiss.IndexFlatL2(dimension)
+    if gpu is None:
+        gpu = faiss_gpus() > 0
+    if gpu and faiss_gpus() == 0:
+        raise ValueError("a GPU index was asked for, but this faiss has no GPU support or sees no GPU "
+                         "(install faiss-gpu in place of faiss-cpu: docs/cluster.md)")
+    # index_cpu_to_all_gpus keeps its GPU resources alive with the index (index_cpu_to_gpu leaves that to us).
+    return faiss.index_cpu_to_all_gpus(index, ngpu=1) if gpu else index
+
+
 def pearson_vectors(x: np.ndarray) -> np.ndarray:
     """(N, E) -> (N, E) float32 rows centred on their own mean and scaled to unit L2 norm."""
     x = np.asarray(x, dtype=np.float64)
@@ -58,8 +81,8 @@ def pearson_vectors(x: np.ndarray) -> np.ndarray:
 
 def nearest_neighbours(query_ids: list[str], queries: np.ndarray, database_ids: list[str], database: np.ndarray,
                        k: int = 1, query_background: np.ndarray | None = None,
-                       database_background: np.ndarray | None = None) -> pd.DataFrame:
-    """For every query, its k best-scoring database vectors (exact search).
+                       database_background: np.ndarray | None = None, gpu: bool | None = None) -> pd.DataFrame:
+    """For every query, its k best-scoring database vectors (exact search; ``gpu`` as in ``exact_index``).
 
     queries: (Nq, E), database: (Nd, E). The score of a pair is its Pearson correlation minus the
     query's background ((Nq,), or none) and the database vector's ((Nd,), or none); without
@@ -87,7 +110,7 @@ def nearest_neighbours(query_ids: list[str], queries: np.ndarray, database_ids: 
         # so one exact inner-product search ranks by correlation - database background (as SSCD does).
         query_vectors = np.hstack([query_vectors, np.ones((len(queries), 1), np.float32)])
         database_vectors = np.hstack([database_vectors, -database_background[:, None].astype(np.float32)])
-    index = faiss.IndexFlatIP(database_vectors.shape[1])
+    index = exact_index(database_vectors.shape[1], gpu=gpu)
     index.add(np.ascontiguousarray(database_vectors))
     products, neighbours = index.search(np.ascontiguousarray(query_vectors), k)
     # Rounding can put a self-match a hair above 1; a correlation lives in [-1, 1].
