@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import procedural_cohort
-from medmem import artefacts, autoencoder
+from medmem import artefacts, autoencoder, training
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[4.0, 0, 0, -30], [0, 4.0, 0, -32], [0, 0, 4.0, -34], [0, 0, 0, 1]])
@@ -165,7 +165,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     settings = replace(TINY, epochs=3, adversarial_warmup_epochs=1)
     uninterrupted = train(tmp_path / "once", settings)["state_dict"]
 
-    monkeypatch.setattr(autoencoder, "RESUME_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)
     save = artefacts.save_torch
 
     def killed_at_the_end(path, obj):

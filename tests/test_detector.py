@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from medmem import artefacts, controls, detector, embed, similarity
+from medmem import artefacts, controls, detector, embed, similarity, training
 from medmem.embed import embed_volumes
 
 from procedural_cohort import ellipsoid_volumes, write_cohort
@@ -157,10 +157,11 @@ def test_training_is_deterministic_and_resumes(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args)
 
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)  # a resume state after every epoch
     monkeypatch.setattr(detector, "pair_similarities", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         detector.run(settings, cases, split, tmp_path / "c.pt", tmp_path / "c.csv", torch.device("cpu"))
-    monkeypatch.undo()
+    monkeypatch.setattr(detector, "pair_similarities", original)
     assert not (tmp_path / "c.pt").exists() and (tmp_path / "c.last.pt").exists()
     # ... and running it again continues from epoch 3 to the same weights and curve.
     detector.run(settings, cases, split, tmp_path / "c.pt", tmp_path / "c.csv", torch.device("cpu"))

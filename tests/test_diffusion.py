@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import procedural_cohort
-from medmem import artefacts, autoencoder, diffusion
+from medmem import artefacts, autoencoder, diffusion, training
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -251,7 +251,7 @@ def killed_before_the_final_save(monkeypatch):
 def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch):
     settings = replace(TINY, epochs=3)
     uninterrupted = train(cohort, tmp_path / "once", settings)
-    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)
     with killed_before_the_final_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train(cohort, tmp_path / "twice", settings)
     resumed = train(cohort, tmp_path / "twice", settings)
@@ -270,7 +270,7 @@ def test_a_cohort_the_autoencoder_was_not_trained_on_is_refused(cohort, tmp_path
 def test_checkpoints_of_one_run_equal_shorter_runs_even_across_a_kill(cohort, tmp_path, monkeypatch):
     """A training-length study samples checkpoints of one run: epoch k of it is a k-epoch training."""
     long = replace(TINY, epochs=3, checkpoint_epochs=(1, 2))
-    monkeypatch.setattr(diffusion, "RESUME_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)
     with killed_before_the_final_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train(cohort, tmp_path / "long", long)
     assert not (tmp_path / "long" / "checkpoints").exists()  # nothing declared appears before the end

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import procedural_cohort
-from medmem import artefacts, gan, volume_sets
+from medmem import artefacts, gan, training, volume_sets
 
 AFFINE = np.array([[0.0, 0, 4.0, -30], [4.0, 0, 0, -32], [0, 4.0, 0, -34], [0, 0, 0, 1]])  # oblique on purpose
 AFFINE_2D = np.array([[0.0, 0.5, 0, -4], [0.5, 0, 0, -5], [0, 0, 1.0, 0], [0, 0, 0, 1]])  # axes swapped on purpose
@@ -195,7 +195,7 @@ def test_training_is_deterministic_by_seed(cohort, tmp_path):
 def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch):
     settings = replace(TINY, epochs=3)
     uninterrupted = train(cohort, tmp_path / "once", settings)
-    monkeypatch.setattr(gan, "RESUME_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)
     save = artefacts.save_torch
     epochs_saved = []
 
@@ -217,7 +217,7 @@ def test_a_killed_run_resumes_to_the_same_weights(cohort, tmp_path, monkeypatch)
 
 
 def test_resume_state_from_other_settings_is_ignored(cohort, tmp_path, monkeypatch):
-    monkeypatch.setattr(gan, "RESUME_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(training, "RESUME_INTERVAL_SECONDS", 0.0)
     save = artefacts.save_torch
 
     def killed_at_the_end(path, obj):

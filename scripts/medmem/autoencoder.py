@@ -27,15 +27,10 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
-from medmem import artefacts, runtime, volume_sets
+from medmem import artefacts, runtime, training, volume_sets
 from medmem.settings import AutoencoderSettings as Settings, check_autoencoder_shape as check_shape
 
 logger = logging.getLogger("medmem.autoencoder")
-
-# Resume state (model, optimizers, RNG) is saved at most this often; the declared outputs are
-# written once, at the end.
-RESUME_INTERVAL_SECONDS = 60.0
-
 
 def model_args(settings: Settings, spatial_dims: int) -> dict[str, Any]:
     """Arguments of ``AutoencoderKL`` (2D or 3D by ``spatial_dims``), as plain Python values for the checkpoint."""
@@ -127,12 +122,11 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
     data = torch.from_numpy(volumes)
 
-    state_path = model_path.with_name(f"{model_path.stem}.last.pt")
-    identity = {"settings": asdict(settings), "ids": ids}
-    rows: list[dict[str, float]] = []
-    start_epoch = _resume(state_path, identity, model, optimizer, discriminator, optimizer_d, generator, rows)
-    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
-    last_save = time.monotonic()
+    # AutoencoderKL draws its latent samples from the global torch RNG: it resumes too.
+    resume = training.Resume(model_path, {"settings": asdict(settings), "ids": ids}, {
+        "model": model, "optimizer": optimizer, "discriminator": discriminator, "optimizer_d": optimizer_d,
+        "generator": generator}, global_rng=True)
+    start_epoch, rows, _ = resume.load()
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
@@ -175,10 +169,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             logger.info("epoch %d/%d  l1 %.4f  kl %.1f  generator_adversarial %.4f  discriminator %.4f  (%.1f s)",
                         epoch + 1, settings.epochs, sums["l1"], sums["kl"], sums["generator_adversarial"],
                         sums["discriminator"], rows[-1]["seconds"])
-        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
-            _save_resume(state_path, identity, epoch + 1, model, optimizer, discriminator, optimizer_d,
-                         generator, rows)
-            last_save = time.monotonic()
+        resume.save_if_due(epoch + 1, settings.epochs, rows)
 
     model.eval()
     means = encode(model, data, device, settings.batch_size)
@@ -209,45 +200,4 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=[
         "epoch", "l1", "kl", "generator_adversarial", "discriminator", "seconds"]))
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
-    state_path.unlink(missing_ok=True)
-
-
-def _save_resume(state_path: Path, identity: dict, epoch: int, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, discriminator: torch.nn.Module,
-                 optimizer_d: torch.optim.Optimizer, generator: torch.Generator, rows: list[dict]) -> None:
-    artefacts.save_torch(state_path, {
-        **identity,
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "discriminator": discriminator.state_dict(),
-        "optimizer_d": optimizer_d.state_dict(),
-        "generator": generator.get_state(),
-        # AutoencoderKL draws its latent samples from the global torch generator.
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8),
-        "rows": rows,
-    })
-
-
-def _resume(state_path: Path, identity: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            discriminator: torch.nn.Module, optimizer_d: torch.optim.Optimizer,
-            generator: torch.Generator, rows: list[dict]) -> int:
-    """Continue from ``state_path`` when it was left by a run with the same settings and data."""
-    if not state_path.exists():
-        return 0
-    state = artefacts.load_torch(state_path)
-    if state["settings"] != identity["settings"] or state["ids"] != identity["ids"]:
-        logger.warning("ignoring %s: it was written with other settings or training ids", state_path)
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    discriminator.load_state_dict(state["discriminator"])
-    optimizer_d.load_state_dict(state["optimizer_d"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if torch.cuda.is_available() and len(state["cuda_rng"]):
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    rows.extend(state["rows"])
-    logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
-    return int(state["epoch"])
+    resume.finish()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmem import artefacts, runtime, volume_sets
+from medmem import artefacts, runtime, training, volume_sets
 from medmem.settings import RECIPES, Views, DetectorSettings as Settings
 
 logger = logging.getLogger("medmem.detector")
@@ -388,7 +388,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train the detector on the training split; write the checkpoint and the per-epoch curve.
 
-    Progress is kept in ``<model stem>.last.pt`` after every epoch (outside the declared outputs), so a
+    Progress is kept in ``<model stem>.last.pt`` (``training.Resume``, outside the declared outputs), so a
     killed job re-run with the same settings and data continues where it stopped.
     """
     model_path, curve_csv = Path(model_path), Path(curve_csv)
@@ -419,23 +419,12 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                 "%d parameters, device %s; views %s", len(volume_shape), settings.recipe, len(ids), tuple(volume_shape),
                 working, n_batches, sum(p.numel() for p in model.parameters()), device, asdict(settings.views))
 
-    last_path = model_path.with_name(f"{model_path.stem}.last.pt")
-    identity = {"settings": asdict(settings), "train_ids": list(ids), "volume_shape": volume_shape}
-    curve: list[dict] = []
-    start_epoch = 1
-    if last_path.exists():
-        last = artefacts.load_torch(last_path, device)
-        if _plain({name: last.get(name) for name in identity}) == _plain(identity):
-            model.load_state_dict(last["state_dict"])
-            optimizer.load_state_dict(last["optimizer"])
-            scheduler.load_state_dict(last["scheduler"])
-            generator.set_state(last["generator"].cpu())
-            curve, start_epoch = last["curve"], last["epoch"] + 1
-            logger.info("resuming from %s after epoch %d", last_path, last["epoch"])
-        else:
-            logger.info("ignoring %s: it was made with other settings or data", last_path)
+    resume = training.Resume(model_path, {"settings": asdict(settings), "train_ids": list(ids),
+                                          "volume_shape": volume_shape},
+                             {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator})
+    done, curve, _ = resume.load(device)
 
-    for epoch in range(start_epoch, settings.epochs + 1):
+    for epoch in range(done + 1, settings.epochs + 1):
         started = time.perf_counter()
         model.train()
         totals = np.zeros(4)
@@ -469,10 +458,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                       "seconds": time.perf_counter() - started})
         logger.info("epoch %d/%d loss %.4f (KoLeo %.3f) positive similarity %.3f negative similarity %.3f (%.1f s)",
                     epoch, settings.epochs, loss, spread, positive, negative, curve[-1]["seconds"])
-        artefacts.save_torch(last_path, {
-            **identity, "epoch": epoch, "curve": curve, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state()})
+        resume.save_if_due(epoch, settings.epochs, curve)
 
     artefacts.write_csv(curve_csv, pd.DataFrame(curve, columns=CURVE_COLUMNS))
     artefacts.save_torch(model_path, {
@@ -482,16 +468,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
                             n_train=len(ids), volume_shape=volume_shape)
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
-    last_path.unlink(missing_ok=True)
-
-
-def _plain(value: object) -> object:
-    """Tuples become lists, as they do in a checkpoint saved and loaded again."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    resume.finish()
 
 
 def load(model_path: str | os.PathLike, device: torch.device) -> tuple[ContrastiveEncoder, dict]:

@@ -33,15 +33,10 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from medmem import artefacts, autoencoder, runtime, volume_sets
+from medmem import artefacts, autoencoder, runtime, training, volume_sets
 from medmem.settings import DiffusionSettings as Settings, check_diffusion_shape as check_shape
 
 logger = logging.getLogger("medmem.diffusion")
-
-
-# Resume state (model, EMA, optimizer, RNG) is saved at most this often; the declared outputs
-# are written once, at the end.
-RESUME_INTERVAL_SECONDS = 60.0
 
 
 def model_args(settings: Settings, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
@@ -152,14 +147,12 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     logger.info("UNet with %d parameters; %d epochs of %d steps", sum(p.numel() for p in model.parameters()),
                 settings.epochs, -(-len(latents) // settings.batch_size))
 
-    state_path = model_path.with_name(f"{model_path.stem}.last.pt")
     partial = model_path.with_name(f"{Path(checkpoints_dir).name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
-    identity = {"settings": asdict(settings), "ids": ids, "scale_factor": scale_factor}
-    rows: list[dict[str, float]] = []
-    start_epoch, step = _resume(state_path, identity, model, ema, optimizer, generator, rows)
-    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
-    last_save = time.monotonic()
+    resume = training.Resume(model_path, {"settings": asdict(settings), "ids": ids, "scale_factor": scale_factor},
+                             {"model": model, "ema": ema, "optimizer": optimizer, "generator": generator})
+    start_epoch, rows, counters = resume.load()
+    step = counters.get("step", 0)
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
@@ -190,9 +183,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
             # Kept beside the resume state, outside the declared outputs, until the run completes.
             artefacts.save_torch(partial / checkpoint_name(epoch + 1), _checkpoint(
                 args, model, ema, settings, latents, scale_factor, epoch + 1, step, len(ids)))
-        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
-            _save_resume(state_path, identity, epoch + 1, step, model, ema, optimizer, generator, rows)
-            last_save = time.monotonic()
+        resume.save_if_due(epoch + 1, settings.epochs, rows, step=step)
 
     checkpoint = _checkpoint(args, model, ema, settings, latents, scale_factor, settings.epochs, step, len(ids))
     inputs = {"autoencoder": autoencoder_path, "cases": cases_csv, "split": split_csv}
@@ -203,12 +194,12 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
     missing = [e for e in settings.checkpoint_epochs if not (partial / checkpoint_name(e)).exists()]
     if missing:
-        raise RuntimeError(f"{partial}: no checkpoints for epochs {missing}; delete {state_path} and re-run")
+        raise RuntimeError(f"{partial}: no checkpoints for epochs {missing}; delete {resume.path} and re-run")
     with artefacts.atomic_directory(checkpoints_dir) as staging:
         for epoch in settings.checkpoint_epochs:
             os.replace(partial / checkpoint_name(epoch), staging / checkpoint_name(epoch))
     partial.rmdir()
-    state_path.unlink(missing_ok=True)
+    resume.finish()
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -232,29 +223,3 @@ def _checkpoint(args: dict, model: torch.nn.Module, ema: torch.nn.Module, settin
         "settings": asdict(settings),
     }
 
-
-def _save_resume(state_path: Path, identity: dict, epoch: int, step: int, model: torch.nn.Module,
-                 ema: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                 rows: list[dict]) -> None:
-    artefacts.save_torch(state_path, {
-        **identity, "epoch": epoch, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rows": rows,
-    })
-
-
-def _resume(state_path: Path, identity: dict, model: torch.nn.Module, ema: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, generator: torch.Generator, rows: list[dict]) -> tuple[int, int]:
-    """Continue from ``state_path`` when it was left by a run with the same settings and data."""
-    if not state_path.exists():
-        return 0, 0
-    state = artefacts.load_torch(state_path)
-    if any(state[name] != value for name, value in identity.items()):
-        logger.warning("ignoring %s: it was written with other settings, latents or training ids", state_path)
-        return 0, 0
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    rows.extend(state["rows"])
-    logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
-    return int(state["epoch"]), int(state["step"])

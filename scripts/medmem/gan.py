@@ -38,15 +38,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from medmem.settings_checks import check_int
-from medmem import artefacts, runtime, volume_sets
+from medmem import artefacts, runtime, training, volume_sets
 from medmem.settings import GanSettings as Settings, check_gan_shape as check_shape
 
 logger = logging.getLogger("medmem.gan")
-
-# Resume state (both networks, both optimizers, RNG) is saved at most this often; the declared
-# outputs are written once, at the end.
-RESUME_INTERVAL_SECONDS = 60.0
-
 # The layers that differ between 2D images and 3D volumes, by spatial_dims.
 CONVOLUTION: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 INSTANCE_NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -156,12 +151,11 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                 sum(p.numel() for p in model.parameters()), sum(p.numel() for p in discriminator.parameters()),
                 settings.epochs, -(-len(data) // settings.batch_size))
 
-    state_path = model_path.with_name(f"{model_path.stem}.last.pt")
-    identity = {"settings": asdict(settings), "ids": ids}
-    rows: list[dict[str, float]] = []
-    start_epoch = _resume(state_path, identity, model, optimizer, discriminator, optimizer_d, generator_rng, rows)
-    resume_interval = runtime.resume_interval(RESUME_INTERVAL_SECONDS)
-    last_save = time.monotonic()
+    # The discriminator's state includes spectral norm's power-iteration vectors: a resumed run continues them.
+    resume = training.Resume(model_path, {"settings": asdict(settings), "ids": ids}, {
+        "model": model, "optimizer": optimizer, "discriminator": discriminator, "optimizer_d": optimizer_d,
+        "generator": generator_rng})
+    start_epoch, rows, _ = resume.load()
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
@@ -201,10 +195,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                         "std %.3f (training %.3f, %.3f)  (%.2f s/epoch)", epoch + 1, settings.epochs, sums["d_loss"],
                         sums["g_loss"], sums["d_real"], sums["d_fake"], fake.mean().item(), fake.std().item(),
                         data.mean().item(), data.std().item(), rows[-1]["seconds"])
-        if time.monotonic() - last_save > resume_interval and epoch + 1 < settings.epochs:
-            _save_resume(state_path, identity, epoch + 1, model, optimizer, discriminator, optimizer_d,
-                         generator_rng, rows)
-            last_save = time.monotonic()
+        resume.save_if_due(epoch + 1, settings.epochs, rows)
 
     checkpoint = {
         "model_args": args,
@@ -224,7 +215,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=["epoch", "d_loss", "g_loss", "d_real", "d_fake",
                                                                "seconds"]))
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
-    state_path.unlink(missing_ok=True)
+    resume.finish()
 
 
 @torch.no_grad()
@@ -280,38 +271,3 @@ def sample(model_path: str | os.PathLike, n_samples: int | None, seed: int, spli
     artefacts.write_sidecar(manifest_csv, settings=settings, inputs=inputs, seed=seed, n_samples=n)
     return manifest
 
-
-def _save_resume(state_path: Path, identity: dict, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 discriminator: nn.Module, optimizer_d: torch.optim.Optimizer, generator_rng: torch.Generator,
-                 rows: list[dict]) -> None:
-    artefacts.save_torch(state_path, {
-        **identity,
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        # Includes spectral norm's power-iteration vectors, so a resumed run continues them exactly.
-        "discriminator": discriminator.state_dict(),
-        "optimizer_d": optimizer_d.state_dict(),
-        "generator": generator_rng.get_state(),
-        "rows": rows,
-    })
-
-
-def _resume(state_path: Path, identity: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-            discriminator: nn.Module, optimizer_d: torch.optim.Optimizer, generator_rng: torch.Generator,
-            rows: list[dict]) -> int:
-    """Continue from ``state_path`` when it was left by a run with the same settings and training ids."""
-    if not state_path.exists():
-        return 0
-    state = artefacts.load_torch(state_path)
-    if any(state[name] != value for name, value in identity.items()):
-        logger.warning("ignoring %s: it was written with other settings or training ids", state_path)
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    discriminator.load_state_dict(state["discriminator"])
-    optimizer_d.load_state_dict(state["optimizer_d"])
-    generator_rng.set_state(state["generator"])
-    rows.extend(state["rows"])
-    logger.info("resuming from %s after epoch %d", state_path, state["epoch"])
-    return int(state["epoch"])
