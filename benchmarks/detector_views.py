@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from medmem import artefacts, controls, detector, embed, similarity  # noqa: E402
 from medmem.phantom import PhantomSettings, make_patient  # noqa: E402
+from medmem.settings import RECIPES  # noqa: E402
 
 # Local stand-ins where controls.py has no such strength (yet): what an LDM's copy goes through.
 RECONSTRUCTION_FACTOR = 4  # the demo autoencoder's downsampling (config.yaml: 3 levels, 2 downsamplings)
@@ -189,7 +190,7 @@ def main(arguments: argparse.Namespace) -> pd.DataFrame:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, default=32, help="side of the cubic grid (32: the demo's)")
-    parser.add_argument("--recipes", nargs="+", default=["dar", "sscd"], choices=detector.RECIPES)
+    parser.add_argument("--recipes", nargs="+", default=["dar", "sscd"], choices=RECIPES)
     parser.add_argument("--n-train", type=int, default=30)
     parser.add_argument("--n-calibration", type=int, default=10)
     parser.add_argument("--n-unseen", type=int, default=60)

@@ -100,6 +100,51 @@ def discriminator_layers(volume_shape: tuple[int, ...]) -> int:
     return layers
 
 
+def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Optimizer,
+           discriminator: PatchDiscriminator | None, optimizer_d: torch.optim.Optimizer, data: torch.Tensor,
+           generator: torch.Generator, device: torch.device) -> dict[str, float]:
+    """One epoch over ``data`` (N, 1, *S) in seeded random batches: L1 + KL, and with a ``discriminator`` (after
+    the warm-up) its adversarial term, the discriminator learning in turn. Returns the epoch's mean losses (the
+    adversarial ones NaN without a discriminator)."""
+    with_adversary = discriminator is not None
+    adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+    model.train()
+    if with_adversary:
+        discriminator.train()
+    sums = {"l1": 0.0, "kl": 0.0, "generator_adversarial": 0.0, "discriminator": 0.0}
+    order = torch.randperm(len(data), generator=generator)
+    for first in range(0, len(data), settings.batch_size):
+        batch = data[order[first:first + settings.batch_size]].to(device)
+        reconstruction, z_mu, z_sigma = model(batch)
+        l1 = F.l1_loss(reconstruction, batch)
+        kl = kl_divergence(z_mu, z_sigma)
+        loss = l1 + settings.kl_weight * kl
+        if with_adversary:
+            logits_fake = discriminator(reconstruction.contiguous())[-1]
+            generator_loss = adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
+            loss = loss + settings.adversarial_weight * generator_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        share = len(batch) / len(data)
+        sums["l1"] += l1.item() * share
+        sums["kl"] += kl.item() * share
+        if with_adversary:
+            # The discriminator learns to tell training images from (detached) reconstructions.
+            logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
+            logits_real = discriminator(batch.contiguous())[-1]
+            loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                            + adversarial_loss(logits_real, target_is_real=True, for_discriminator=True))
+            optimizer_d.zero_grad(set_to_none=True)
+            (settings.adversarial_weight * loss_d).backward()
+            optimizer_d.step()
+            sums["generator_adversarial"] += generator_loss.item() * share
+            sums["discriminator"] += loss_d.item() * share
+    if not with_adversary:
+        sums["generator_adversarial"] = sums["discriminator"] = float("nan")
+    return sums
+
+
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train on the training split; write the checkpoint, the training curve and their sidecars."""
@@ -119,7 +164,6 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         spatial_dims=spatial_dims, in_channels=1, channels=settings.discriminator_channels,
         num_layers_d=discriminator_layers(volume_shape)).to(device)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=settings.learning_rate)
-    adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
     data = torch.from_numpy(volumes)
 
     # AutoencoderKL draws its latent samples from the global torch RNG: it resumes too.
@@ -131,39 +175,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
         with_adversary = adversarial and epoch >= settings.adversarial_warmup_epochs
-        model.train()
-        discriminator.train()
-        sums = {"l1": 0.0, "kl": 0.0, "generator_adversarial": 0.0, "discriminator": 0.0}
-        order = torch.randperm(len(data), generator=generator)
-        for first in range(0, len(data), settings.batch_size):
-            batch = data[order[first:first + settings.batch_size]].to(device)
-            reconstruction, z_mu, z_sigma = model(batch)
-            l1 = F.l1_loss(reconstruction, batch)
-            kl = kl_divergence(z_mu, z_sigma)
-            loss = l1 + settings.kl_weight * kl
-            if with_adversary:
-                logits_fake = discriminator(reconstruction.contiguous())[-1]
-                generator_loss = adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
-                loss = loss + settings.adversarial_weight * generator_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            share = len(batch) / len(data)
-            sums["l1"] += l1.item() * share
-            sums["kl"] += kl.item() * share
-            if with_adversary:
-                # The discriminator learns to tell training images from (detached) reconstructions.
-                logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
-                logits_real = discriminator(batch.contiguous())[-1]
-                loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
-                                + adversarial_loss(logits_real, target_is_real=True, for_discriminator=True))
-                optimizer_d.zero_grad(set_to_none=True)
-                (settings.adversarial_weight * loss_d).backward()
-                optimizer_d.step()
-                sums["generator_adversarial"] += generator_loss.item() * share
-                sums["discriminator"] += loss_d.item() * share
-        if not with_adversary:
-            sums["generator_adversarial"] = sums["discriminator"] = float("nan")
+        sums = _epoch(settings, model, optimizer, discriminator if with_adversary else None, optimizer_d, data,
+                      generator, device)
         rows.append({"epoch": epoch + 1, **sums, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 5 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  l1 %.4f  kl %.1f  generator_adversarial %.4f  discriminator %.4f  (%.1f s)",

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmem import artefacts, runtime, training, volume_sets
-from medmem.settings import RECIPES, Views, DetectorSettings as Settings
+from medmem.settings import Views, DetectorSettings as Settings
 
 logger = logging.getLogger("medmem.detector")
 
@@ -384,6 +384,38 @@ def pair_similarities(e1: torch.Tensor, e2: torch.Tensor) -> tuple[float, float]
 CURVE_COLUMNS = ["epoch", "loss", "koleo", "positive_similarity", "negative_similarity", "seconds"]
 
 
+def _epoch(settings: Settings, model: ContrastiveEncoder, optimizer: torch.optim.Optimizer, data: torch.Tensor,
+           n_batches: int, generator: torch.Generator, device: torch.device) -> np.ndarray:
+    """One epoch over ``data`` (N, 1, *S, on the encoder's grid) in seeded random batches: two views of each
+    volume, NT-Xent (+ KoLeo). Returns the epoch's means: loss, KoLeo, positive and negative similarity."""
+    model.train()
+    totals = np.zeros(4)
+    # Near-equal batches (sizes differ by at most one) so no batch is a lone volume without negatives.
+    for batch_index in torch.tensor_split(torch.randperm(len(data), generator=generator), n_batches):
+        batch = data[batch_index.to(device)]
+        with torch.no_grad():
+            view1 = augment(batch, settings.views, generator)
+            view2 = augment(batch, settings.views, generator)
+        # One forward pass for both views: GroupNorm is per volume, so this equals two passes.
+        embeddings, projections = model(torch.cat([view1, view2]))
+        embedding1, embedding2 = embeddings.chunk(2)
+        contrasted = projections if settings.contrast == "projection" else centred(embeddings)
+        loss = nt_xent(*contrasted.chunk(2), settings.temperature)
+        spread = torch.zeros(())
+        if settings.koleo_weight > 0:
+            # On the centred embeddings: what similarity's Pearson correlation compares is what spreads.
+            spread = koleo(*centred(embeddings).chunk(2))
+            loss = loss + settings.koleo_weight * spread
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            # Pearson correlations, as the similarity stage compares embeddings.
+            positive, negative = pair_similarities(centred(embedding1), centred(embedding2))
+        totals += len(batch_index) * np.array([loss.item(), spread.item(), positive, negative])
+    return totals / len(data)
+
+
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train the detector on the training split; write the checkpoint and the per-epoch curve.
@@ -426,33 +458,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
     for epoch in range(done + 1, settings.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        totals = np.zeros(4)
-        # Near-equal batches (sizes differ by at most one) so no batch is a lone volume without negatives.
-        for batch_index in torch.tensor_split(torch.randperm(len(ids), generator=generator), n_batches):
-            batch = data[batch_index.to(device)]
-            with torch.no_grad():
-                view1 = augment(batch, settings.views, generator)
-                view2 = augment(batch, settings.views, generator)
-            # One forward pass for both views: GroupNorm is per volume, so this equals two passes.
-            embeddings, projections = model(torch.cat([view1, view2]))
-            embedding1, embedding2 = embeddings.chunk(2)
-            contrasted = projections if settings.contrast == "projection" else centred(embeddings)
-            loss = nt_xent(*contrasted.chunk(2), settings.temperature)
-            spread = torch.zeros(())
-            if settings.koleo_weight > 0:
-                # On the centred embeddings: what similarity's Pearson correlation compares is what spreads.
-                spread = koleo(*centred(embeddings).chunk(2))
-                loss = loss + settings.koleo_weight * spread
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                # Pearson correlations, as the similarity stage compares embeddings.
-                positive, negative = pair_similarities(centred(embedding1), centred(embedding2))
-            totals += len(batch_index) * np.array([loss.item(), spread.item(), positive, negative])
+        loss, spread, positive, negative = _epoch(settings, model, optimizer, data, n_batches, generator, device)
         scheduler.step()
-        loss, spread, positive, negative = totals / len(ids)
         curve.append({"epoch": epoch, "loss": float(loss), "koleo": float(spread),
                       "positive_similarity": float(positive), "negative_similarity": float(negative),
                       "seconds": time.perf_counter() - started})

@@ -115,6 +115,33 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
             ema_value.copy_(value)
 
 
+def _epoch(settings: Settings, model: DiffusionModelUNet, ema: DiffusionModelUNet, optimizer: torch.optim.Optimizer,
+           scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator, step: int,
+           device: torch.device) -> tuple[float, int]:
+    """One epoch of denoising over the scaled ``latents`` (N, C, *L) in seeded random batches, the EMA following
+    every step. Returns the epoch's mean loss and the optimizer steps taken so far."""
+    model.train()
+    epoch_loss = 0.0
+    order = torch.randperm(len(latents), generator=generator)
+    for first in range(0, len(latents), settings.batch_size):
+        index = order[first:first + settings.batch_size]
+        clean = latents[index]
+        if settings.augmentation:
+            clean = random_flips(clean.cpu(), generator).to(device)
+        # Noise and timesteps come from the seeded CPU generator: the same on any device.
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, settings.num_train_timesteps, (len(clean),), generator=generator).to(device)
+        noisy = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
+        loss = F.mse_loss(model(noisy, timesteps=timesteps), training_target(scheduler, clean, noise, timesteps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_ema(ema, model, settings.ema_decay, step)
+        step += 1
+        epoch_loss += loss.item() * len(clean) / len(latents)
+    return epoch_loss, step
+
+
 def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
         split_csv: str | os.PathLike, model_path: str | os.PathLike, curve_csv: str | os.PathLike,
         device: torch.device, checkpoints_dir: str | os.PathLike | None = None) -> None:
@@ -156,25 +183,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        model.train()
-        epoch_loss = 0.0
-        order = torch.randperm(len(latents), generator=generator)
-        for first in range(0, len(latents), settings.batch_size):
-            index = order[first:first + settings.batch_size]
-            clean = latents[index]
-            if settings.augmentation:
-                clean = random_flips(clean.cpu(), generator).to(device)
-            # Noise and timesteps come from the seeded CPU generator: the same on any device.
-            noise = torch.randn(clean.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, settings.num_train_timesteps, (len(clean),), generator=generator).to(device)
-            noisy = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
-            loss = F.mse_loss(model(noisy, timesteps=timesteps), training_target(scheduler, clean, noise, timesteps))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            update_ema(ema, model, settings.ema_decay, step)
-            step += 1
-            epoch_loss += loss.item() * len(clean) / len(latents)
+        epoch_loss, step = _epoch(settings, model, ema, optimizer, scheduler, latents, generator, step, device)
         rows.append({"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  loss %.4f  (%.2f s/epoch)", epoch + 1, settings.epochs, epoch_loss,

@@ -129,6 +129,44 @@ def load(model_path: str | os.PathLike, device: torch.device) -> tuple[VolumeGen
     return model.to(device).eval(), checkpoint
 
 
+def _epoch(settings: Settings, model: nn.Module, optimizer: torch.optim.Optimizer, discriminator: nn.Module,
+           optimizer_d: torch.optim.Optimizer, data: torch.Tensor, generator_rng: torch.Generator,
+           device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+    """One epoch of the non-saturating GAN game over ``data`` (N, 1, *S) in seeded random batches. Returns the
+    epoch's mean losses and discriminator outputs, and the last batch it generated (for the log)."""
+    model.train()
+    discriminator.train()
+    sums = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+    order = torch.randperm(len(data), generator=generator_rng)
+    for first in range(0, len(data), settings.batch_size):
+        real = data[order[first:first + settings.batch_size].to(device)]
+        # Latents come from the seeded CPU generator: the same on any device.
+        latents = torch.randn(len(real), settings.latent_dim, generator=generator_rng).to(device)
+        fake = model(latents)
+
+        # Discriminator: training images → 1, generated ones (detached) → 0.
+        discriminator.requires_grad_(True)
+        logits_real, logits_fake = discriminator(real), discriminator(fake.detach())
+        loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+        optimizer_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        optimizer_d.step()
+
+        # Generator, non-saturating: raise log D(G(z)) under the updated discriminator.
+        discriminator.requires_grad_(False)
+        loss_g = F.softplus(-discriminator(fake)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss_g.backward()
+        optimizer.step()
+
+        share = len(real) / len(data)
+        sums["d_loss"] += loss_d.item() * share
+        sums["g_loss"] += loss_g.item() * share
+        sums["d_real"] += torch.sigmoid(logits_real).mean().item() * share
+        sums["d_fake"] += torch.sigmoid(logits_fake).mean().item() * share
+    return sums, fake
+
+
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
     """Train on the split's training volumes; write the generator checkpoint, the curve and their sidecars."""
@@ -159,36 +197,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        model.train()
-        discriminator.train()
-        sums = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        order = torch.randperm(len(data), generator=generator_rng)
-        for first in range(0, len(data), settings.batch_size):
-            real = data[order[first:first + settings.batch_size].to(device)]
-            # Latents come from the seeded CPU generator: the same on any device.
-            latents = torch.randn(len(real), settings.latent_dim, generator=generator_rng).to(device)
-            fake = model(latents)
-
-            # Discriminator: training images → 1, generated ones (detached) → 0.
-            discriminator.requires_grad_(True)
-            logits_real, logits_fake = discriminator(real), discriminator(fake.detach())
-            loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
-            optimizer_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            optimizer_d.step()
-
-            # Generator, non-saturating: raise log D(G(z)) under the updated discriminator.
-            discriminator.requires_grad_(False)
-            loss_g = F.softplus(-discriminator(fake)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss_g.backward()
-            optimizer.step()
-
-            share = len(real) / len(data)
-            sums["d_loss"] += loss_d.item() * share
-            sums["g_loss"] += loss_g.item() * share
-            sums["d_real"] += torch.sigmoid(logits_real).mean().item() * share
-            sums["d_fake"] += torch.sigmoid(logits_fake).mean().item() * share
+        sums, fake = _epoch(settings, model, optimizer, discriminator, optimizer_d, data, generator_rng, device)
         rows.append({"epoch": epoch + 1, **sums, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  d_loss %.4f  g_loss %.4f  D(real) %.3f  D(fake) %.3f  generated mean %.3f "
