@@ -2,6 +2,7 @@
 from medmem import embed, runtime, volume_sets
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
+device = runtime.select_device(snakemake.params.device)
 table = volume_sets.read_volume_table(snakemake.input.manifest)
 embed.run(snakemake.input.detector, table["id"].tolist(), table["path"].tolist(), snakemake.output.embeddings,
-          device=runtime.select_device(snakemake.params.device))
+          device=device, precision=runtime.select_precision(snakemake.params.precision, device))

@@ -4,6 +4,7 @@ from pathlib import Path
 from medmem import diffusion, runtime, sample
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
+device = runtime.select_device(snakemake.params.device)
 settings = sample.Settings(**snakemake.params.settings)
 sample.run(
     settings,
@@ -14,5 +15,6 @@ sample.run(
     split_csv=snakemake.input.split,
     manifest_csv=snakemake.output.manifest,
     volumes_dir=snakemake.output.volumes,
-    device=runtime.select_device(snakemake.params.device),
+    device=device,
+    precision=runtime.select_precision(snakemake.params.precision, device),
 )

@@ -2,6 +2,7 @@
 from medmem import diffusion, runtime
 
 runtime.setup_job(snakemake.log[0], snakemake.threads)
+device = runtime.select_device(snakemake.params.device)
 diffusion.run(
     diffusion.Settings(**snakemake.params.settings),
     autoencoder_path=snakemake.input.autoencoder,
@@ -10,5 +11,6 @@ diffusion.run(
     model_path=snakemake.output.model,
     curve_csv=snakemake.output.curve,
     checkpoints_dir=snakemake.output.checkpoints,
-    device=runtime.select_device(snakemake.params.device),
+    device=device,
+    precision=runtime.select_precision(snakemake.params.precision, device),
 )

@@ -76,10 +76,12 @@ def encode(model: AutoencoderKL, volumes: np.ndarray | torch.Tensor, device: tor
 
 @torch.no_grad()
 def decode(model: AutoencoderKL, latents: torch.Tensor, device: torch.device,
-           batch_size: int = 8) -> torch.Tensor:
-    """Unscaled latents (N, C, *latent_spatial) → images (N, 1, *spatial) float32 on CPU (not clipped)."""
-    volumes = [model.decode(latents[i:i + batch_size].to(device)).cpu()
-               for i in range(0, len(latents), batch_size)]
+           batch_size: int = 8, precision: str = "fp32") -> torch.Tensor:
+    """Unscaled latents (N, C, *latent_spatial) → images (N, 1, *spatial) float32 on CPU (not clipped); the
+    decoder runs in ``precision`` (runtime.autocast)."""
+    with runtime.autocast(device, precision):
+        volumes = [model.decode(latents[i:i + batch_size].to(device)).float().cpu()
+                   for i in range(0, len(latents), batch_size)]
     return torch.cat(volumes)
 
 
@@ -102,7 +104,7 @@ def discriminator_layers(volume_shape: tuple[int, ...]) -> int:
 
 def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Optimizer,
            discriminator: PatchDiscriminator | None, optimizer_d: torch.optim.Optimizer, data: torch.Tensor,
-           generator: torch.Generator, device: torch.device) -> dict[str, float]:
+           generator: torch.Generator, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """One epoch over ``data`` (N, 1, *S) in seeded random batches: L1 + KL, and with a ``discriminator`` (after
     the warm-up) its adversarial term, the discriminator learning in turn. Returns the epoch's mean losses (the
     adversarial ones NaN without a discriminator)."""
@@ -115,14 +117,16 @@ def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Opti
     order = torch.randperm(len(data), generator=generator)
     for first in range(0, len(data), settings.batch_size):
         batch = data[order[first:first + settings.batch_size]].to(device)
-        reconstruction, z_mu, z_sigma = model(batch)
-        l1 = F.l1_loss(reconstruction, batch)
-        kl = kl_divergence(z_mu, z_sigma)
-        loss = l1 + settings.kl_weight * kl
-        if with_adversary:
-            logits_fake = discriminator(reconstruction.contiguous())[-1]
-            generator_loss = adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
-            loss = loss + settings.adversarial_weight * generator_loss
+        with runtime.autocast(device, precision):  # the forward passes; losses in float32
+            reconstruction, z_mu, z_sigma = model(batch)
+            reconstruction, z_mu, z_sigma = reconstruction.float(), z_mu.float(), z_sigma.float()
+            l1 = F.l1_loss(reconstruction, batch)
+            kl = kl_divergence(z_mu, z_sigma)
+            loss = l1 + settings.kl_weight * kl
+            if with_adversary:
+                logits_fake = discriminator(reconstruction.contiguous())[-1].float()
+                generator_loss = adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                loss = loss + settings.adversarial_weight * generator_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,10 +135,11 @@ def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Opti
         sums["kl"] += kl.item() * share
         if with_adversary:
             # The discriminator learns to tell training images from (detached) reconstructions.
-            logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
-            logits_real = discriminator(batch.contiguous())[-1]
-            loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
-                            + adversarial_loss(logits_real, target_is_real=True, for_discriminator=True))
+            with runtime.autocast(device, precision):
+                logits_fake = discriminator(reconstruction.detach().contiguous())[-1].float()
+                logits_real = discriminator(batch.contiguous())[-1].float()
+                loss_d = 0.5 * (adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                                + adversarial_loss(logits_real, target_is_real=True, for_discriminator=True))
             optimizer_d.zero_grad(set_to_none=True)
             (settings.adversarial_weight * loss_d).backward()
             optimizer_d.step()
@@ -146,8 +151,11 @@ def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Opti
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
-        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
-    """Train on the training split; write the checkpoint, the training curve and their sidecars."""
+        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device,
+        precision: str = "fp32") -> None:
+    """Train on the training split; write the checkpoint, the training curve and their sidecars.
+
+    ``precision``: the forward passes' arithmetic (``runtime.select_precision``: fp32, or bf16 autocast)."""
     model_path, curve_csv = Path(model_path), Path(curve_csv)
     ids, volumes, affine = volume_sets.load_training_set(cases_csv, split_csv)
     volume_shape = tuple(int(s) for s in volumes.shape[2:])
@@ -176,7 +184,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         started = time.perf_counter()
         with_adversary = adversarial and epoch >= settings.adversarial_warmup_epochs
         sums = _epoch(settings, model, optimizer, discriminator if with_adversary else None, optimizer_d, data,
-                      generator, device)
+                      generator, device, precision)
         rows.append({"epoch": epoch + 1, **sums, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 5 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  l1 %.4f  kl %.1f  generator_adversarial %.4f  discriminator %.4f  (%.1f s)",
@@ -208,7 +216,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     inputs = {"cases": cases_csv, "split": split_csv}
     artefacts.save_torch(model_path, checkpoint)
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
-                            train_reconstruction_l1=reconstruction_l1, latent_std=latent_std,
+                            precision=precision, train_reconstruction_l1=reconstruction_l1, latent_std=latent_std,
                             latent_shape=checkpoint["latent_shape"], n_train=len(ids))
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=[
         "epoch", "l1", "kl", "generator_adversarial", "discriminator", "seconds"]))

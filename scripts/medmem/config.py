@@ -86,7 +86,7 @@ def synthetic_stage(keys: dict[str, str]) -> str:
 
 
 # Sections that are settings of the run, not of any stage.
-RUN_KEYS = ("results", "device", "experiments", "study")
+RUN_KEYS = ("results", "device", "precision", "experiments", "study")
 
 
 @dataclass(frozen=True)

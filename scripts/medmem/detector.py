@@ -385,7 +385,7 @@ CURVE_COLUMNS = ["epoch", "loss", "koleo", "positive_similarity", "negative_simi
 
 
 def _epoch(settings: Settings, model: ContrastiveEncoder, optimizer: torch.optim.Optimizer, data: torch.Tensor,
-           n_batches: int, generator: torch.Generator, device: torch.device) -> np.ndarray:
+           n_batches: int, generator: torch.Generator, device: torch.device, precision: str = "fp32") -> np.ndarray:
     """One epoch over ``data`` (N, 1, *S, on the encoder's grid) in seeded random batches: two views of each
     volume, NT-Xent (+ KoLeo). Returns the epoch's means: loss, KoLeo, positive and negative similarity."""
     model.train()
@@ -397,7 +397,9 @@ def _epoch(settings: Settings, model: ContrastiveEncoder, optimizer: torch.optim
             view1 = augment(batch, settings.views, generator)
             view2 = augment(batch, settings.views, generator)
         # One forward pass for both views: GroupNorm is per volume, so this equals two passes.
-        embeddings, projections = model(torch.cat([view1, view2]))
+        with runtime.autocast(device, precision):  # the encoder's forward pass; the losses in float32
+            embeddings, projections = model(torch.cat([view1, view2]))
+        embeddings, projections = embeddings.float(), projections.float()
         embedding1, embedding2 = embeddings.chunk(2)
         contrasted = projections if settings.contrast == "projection" else centred(embeddings)
         loss = nt_xent(*contrasted.chunk(2), settings.temperature)
@@ -417,8 +419,10 @@ def _epoch(settings: Settings, model: ContrastiveEncoder, optimizer: torch.optim
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
-        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
-    """Train the detector on the training split; write the checkpoint and the per-epoch curve.
+        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device,
+        precision: str = "fp32") -> None:
+    """Train the detector on the training split; write the checkpoint and the per-epoch curve. ``precision``: the
+    encoder's forward passes in training (``runtime.select_precision``: fp32, or bf16 autocast).
 
     Progress is kept in ``<model stem>.last.pt`` (``training.Resume``, outside the declared outputs), so a
     killed job re-run with the same settings and data continues where it stopped.
@@ -458,7 +462,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
     for epoch in range(done + 1, settings.epochs + 1):
         started = time.perf_counter()
-        loss, spread, positive, negative = _epoch(settings, model, optimizer, data, n_batches, generator, device)
+        loss, spread, positive, negative = _epoch(settings, model, optimizer, data, n_batches, generator, device,
+                                                  precision)
         scheduler.step()
         curve.append({"epoch": epoch, "loss": float(loss), "koleo": float(spread),
                       "positive_similarity": float(positive), "negative_similarity": float(negative),
@@ -473,7 +478,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         "settings": asdict(settings), "volume_shape": volume_shape})
     inputs = {"cases": cases_csv, "split": split_csv}
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
-                            n_train=len(ids), volume_shape=volume_shape)
+                            precision=precision, n_train=len(ids), volume_shape=volume_shape)
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
     resume.finish()
 

@@ -117,7 +117,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 def _epoch(settings: Settings, model: DiffusionModelUNet, ema: DiffusionModelUNet, optimizer: torch.optim.Optimizer,
            scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator, step: int,
-           device: torch.device) -> tuple[float, int]:
+           device: torch.device, precision: str = "fp32") -> tuple[float, int]:
     """One epoch of denoising over the scaled ``latents`` (N, C, *L) in seeded random batches, the EMA following
     every step. Returns the epoch's mean loss and the optimizer steps taken so far."""
     model.train()
@@ -132,7 +132,9 @@ def _epoch(settings: Settings, model: DiffusionModelUNet, ema: DiffusionModelUNe
         noise = torch.randn(clean.shape, generator=generator).to(device)
         timesteps = torch.randint(0, settings.num_train_timesteps, (len(clean),), generator=generator).to(device)
         noisy = scheduler.add_noise(original_samples=clean, noise=noise, timesteps=timesteps)
-        loss = F.mse_loss(model(noisy, timesteps=timesteps), training_target(scheduler, clean, noise, timesteps))
+        with runtime.autocast(device, precision):  # the UNet's forward pass; the loss in float32
+            prediction = model(noisy, timesteps=timesteps).float()
+        loss = F.mse_loss(prediction, training_target(scheduler, clean, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,8 +146,10 @@ def _epoch(settings: Settings, model: DiffusionModelUNet, ema: DiffusionModelUNe
 
 def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
         split_csv: str | os.PathLike, model_path: str | os.PathLike, curve_csv: str | os.PathLike,
-        device: torch.device, checkpoints_dir: str | os.PathLike | None = None) -> None:
+        device: torch.device, checkpoints_dir: str | os.PathLike | None = None, precision: str = "fp32") -> None:
     """Train on the scaled latents of the training split; write the checkpoint, curve and sidecars.
+
+    ``precision``: the UNet's forward passes (``runtime.select_precision``: fp32, or bf16 autocast).
 
     ``checkpoints_dir`` receives one checkpoint per ``settings.checkpoint_epochs`` (``epoch_NNNN.pt``),
     all at once at the end; by default it is ``checkpoints`` beside ``model_path``.
@@ -183,7 +187,8 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        epoch_loss, step = _epoch(settings, model, ema, optimizer, scheduler, latents, generator, step, device)
+        epoch_loss, step = _epoch(settings, model, ema, optimizer, scheduler, latents, generator, step, device,
+                                  precision)
         rows.append({"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  loss %.4f  (%.2f s/epoch)", epoch + 1, settings.epochs, epoch_loss,
@@ -198,7 +203,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     inputs = {"autoencoder": autoencoder_path, "cases": cases_csv, "split": split_csv}
     artefacts.save_torch(model_path, checkpoint)
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
-                            steps=step, final_loss=rows[-1]["loss"] if rows else None)
+                            precision=precision, steps=step, final_loss=rows[-1]["loss"] if rows else None)
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=["epoch", "loss", "seconds"]))
     artefacts.write_sidecar(curve_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed)
     missing = [e for e in settings.checkpoint_epochs if not (partial / checkpoint_name(e)).exists()]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmem import artefacts, detector, volume_sets
+from medmem import artefacts, detector, runtime, volume_sets
 
 logger = logging.getLogger("medmem.embed")
 
@@ -50,7 +50,7 @@ def shifted(batch: torch.Tensor, shift: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_shifted(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device, largest: int,
-                  batch_size: int = 16, flips: bool = False) -> np.ndarray:
+                  batch_size: int = 16, flips: bool = False, precision: str = "fp32") -> np.ndarray:
     """(N, 1, *S) volumes -> (N, n_variants, E) unit embeddings of each volume moved by each of ``shifts``, and
     with ``flips`` each of those mirrored left-right too (the unmirrored ones first; the first is the identity).
 
@@ -66,14 +66,17 @@ def embed_shifted(model: detector.ContrastiveEncoder, volumes: np.ndarray, devic
         batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32)).to(device)
         for index, (mirrored, move) in enumerate(moves):
             moved = shifted(torch.flip(batch, dims=[2]) if mirrored else batch, tuple(step * m for m in move))
-            out[start:start + len(batch), index] = F.normalize(model.embed(moved), dim=1).cpu().numpy()
+            with runtime.autocast(device, precision):
+                vectors = model.embed(moved).float()
+            out[start:start + len(batch), index] = F.normalize(vectors, dim=1).cpu().numpy()
     return out
 
 
 @torch.no_grad()
 def embed_volumes(model: detector.ContrastiveEncoder, volumes: np.ndarray, device: torch.device,
-                  batch_size: int = 16) -> np.ndarray:
-    """(N, 1, D, H, W) float32 volumes, or (N, 1, H, W) images -> (N, E) float32 embeddings of unit L2 norm."""
+                  batch_size: int = 16, precision: str = "fp32") -> np.ndarray:
+    """(N, 1, D, H, W) float32 volumes, or (N, 1, H, W) images -> (N, E) float32 embeddings of unit L2 norm; the
+    encoder runs in ``precision`` (runtime.autocast)."""
     expected = "(N, 1, D, H, W)" if model.spatial_dims == 3 else "(N, 1, H, W)"
     if volumes.ndim != model.spatial_dims + 2 or volumes.shape[1] != 1:
         raise ValueError(f"this {model.spatial_dims}D detector expects inputs of shape {expected}, got "
@@ -84,12 +87,14 @@ def embed_volumes(model: detector.ContrastiveEncoder, volumes: np.ndarray, devic
     vectors = []
     for start in range(0, len(volumes), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32))
-        vectors.append(F.normalize(model.embed(batch.to(device)), dim=1).cpu())
+        with runtime.autocast(device, precision):
+            embedded = model.embed(batch.to(device)).float()
+        vectors.append(F.normalize(embedded, dim=1).cpu())
     return torch.cat(vectors).numpy().astype(np.float32, copy=False)
 
 
 def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], output_npz: str | os.PathLike,
-        device: torch.device, batch_size: int = 16, at_shifts: bool = True) -> None:
+        device: torch.device, batch_size: int = 16, at_shifts: bool = True, precision: str = "fp32") -> None:
     """Embed the volumes at ``paths`` (named ``ids``) and write ``output_npz`` (ids, vectors) + sidecar.
 
     With the detector's ``shift_search`` or ``flip_search``, also ``shifted`` (N, S, E), unless ``at_shifts`` is
@@ -109,13 +114,13 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
     flips = bool(checkpoint["settings"].get("flip_search", False)) and at_shifts
     arrays = {"ids": np.array(ids, dtype=np.str_)}
     if largest > 0 or flips:  # the first variant is the identity: the plain vectors
-        arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size, flips=flips)
+        arrays["shifted"] = embed_shifted(model, volumes, device, largest, batch_size, flips=flips, precision=precision)
         arrays["vectors"] = np.ascontiguousarray(arrays["shifted"][:, 0])
         logger.info("embedded %d volumes into %d dimensions, at %d variants (shifts of up to %d voxels of the "
                     "working grid%s)", len(ids), arrays["vectors"].shape[1], arrays["shifted"].shape[1], largest,
                     ", each also mirrored" if flips else "")
     else:
-        arrays["vectors"] = embed_volumes(model, volumes, device, batch_size)
+        arrays["vectors"] = embed_volumes(model, volumes, device, batch_size, precision)
         logger.info("embedded %d volumes into %d dimensions", *arrays["vectors"].shape)
     output_npz = Path(output_npz)
     with artefacts.atomic_path(output_npz) as tmp, open(tmp, "wb") as handle:
@@ -123,4 +128,4 @@ def run(detector_path: str | os.PathLike, ids: list[str], paths: list[str], outp
         np.savez(handle, **arrays)
     artefacts.write_sidecar(output_npz, settings={"batch_size": batch_size}, inputs={"detector": detector_path},
                             detector_settings=checkpoint["settings"], n_volumes=len(ids),
-                            embedding_dim=int(arrays["vectors"].shape[1]))
+                            embedding_dim=int(arrays["vectors"].shape[1]), precision=precision)

@@ -131,7 +131,7 @@ def load(model_path: str | os.PathLike, device: torch.device) -> tuple[VolumeGen
 
 def _epoch(settings: Settings, model: nn.Module, optimizer: torch.optim.Optimizer, discriminator: nn.Module,
            optimizer_d: torch.optim.Optimizer, data: torch.Tensor, generator_rng: torch.Generator,
-           device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+           device: torch.device, precision: str = "fp32") -> tuple[dict[str, float], torch.Tensor]:
     """One epoch of the non-saturating GAN game over ``data`` (N, 1, *S) in seeded random batches. Returns the
     epoch's mean losses and discriminator outputs, and the last batch it generated (for the log)."""
     model.train()
@@ -142,19 +142,21 @@ def _epoch(settings: Settings, model: nn.Module, optimizer: torch.optim.Optimize
         real = data[order[first:first + settings.batch_size].to(device)]
         # Latents come from the seeded CPU generator: the same on any device.
         latents = torch.randn(len(real), settings.latent_dim, generator=generator_rng).to(device)
-        fake = model(latents)
+        with runtime.autocast(device, precision):  # the forward passes; losses in float32
+            fake = model(latents).float()
 
-        # Discriminator: training images → 1, generated ones (detached) → 0.
-        discriminator.requires_grad_(True)
-        logits_real, logits_fake = discriminator(real), discriminator(fake.detach())
-        loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+            # Discriminator: training images → 1, generated ones (detached) → 0.
+            discriminator.requires_grad_(True)
+            logits_real, logits_fake = discriminator(real).float(), discriminator(fake.detach()).float()
+            loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
         optimizer_d.zero_grad(set_to_none=True)
         loss_d.backward()
         optimizer_d.step()
 
         # Generator, non-saturating: raise log D(G(z)) under the updated discriminator.
         discriminator.requires_grad_(False)
-        loss_g = F.softplus(-discriminator(fake)).mean()
+        with runtime.autocast(device, precision):
+            loss_g = F.softplus(-discriminator(fake).float()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizer.step()
@@ -168,8 +170,11 @@ def _epoch(settings: Settings, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
-        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device) -> None:
-    """Train on the split's training volumes; write the generator checkpoint, the curve and their sidecars."""
+        model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device,
+        precision: str = "fp32") -> None:
+    """Train on the split's training volumes; write the generator checkpoint, the curve and their sidecars.
+
+    ``precision``: both networks' forward passes (``runtime.select_precision``: fp32, or bf16 autocast)."""
     model_path, curve_csv = Path(model_path), Path(curve_csv)
     ids, volumes, affine = volume_sets.load_training_set(cases_csv, split_csv)
     volume_shape = [int(s) for s in volumes.shape[2:]]
@@ -197,7 +202,8 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
 
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        sums, fake = _epoch(settings, model, optimizer, discriminator, optimizer_d, data, generator_rng, device)
+        sums, fake = _epoch(settings, model, optimizer, discriminator, optimizer_d, data, generator_rng, device,
+                            precision)
         rows.append({"epoch": epoch + 1, **sums, "seconds": time.perf_counter() - started})
         if epoch == start_epoch or (epoch + 1) % 10 == 0 or epoch + 1 == settings.epochs:
             logger.info("epoch %d/%d  d_loss %.4f  g_loss %.4f  D(real) %.3f  D(fake) %.3f  generated mean %.3f "
@@ -219,7 +225,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     last = rows[-1] if rows else {}
     artefacts.save_torch(model_path, checkpoint)
     artefacts.write_sidecar(model_path, settings=asdict(settings), inputs=inputs, seed=settings.seed,
-                            n_train=len(ids), volume_shape=volume_shape,
+                            precision=precision, n_train=len(ids), volume_shape=volume_shape,
                             final_d_real=last.get("d_real"), final_d_fake=last.get("d_fake"))
     artefacts.write_csv(curve_csv, pd.DataFrame(rows, columns=["epoch", "d_loss", "g_loss", "d_real", "d_fake",
                                                                "seconds"]))

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     import torch
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+PrecisionChoice = Literal["auto", "fp32", "bf16"]
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def setup_job(log_path: str | None, threads: int = 1) -> logging.Logger:
@@ -42,6 +44,27 @@ def select_device(choice: DeviceChoice = "auto") -> torch.device:
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def select_precision(choice: PrecisionChoice, device: torch.device | str) -> str:
+    """The arithmetic of a job's networks: "bf16" (bfloat16 autocast) or "fp32". auto: bf16 on CUDA, where tensor
+    cores make it fast, fp32 on a CPU, where bfloat16 convolutions are slower than float32 ones."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision = {choice!r}: expected one of {', '.join(PRECISIONS)}")
+    if choice == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return choice
+
+
+def autocast(device: torch.device | str, precision: str):
+    """A context in which the networks' forward passes run in ``precision`` (``select_precision``): bfloat16
+    autocast, which needs no gradient scaler (bfloat16 has float32's exponent range), or plain float32.
+    Losses and what a stage writes stay float32."""
+    import torch
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision = {precision!r}: expected fp32 or bf16 (select_precision resolves auto)")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def seed_everything(seed: int) -> torch.Generator:

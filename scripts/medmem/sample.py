@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medmem import artefacts, autoencoder, diffusion, volume_sets
+from medmem import artefacts, autoencoder, diffusion, runtime, volume_sets
 from medmem.settings import SampleSettings as Settings
 
 logger = logging.getLogger("medmem.sample")
@@ -43,8 +43,10 @@ def make_scheduler(settings: Settings, schedule: dict[str, Any]) -> DDIMSchedule
 
 @torch.no_grad()
 def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMScheduler,
-                     latent_shape: list[int], seeds: list[int], device: torch.device) -> torch.Tensor:
-    """Denoise one batch: returns scaled latents (B, *latent_shape), sample j from ``seeds[j]``.
+                     latent_shape: list[int], seeds: list[int], device: torch.device,
+                     precision: str = "fp32") -> torch.Tensor:
+    """Denoise one batch: returns scaled latents (B, *latent_shape), sample j from ``seeds[j]``; the UNet runs in
+    ``precision`` (runtime.autocast), the scheduler's steps in float32.
 
     ``latent_shape`` is (C, d, h, w) for volumes, (C, h, w) for 2D images.
     """
@@ -53,7 +55,9 @@ def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMSched
     for timestep in scheduler.timesteps:
         t = int(timestep)
         # The UNet output is what it was trained to predict (v, the clean latent or the noise).
-        model_output = unet(latents, timesteps=torch.full((len(latents),), t, device=device, dtype=torch.long))
+        with runtime.autocast(device, precision):
+            model_output = unet(latents, timesteps=torch.full((len(latents),), t, device=device,
+                                                              dtype=torch.long)).float()
         # Step each sample with its own generator: DDPM adds fresh noise at every step.
         latents = torch.cat([
             scheduler.step(model_output[j:j + 1], t, latents[j:j + 1], generator=generators[j])[0]
@@ -63,10 +67,11 @@ def generate_latents(unet: torch.nn.Module, scheduler: DDIMScheduler | DDPMSched
 
 def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path: str | os.PathLike,
         split_csv: str | os.PathLike, manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike,
-        device: torch.device, batch_size: int = 8) -> None:
+        device: torch.device, batch_size: int = 8, precision: str = "fp32") -> None:
     """Write n synthetic images into ``volumes_dir`` and list them in ``manifest_csv`` (id, path, seed).
 
     ``batch_size`` only sets how many samples share a UNet call (memory); it does not change them.
+    ``precision``: the UNet's and the decoder's arithmetic (``runtime.select_precision``).
     """
     ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
     unet, diffusion_checkpoint = diffusion.load(diffusion_path, device)
@@ -82,9 +87,9 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
                 len(scheduler.timesteps), ae_checkpoint["latent_shape"], ae_checkpoint["volume_shape"])
 
     def decode_batch(seeds: list[int]) -> np.ndarray:
-        latents = generate_latents(unet, scheduler, diffusion_checkpoint["latent_shape"], seeds, device)
+        latents = generate_latents(unet, scheduler, diffusion_checkpoint["latent_shape"], seeds, device, precision)
         logger.info("sampled %d  (scaled latent std %.3f)", seeds[-1] - settings.seed + 1, latents.std())
-        return autoencoder.decode(ae, latents / scale_factor, device).clamp(0.0, 1.0).numpy()
+        return autoencoder.decode(ae, latents / scale_factor, device, precision=precision).clamp(0.0, 1.0).numpy()
 
     write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
                   inputs={"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv})
@@ -92,7 +97,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
 
 def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: str | os.PathLike,
             manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, device: torch.device,
-            batch_size: int = 8) -> None:
+            batch_size: int = 8, precision: str = "fp32") -> None:
     """The autoencoder sampled as a VAE (a model family to compare with the LDM): decode prior latents.
 
     The prior is N(0, I) matched to the scale of the training latents, z / scale_factor: with the
@@ -107,7 +112,8 @@ def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: 
     def decode_batch(seeds: list[int]) -> np.ndarray:
         latents = torch.cat([torch.randn((1, *ae_checkpoint["latent_shape"]),
                                          generator=torch.Generator().manual_seed(seed)) for seed in seeds])
-        return autoencoder.decode(ae, latents.to(device) / scale_factor, device).clamp(0.0, 1.0).numpy()
+        return autoencoder.decode(ae, latents.to(device) / scale_factor, device,
+                                  precision=precision).clamp(0.0, 1.0).numpy()
 
     write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
                   inputs={"autoencoder": autoencoder_path, "split": split_csv})

@@ -14,6 +14,7 @@ rule train_detector:
     params:
         settings=settings_of("detector"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/train_detector/{{detector}}.log",
     benchmark:
@@ -37,6 +38,7 @@ rule embed_split:
         embeddings=f"{RESULTS}/embeddings/{{detector}}/{{subset}}.npz",
     params:
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/embed_split/{{detector}}-{{subset}}.log",
     benchmark:
@@ -61,6 +63,7 @@ rule embed_set:
         embeddings=f"{RESULTS}/embeddings/{{detector}}/{{volume_stage}}-{{volume_key}}.npz",
     params:
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/embed_set/{{detector}}-{{volume_stage}}-{{volume_key}}.log",
     benchmark:

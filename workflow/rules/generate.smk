@@ -11,6 +11,7 @@ rule train_autoencoder:
     params:
         settings=settings_of("autoencoder"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/train_autoencoder/{{autoencoder}}.log",
     benchmark:
@@ -36,6 +37,7 @@ rule train_diffusion:
     params:
         settings=settings_of("diffusion"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/train_diffusion/{{diffusion}}.log",
     benchmark:
@@ -61,6 +63,7 @@ rule sample:
     params:
         settings=settings_of("sample"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/sample/{{sample}}.log",
     benchmark:
@@ -85,6 +88,7 @@ rule sample_vae:
     params:
         settings=settings_of("sample_vae"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/sample_vae/{{sample_vae}}.log",
     benchmark:
@@ -108,6 +112,7 @@ rule train_gan:
     params:
         settings=settings_of("gan"),
         device=config["device"],
+        precision=config["precision"],
     log:
         f"{RESULTS}/logs/train_gan/{{gan}}.log",
     benchmark:
