@@ -65,6 +65,7 @@ from dataclasses import asdict
 
 import numpy as np
 from scipy import stats
+from scipy.cluster import vq
 import pandas as pd
 import torch
 from monai.metrics import SSIMMetric
@@ -509,28 +510,15 @@ def _meehan_cells(settings: Settings, reference: np.ndarray, test: np.ndarray):
 
 
 def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
-    """(N, V) -> (k, V) float32 centroids: Lloyd's algorithm from a k-means++ start.
+    """(N, V) -> (k, V) float32 centroids: Lloyd's algorithm from a k-means++ start (scipy's kmeans2).
 
-    Written out rather than faiss.Kmeans: a cohort has a few dozen volumes, and faiss's Python wrapper
-    breaks (AssertionError in vector_float_to_array) once SimpleITK's SWIG module has been imported
-    after faiss in the same process.
+    scipy, not faiss.Kmeans: a cohort has a few dozen volumes, and faiss's Python wrapper breaks
+    (AssertionError in vector_float_to_array) once SimpleITK's SWIG module has been imported after faiss in the
+    same process. An empty cell keeps its centre (``missing="warn"``), as Lloyd's algorithm leaves it.
     """
-    points = np.asarray(points, dtype=np.float32)
-    centroids = [points[rng.integers(len(points))]]
-    for _ in range(1, k):  # k-means++: each new centre far from the chosen ones, with probability ∝ d²
-        squared = l2_nearest(points, np.stack(centroids), 1)[1][:, 0].astype(np.float64) ** 2
-        centroids.append(points[rng.choice(len(points), p=squared / squared.sum())] if squared.sum() > 0
-                         else points[rng.integers(len(points))])
-    centroids = np.stack(centroids)
-    for _ in range(iterations):
-        labels = l2_nearest(points, centroids, 1)[0][:, 0]
-        updated = np.stack([points[labels == c].mean(axis=0) if (labels == c).any() else centroids[c]
-                            for c in range(k)])
-        if np.array_equal(updated, centroids):
-            break
-        centroids = updated.astype(np.float32)
-    return centroids
-
+    centroids, _ = vq.kmeans2(np.asarray(points, dtype=np.float64), k, iter=iterations, minit="++", seed=rng,
+                              missing="warn")
+    return centroids.astype(np.float32)
 
 def _authenticity(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     neighbours, distance = l2_nearest(queries, reference, 1)
