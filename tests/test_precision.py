@@ -85,6 +85,7 @@ def test_sampling_and_embedding_in_bf16_stay_near_fp32(trained, cohort):
         out = models / f"samples_{precision}"
         sample.run(settings, models / "autoencoder.pt", models / "diffusion.pt", split, out / "manifest.csv",
                    out / "volumes", CPU, precision=precision)
+        assert artefacts.read_json(out / "manifest.csv.json")["precision"] == precision
         volumes[precision] = np.stack([artefacts.load_nifti(path)[0]
                                        for path in sorted((out / "volumes").glob("*.nii.gz"))])
     assert np.isfinite(volumes["bf16"]).all() and volumes["bf16"].min() >= 0 and volumes["bf16"].max() <= 1

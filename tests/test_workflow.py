@@ -264,7 +264,9 @@ def test_2d_mode_runs_every_model_family_end_to_end(tmp_path):
         exact = controls[(controls["method"] == "contrastive") & (controls["strength"] == "exact")]
         assert exact["recall"].iloc[0] == 1.0, experiment  # a planted exact copy is always found
         assert (results / "experiments" / experiment / "montage.png").stat().st_size > 0
-    sidecars = [*results.glob("*/*/*.pt.json"), *results.glob("embeddings/*/*.npz.json")]
-    assert {path.parent.parent.name for path in sidecars} >= {"autoencoder", "diffusion", "gan", "detector", "embeddings"}
+    sidecars = [*results.glob("*/*/*.pt.json"), *results.glob("embeddings/*/*.npz.json"),
+                *results.glob("sample/*/manifest.csv.json"), *results.glob("sample_vae/*/manifest.csv.json")]
+    assert {path.parent.parent.name for path in sidecars} >= {"autoencoder", "diffusion", "gan", "detector", "embeddings",
+                                                               "sample", "sample_vae"}
     assert {json.loads(path.read_text())["precision"] for path in sidecars} == {"bf16"}
 

@@ -92,7 +92,8 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, diffusion_path:
         return autoencoder.decode(ae, latents / scale_factor, device, precision=precision).clamp(0.0, 1.0).numpy()
 
     write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
-                  inputs={"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv})
+                  inputs={"autoencoder": autoencoder_path, "diffusion": diffusion_path, "split": split_csv},
+                  precision=precision)
 
 
 def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: str | os.PathLike,
@@ -116,13 +117,13 @@ def run_vae(settings: Settings, autoencoder_path: str | os.PathLike, split_csv: 
                                   precision=precision).clamp(0.0, 1.0).numpy()
 
     write_samples(settings, decode_batch, ae_checkpoint, split_csv, manifest_csv, volumes_dir, batch_size,
-                  inputs={"autoencoder": autoencoder_path, "split": split_csv})
+                  inputs={"autoencoder": autoencoder_path, "split": split_csv}, precision=precision)
 
 
 def write_samples(settings: Settings, decode_batch, ae_checkpoint: dict, split_csv: str | os.PathLike,
                   manifest_csv: str | os.PathLike, volumes_dir: str | os.PathLike, batch_size: int,
-                  inputs: dict) -> None:
-    """Draw n images in batches and write them + manifest.
+                  inputs: dict, precision: str = "fp32") -> None:
+    """Draw n images in batches and write them + manifest (the sidecars record ``precision``).
 
     ``decode_batch(seeds)`` returns (B, 1, *spatial) in [0, 1]: (B, 1, D, H, W) volumes or (B, 1, H, W)
     2D images, each written as a NIfTI of shape ``spatial`` with the autoencoder's training affine.
@@ -144,6 +145,8 @@ def write_samples(settings: Settings, decode_batch, ae_checkpoint: dict, split_c
                              "path": os.path.relpath(volumes_dir / f"{sample_id}.nii.gz", manifest_csv.parent),
                              "seed": seed})
     logger.info("wrote %d synthetic images to %s", n, volumes_dir)
-    artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
+    artefacts.write_sidecar(volumes_dir, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n,
+                            precision=precision)
     artefacts.write_csv(manifest_csv, pd.DataFrame(rows, columns=["id", "path", "seed"]))
-    artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n)
+    artefacts.write_sidecar(manifest_csv, settings=asdict(settings), inputs=inputs, seed=settings.seed, n_samples=n,
+                            precision=precision)
