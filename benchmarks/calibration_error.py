@@ -61,22 +61,22 @@ def main(results: Path, n_fresh: int, draws: int = 1000, seed: int = 0) -> None:
                                                           "autoencoder.pt", cpu)
         seen_fresh, seen_train = (np.stack([np.clip(reconstruct(v[0]), 0, 1) for v in volumes])[:, None]
                                   for volumes in (fresh, train))
-    searched = model_settings.get("shift_search", 0), model_settings.get("flip_search", False)
-    train_vectors = embed.embed_volumes(model, seen_train, cpu)
-    if any(searched):
-        fresh_vectors = embed.embed_shifted(model, seen_fresh, cpu, int(searched[0]), flips=bool(searched[1]))
-        neighbours = similarity.nearest_over_shifts(fresh_ids, fresh_vectors, train_ids, train_vectors)
-    else:
-        neighbours = similarity.nearest_neighbours(fresh_ids, embed.embed_volumes(model, seen_fresh, cpu), train_ids,
-                                                   train_vectors)
-    scores = {"contrastive": neighbours["correlation"].to_numpy()}
+    largest, flips = int(model_settings.get("shift_search", 0)), bool(model_settings.get("flip_search", False))
+    searched = largest > 0 or flips
+
+    def embedded(volumes: np.ndarray) -> np.ndarray:
+        """(N, 1, *S) -> (N, S, E) at every variant of the run's search (the identity first), or plain (N, E)."""
+        return (embed.embed_shifted(model, volumes, cpu, largest, flips=flips) if searched
+                else embed.embed_volumes(model, volumes, cpu))
+
+    search = similarity.nearest_over_shifts if searched else similarity.nearest_neighbours
+    train_variants = embedded(seen_train)
+    train_vectors = train_variants[:, 0] if searched else train_variants
+    scores = {"contrastive": search(fresh_ids, embedded(seen_fresh), train_ids, train_vectors)["correlation"].to_numpy()}
     # Could the training patients calibrate too? Each one's nearest OTHER training patient, searched as a held-out
     # patient is (leave-one-out), against the run's held-out scores: the detector was trained to tell exactly these
     # patients apart, so their scores are compared, not assumed exchangeable.
-    own = (embed.embed_shifted(model, seen_train, cpu, int(searched[0]), flips=bool(searched[1])) if any(searched)
-           else train_vectors)
-    search = similarity.nearest_over_shifts if any(searched) else similarity.nearest_neighbours
-    others = search(train_ids, own, train_ids, train_vectors, k=2)
+    others = search(train_ids, train_variants, train_ids, train_vectors, k=2)
     others = others[others["query_id"] != others["neighbour_id"]].groupby("query_id")["correlation"].max()
     held_out = pd.read_csv(results / "similarity" / key["similarity"] / "holdout_to_train.csv")["correlation"]
     test = stats.mannwhitneyu(others, held_out)

@@ -243,8 +243,7 @@ def test_study_sets_plan_each_shared_stage_once(tmp_path, study, expected):
 @pytest.mark.workflow
 def test_2d_mode_runs_every_model_family_end_to_end(tmp_path):
     """Radiograph-like 2D images through every stage: ingest, three generators, detector, audit, report; on the
-    fast path (precision bf16: every training, sampling and embedding under bfloat16 autocast; 177 s against
-    159 s in fp32 on 2 CPU cores, where bf16 has no fast kernels)."""
+    fast path (precision bf16: every training, sampling and embedding under bfloat16 autocast)."""
     config = tiny_config()
     config["data"].update(shape=[32, 32], spacing=[8.0, 8.0])
     config["gan"].update(epochs=3)

@@ -520,6 +520,7 @@ def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int
                               missing="warn")
     return centroids.astype(np.float32)
 
+
 def _authenticity(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     neighbours, distance = l2_nearest(queries, reference, 1)
     nearest = neighbours[:, 0]
