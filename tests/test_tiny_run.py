@@ -1,5 +1,5 @@
 """The tests that read one finished tiny audit: the workflow's outputs, the rerun plan, the controls, and a
-second run of the same config that must give the same bytes.
+second run of the same config, killed by SIGKILL mid-training and run again, that must give the same bytes.
 
 The tiny audit (test_workflow.tiny_config, two experiments) runs once per module through snakemake; the suite's
 workers take whole modules (`make test`: pytest-xdist --dist loadfile), so it runs once per suite.
@@ -9,12 +9,18 @@ import csv
 import hashlib
 import io
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from test_workflow import CPU_RUN, planned_jobs, snakemake, tiny_config, write_config
+from test_workflow import CPU_RUN, SNAKEFILE, planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -194,24 +200,49 @@ def test_controls_are_planted_found_and_calibrated(tiny_run):
     assert {"verdict", "pct_copies_low", "quality_frechet_detector", "n_released"} <= set(summary.columns)
 
 
-# Reruns reproduce: the same config and seeds, run twice on CPU in two folders, give the same bytes. The second
-# run is the tiny audit's baseline experiment alone, in a fresh folder; the first is the module's tiny run, which
-# also holds that experiment: every stage of the second run has the same key there. Compared: every file of the
-# second run under results/ except the rule logs (timestamps), the rules' benchmark files (wall time and memory)
-# and the cross-experiment report (it lists the experiments of its run), byte for byte against the same file of
-# the first (checkpoints, NIfTI volumes, embeddings, tables, figures), except two kinds that hold a value that is
-# not about the numbers:
+# Reruns reproduce, through a kill -9: the same config and seeds, run twice on CPU in two folders, give the same
+# bytes, though the second run is killed by SIGKILL in the middle of its autoencoder training and run again
+# (snakemake's staging, the rule's resume state outside its outputs). The second run is the tiny audit's baseline
+# experiment alone, in a fresh folder; the first is the module's tiny run, which also holds that experiment: every
+# stage of the second run has the same key there. Each trainer's resume itself is unit-tested with a kill in
+# tests/test_<trainer>.py (test_a_killed_run_resumes_to_the_same_weights; the detector's in
+# test_training_is_deterministic_and_resumes). Compared: every file of the second run under results/ except the
+# rule logs (timestamps), the rules' benchmark files (wall time and memory) and the cross-experiment report (it
+# lists the experiments of its run), byte for byte against the same file of the first (checkpoints, NIfTI
+# volumes, embeddings, tables, figures), except two kinds that hold a value that is not about the numbers:
 # - training curves (curve.csv): every column but `seconds`, the epoch's wall time;
 # - sidecars (*.json): every field but `code_version`, which names the checkout's commit and so changes when
 #   someone commits between the two runs (it must be one value within a run).
 
 
-def run(workdir: Path) -> Path:
+def run_killed_once(workdir: Path) -> Path:
+    """The baseline experiment run through snakemake, killed (the whole process group) once its autoencoder has
+    saved a resume state, then run again to the end; the autoencoder's log, which must say it resumed."""
     config = tiny_config()
     config["experiments"] = {"baseline": {}}  # one experiment: every stage, once
     write_config(workdir, config)
-    snakemake(workdir, *CPU_RUN)
-    return workdir / "results"
+    results = workdir / "results"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MEDMEM_RESUME_INTERVAL_SECONDS": "0"}  # a resume state after every epoch
+    job = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *CPU_RUN],
+                           env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not [p for p in results.glob("autoencoder/*/*.last.pt") if not p.name.startswith(".")]:
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))  # somewhere after the first resume state
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not list(results.glob("autoencoder/*/autoencoder.pt")), "the training finished before the kill"
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, *CPU_RUN, env=env)
+    (model,) = results.glob("autoencoder/*/autoencoder.pt")
+    # The resume state goes once the output is written. (A write cut by the kill may leave a hidden
+    # ".<name>.*.tmp.last.pt" temp file beside it; it is never read.)
+    assert not [p for p in model.parent.glob("*.last.pt") if not p.name.startswith(".")]
+    (log,) = results.glob("logs/train_autoencoder/*.log")
+    assert "resuming from" in log.read_text()  # resumed, not restarted
+    return results
 
 
 def csv_without_wall_time(path: Path) -> list[list[str]]:
@@ -235,9 +266,9 @@ def artefacts(results: Path) -> dict[str, Path]:
             if path.is_file() and path.suffix != ".log"}
 
 
-def test_a_second_run_of_the_same_config_gives_identical_tables_and_weights(tiny_run, tmp_path):
+def test_a_second_run_killed_and_resumed_gives_identical_tables_and_weights(tiny_run, tmp_path):
     first = artefacts(tiny_run / "results")
-    second = {name: path for name, path in artefacts(run(tmp_path / "second")).items()
+    second = {name: path for name, path in artefacts(run_killed_once(tmp_path / "second")).items()
               if not name.startswith(("report/", ".medmem/", "benchmarks/"))}
     missing = sorted(set(second) - set(first))
     assert not missing, f"the shared run lacks {missing[:20]}: are its stages keyed like this run's?"
