@@ -26,6 +26,12 @@ CLUSTER = Path(__file__).resolve().parent / "cluster"
 GPU_RULES = {name for name, rule in rule_declarations().items() if rule["gpu"]}
 
 
+def local_rules() -> set[str]:
+    """The rules the Snakefile's `localrules:` runs beside snakemake instead of submitting."""
+    (line,) = re.findall(r"(?m)^localrules: (.+)$", SNAKEFILE.read_text())
+    return {name.strip() for name in line.split(",")} - {"all"}
+
+
 def missing_slurm() -> str | None:
     """Why SLURM cannot be started here, or None."""
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
@@ -81,12 +87,15 @@ def test_the_default_profile_dry_run_shows_each_jobs_resources(tmp_path):
 
 
 def test_the_slurm_profile_sizes_every_rule_and_gives_torch_the_cores_it_asks_for():
-    """Every rule has its own entry, so that `--default-resources slurm_account=...` on the command line
-    (which replaces the profile's default-resources whole) leaves every job's size as the profile says."""
+    """Every submitted rule has its own entry, so that `--default-resources slurm_account=...` on the command
+    line (which replaces the profile's default-resources whole) leaves every job's size as the profile says;
+    the local rules (bookkeeping) have none."""
     profile = yaml.safe_load((PROFILES / "slurm" / "config.yaml").read_text())
     assert profile["executor"] == "slurm"
     sizes = profile["set-resources"]
-    assert set(sizes) == set(rule_declarations()), set(sizes) ^ set(rule_declarations())
+    submitted = set(rule_declarations()) - local_rules()
+    assert local_rules() == {"split", "train_subset", "canaries", "report"}
+    assert set(sizes) == submitted, set(sizes) ^ submitted
     for rule, resources in sizes.items():
         assert {"runtime", "mem_mb", "cpus_per_task"} <= set(resources), rule
         assert "gpu" not in resources and "gpu_model" not in resources, f"{rule}: GPUs come from the rule's gpu=1"
@@ -191,7 +200,8 @@ def test_the_tiny_workflow_runs_on_slurm_with_gpus_for_gpu_rules_only(slurm, tmp
     assert {job["JobState"] for job in jobs} == {"COMPLETED"}
     rules = {job["Rule"] for job in jobs}
     assert {"train_autoencoder", "train_diffusion", "sample", "train_detector", "embed_split", "embed_set"} <= rules
-    assert {"ingest", "split", "plant_controls", "similarity", "baselines", "assess", "quality", "report"} <= rules
+    assert {"ingest", "plant_controls", "similarity", "baselines", "assess", "quality", "release"} <= rules
+    assert not rules & local_rules(), rules & local_rules()  # bookkeeping ran beside snakemake
     for job in jobs:
         on_gpu = job["Rule"] in GPU_RULES
         # Asked for (scontrol's JOB_GRES) and given (the rule's environment) one GPU, or none.
@@ -200,5 +210,5 @@ def test_the_tiny_workflow_runs_on_slurm_with_gpus_for_gpu_rules_only(slurm, tmp
     # The profile's per-rule sizes reached sbatch.
     diffusion = next(job for job in jobs if job["Rule"] == "train_diffusion")
     assert (diffusion["TimeLimit"], diffusion["NumCPUs"], diffusion["MinMemoryNode"]) == ("12:00:00", "4", "16000M")
-    split = next(job for job in jobs if job["Rule"] == "split")
-    assert (split["TimeLimit"], split["NumCPUs"], split["MinMemoryNode"]) == ("00:10:00", "1", "1000M")
+    ingest = next(job for job in jobs if job["Rule"] == "ingest")
+    assert (ingest["TimeLimit"], ingest["NumCPUs"], ingest["MinMemoryNode"]) == ("01:00:00", "1", "8000M")
