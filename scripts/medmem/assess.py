@@ -349,63 +349,14 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                             (inputs.control_baseline_statistics, inputs.baseline_statistics)], ignore_index=True)
     probes = pd.read_csv(inputs.controls_manifest, dtype={"id": str, "source_id": str})[
         ["id", "kind", "strength", "source_id"]]
-    methods = list(dict.fromkeys(scores["method"]))
-    results = {method: assess_method(scores, method, probes, settings) for method in methods}
-
+    results = {method: assess_method(scores, method, probes, settings) for method in dict.fromkeys(scores["method"])}
     published = results[CONTRASTIVE]
-    counts, intervals, metrics = published["counts"], published["intervals"], published["metrics"]
-    holdout_to_train = nearest["holdout_to_train"]
-    mild = calibration.mild_recall(metrics)
     real_scans = screen.read(inputs.screen, published["synthetic"]["query_id"].tolist())
-    summary = {"threshold_rule": settings.threshold, "threshold": published["threshold"],
-               "threshold_low": intervals["tau"][0], "threshold_high": intervals["tau"][1],
-               "tau": published["tau_published"], "tau_calibrated": published["tau_calibrated"],
-               "percentile": float(settings.percentile), "n_train": counts.n_train,
-               "n_holdout": len(holdout_to_train), "n_synthetic": counts.n_synthetic,
-               "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
-               "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
-               "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
-               "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
-               "n_mem_published": published["published_counts"].n_mem,
-               "n_copies_published": published["published_counts"].n_copies,
-               "nominal_fpr": (100.0 - settings.percentile) / 100.0, **published["fpr"],
-               "controls_auc": float(metrics.set_index("strength").at["all", "auc"]), "mild_recall": mild,
-               **control_summary(metrics), "confidence": settings.confidence,
-               "verdict": uncalibrated(settings, len(holdout_to_train)) or verdict(metrics, settings),
-               "n_real_scans": int(real_scans["real_scan"].sum())}
-    log = logger.warning if summary["verdict"].startswith("inconclusive") else logger.info
-    log("%s", summary["verdict"].upper() if summary["verdict"].startswith("inconclusive") else summary["verdict"])
-    logger.info("%s threshold %.4f [%.4f, %.4f] (published τ %.4f, calibrated %.4f); memorized %d/%d training volumes "
-                "(%.1f%% [%.1f, %.1f]), %d/%d synthetic copies (%.1f%% [%.1f, %.1f]); held-out patients above it, "
-                "measured: %.1f%% [%.1f, %.1f] (nominal %.1f%%)", settings.threshold, summary["threshold"],
-                summary["threshold_low"], summary["threshold_high"], summary["tau"], summary["tau_calibrated"],
-                counts.n_mem, counts.n_train, counts.pct_mem, summary["pct_mem_low"], summary["pct_mem_high"],
-                counts.n_copies, counts.n_synthetic, counts.pct_copies, summary["pct_copies_low"],
-                summary["pct_copies_high"], 100 * summary["holdout_fpr"], 100 * summary["holdout_fpr_low"],
-                100 * summary["holdout_fpr_high"], 100 * summary["nominal_fpr"])
-
-    flagged_by = pd.concat([r["synthetic"].loc[r["synthetic"]["flagged"], ["query_id", "method"]]
-                            for r in results.values()]).groupby("query_id")["method"].agg(";".join)
-    per_sample = published["synthetic"].rename(columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"})
-    per_sample["correlation"] = per_sample["synthetic_id"].map(
-        nearest["synthetic_to_train"].set_index("query_id")["correlation"])
-    per_sample = per_sample.assign(is_copy=per_sample["flagged"],
-                                   flagged_by=per_sample["synthetic_id"].map(flagged_by).astype(object).fillna(""))
-    per_sample = per_sample.assign(
-        real_scan=per_sample["synthetic_id"].map(real_scans["real_scan"]).astype(bool),
-        nearest_real_id=per_sample["synthetic_id"].map(real_scans["nearest_real_id"]),
-        real_correlation=per_sample["synthetic_id"].map(real_scans["correlation"]))
-    per_sample = per_sample[["synthetic_id", "nearest_train_id", "score", "correlation", "is_copy", "p_value",
-                             "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]]
-    per_sample = per_sample.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    per_training = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
-    per_training["memorized"] = per_training["score"] > published["threshold"]
-    per_training = per_training.merge(train_to_holdout.rename(columns={
-        "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation",
-        "score": "holdout_score"}), on="train_id", how="left", validate="one_to_one")
+    summary = summarize(settings, published, len(nearest["holdout_to_train"]), real_scans)
+    log_summary(settings, summary)
+    per_sample = per_sample_table(results, nearest["synthetic_to_train"], real_scans)
     canaries = [] if inputs.generator_split is None else volume_sets.canary_ids(inputs.generator_split)
-    per_training["canary"] = per_training["train_id"].isin(set(canaries))
-    per_training = per_training.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    per_training = per_training_table(train_to_synthetic, train_to_holdout, published["threshold"], canaries)
     summary.update(canary_summary(canaries, per_training, nearest["synthetic_to_train"], settings.confidence))
     if canaries:
         logger.info("canaries: %d of %d found (%.0f%% [%.0f, %.0f]); other training patients memorized: %d of %d "
@@ -419,16 +370,13 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
     controls = pd.concat([r["metrics"].assign(method=m) for m, r in results.items()], ignore_index=True)
     controls = controls[["method", *[c for c in controls.columns if c != "method"]]]
     comparison = pd.DataFrame([comparison_row(r, statistics) for r in results.values()])
+    for path, table in ((outputs.memorization, pd.DataFrame([summary])), (outputs.per_sample, per_sample),
+                        (outputs.per_training, per_training), (outputs.scores, scores),
+                        (outputs.per_sample_methods, per_sample_methods), (outputs.controls, controls),
+                        (outputs.comparison, comparison)):
+        artefacts.write_csv(path, table)
 
-    artefacts.write_csv(outputs.memorization, pd.DataFrame([summary]))
-    artefacts.write_csv(outputs.per_sample, per_sample)
-    artefacts.write_csv(outputs.per_training, per_training)
-    artefacts.write_csv(outputs.scores, scores)
-    artefacts.write_csv(outputs.per_sample_methods, per_sample_methods)
-    artefacts.write_csv(outputs.controls, controls)
-    artefacts.write_csv(outputs.comparison, comparison)
-
-    figures.plot_nn_correlations(per_sample["score"], holdout_to_train["score"], published["threshold"],
+    figures.plot_nn_correlations(per_sample["score"], nearest["holdout_to_train"]["score"], published["threshold"],
                                  outputs.histogram)
     figures.plot_controls_roc({m: r["controls"] for m, r in results.items()}, CONTRASTIVE, outputs.roc)
     write_montage(settings, per_sample.head(settings.montage_pairs), inputs, outputs.montage)
@@ -439,6 +387,74 @@ def run(settings: Settings, inputs: Inputs, outputs: Outputs) -> dict:
                                 threshold_rule=settings.threshold, threshold=published["threshold"],
                                 tau=published["tau_published"], verdict=summary["verdict"])
     return summary
+
+
+def summarize(settings: Settings, published: dict, n_holdout: int, real_scans: pd.DataFrame) -> dict:
+    """memorization.csv's row: the threshold, the counts with their intervals, the controls and the verdict."""
+    counts, intervals, metrics = published["counts"], published["intervals"], published["metrics"]
+    return {"threshold_rule": settings.threshold, "threshold": published["threshold"],
+            "threshold_low": intervals["tau"][0], "threshold_high": intervals["tau"][1],
+            "tau": published["tau_published"], "tau_calibrated": published["tau_calibrated"],
+            "percentile": float(settings.percentile), "n_train": counts.n_train,
+            "n_holdout": n_holdout, "n_synthetic": counts.n_synthetic,
+            "n_mem": counts.n_mem, "pct_mem": counts.pct_mem,
+            "pct_mem_low": intervals["pct_mem"][0], "pct_mem_high": intervals["pct_mem"][1],
+            "n_copies": counts.n_copies, "pct_copies": counts.pct_copies,
+            "pct_copies_low": intervals["pct_copies"][0], "pct_copies_high": intervals["pct_copies"][1],
+            "n_mem_published": published["published_counts"].n_mem,
+            "n_copies_published": published["published_counts"].n_copies,
+            "nominal_fpr": (100.0 - settings.percentile) / 100.0, **published["fpr"],
+            "controls_auc": float(metrics.set_index("strength").at["all", "auc"]),
+            "mild_recall": calibration.mild_recall(metrics), **control_summary(metrics),
+            "confidence": settings.confidence,
+            "verdict": uncalibrated(settings, n_holdout) or verdict(metrics, settings),
+            "n_real_scans": int(real_scans["real_scan"].sum())}
+
+
+def log_summary(settings: Settings, summary: dict) -> None:
+    inconclusive = summary["verdict"].startswith("inconclusive")
+    (logger.warning if inconclusive else logger.info)("%s", summary["verdict"].upper() if inconclusive
+                                                      else summary["verdict"])
+    logger.info("%s threshold %.4f [%.4f, %.4f] (published τ %.4f, calibrated %.4f); memorized %d/%d training volumes "
+                "(%.1f%% [%.1f, %.1f]), %d/%d synthetic copies (%.1f%% [%.1f, %.1f]); held-out patients above it, "
+                "measured: %.1f%% [%.1f, %.1f] (nominal %.1f%%)", settings.threshold, summary["threshold"],
+                summary["threshold_low"], summary["threshold_high"], summary["tau"], summary["tau_calibrated"],
+                summary["n_mem"], summary["n_train"], summary["pct_mem"], summary["pct_mem_low"],
+                summary["pct_mem_high"], summary["n_copies"], summary["n_synthetic"], summary["pct_copies"],
+                summary["pct_copies_low"], summary["pct_copies_high"], 100 * summary["holdout_fpr"],
+                100 * summary["holdout_fpr_low"], 100 * summary["holdout_fpr_high"], 100 * summary["nominal_fpr"])
+
+
+def per_sample_table(results: dict[str, dict], synthetic_to_train: pd.DataFrame,
+                     real_scans: pd.DataFrame) -> pd.DataFrame:
+    """per_sample.csv: each synthetic volume's score, nearest training patient, the methods that flag it and
+    whether it is a real scan, most similar first."""
+    flagged_by = pd.concat([r["synthetic"].loc[r["synthetic"]["flagged"], ["query_id", "method"]]
+                            for r in results.values()]).groupby("query_id")["method"].agg(";".join)
+    table = results[CONTRASTIVE]["synthetic"].rename(
+        columns={"query_id": "synthetic_id", "neighbour_id": "nearest_train_id"})
+    ids = table["synthetic_id"]
+    table = table.assign(correlation=ids.map(synthetic_to_train.set_index("query_id")["correlation"]),
+                         is_copy=table["flagged"], flagged_by=ids.map(flagged_by).astype(object).fillna(""),
+                         real_scan=ids.map(real_scans["real_scan"]).astype(bool),
+                         nearest_real_id=ids.map(real_scans["nearest_real_id"]),
+                         real_correlation=ids.map(real_scans["correlation"]))
+    table = table[["synthetic_id", "nearest_train_id", "score", "correlation", "is_copy", "p_value",
+                   "flagged_by", "real_scan", "nearest_real_id", "real_correlation"]]
+    return table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def per_training_table(train_to_synthetic: pd.DataFrame, train_to_holdout: pd.DataFrame, threshold: float,
+                       canaries: Sequence[str]) -> pd.DataFrame:
+    """per_training.csv: each generator's training patient, its nearest synthetic and held-out volumes, whether
+    it is memorized and whether it is a canary, most similar first."""
+    table = train_to_synthetic.rename(columns={"query_id": "train_id", "neighbour_id": "nearest_synthetic_id"})
+    table["memorized"] = table["score"] > threshold
+    table = table.merge(train_to_holdout.rename(columns={
+        "query_id": "train_id", "neighbour_id": "nearest_holdout_id", "correlation": "holdout_correlation",
+        "score": "holdout_score"}), on="train_id", how="left", validate="one_to_one")
+    table["canary"] = table["train_id"].isin(set(canaries))
+    return table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def write_montage(settings: Settings, shown: pd.DataFrame, inputs: Inputs, montage_png: str | os.PathLike) -> None:

@@ -172,30 +172,10 @@ def check_settings(effective: dict, name: str) -> None:
     """Build every stage's typed settings and run the checks that span stages."""
     try:
         data = stage_settings.IngestSettings(**effective["data"])
-        split_settings = stage_settings.SplitSettings(**effective["split"])
-        subset_settings = stage_settings.SubsetSettings(**effective["train_subset"])
         source = effective["synthetic"]["source"]
-        if source == "gan":
-            gan_settings = stage_settings.GanSettings(**effective["gan"])
-            stage_settings.check_gan_shape(data.shape, gan_settings)
-            stage_settings.SampleSettings(**effective["sample"])
-        if source == "vae":
-            stage_settings.check_autoencoder_shape(data.shape, stage_settings.AutoencoderSettings(**effective["autoencoder"]))
-            stage_settings.SampleSettings(**effective["sample"])
-        if source == "ldm":
-            ae = stage_settings.AutoencoderSettings(**effective["autoencoder"])
-            diff = stage_settings.DiffusionSettings(**effective["diffusion"])
-            sample_settings = stage_settings.SampleSettings(**effective["sample"])
-            if sample_settings.diffusion_epoch not in (None, *diff.checkpoint_epochs):
-                raise ValueError(f"sample.diffusion_epoch={sample_settings.diffusion_epoch} is not one of "
-                                 f"diffusion.checkpoint_epochs={list(diff.checkpoint_epochs)}: add it there, or "
-                                 "set it to null to sample the final weights")
-            stage_settings.check_autoencoder_shape(data.shape, ae)
-            downsampling = 2 ** (len(ae.channels) - 1)
-            stage_settings.check_diffusion_shape(tuple(s // downsampling for s in data.shape), diff)
-        elif source == "folder" and effective["synthetic"]["folder"] is None:
-            raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
-                             "the directory of synthetic volumes to audit")
+        check_generator(effective, data.shape, source)
+        stage_settings.SplitSettings(**effective["split"])
+        subset_settings = stage_settings.SubsetSettings(**effective["train_subset"])
         canary_settings = stage_settings.CanarySettings(**effective["canaries"])
         if source == "folder" and canary_settings.n_patients > 0:
             raise ValueError(f"canaries.n_patients={canary_settings.n_patients} repeats patients in a generator's "
@@ -214,44 +194,71 @@ def check_settings(effective: dict, name: str) -> None:
         assess_settings = stage_settings.AssessSettings(**effective["assess"])
         stage_settings.ScreenSettings(**effective["screen"])
         stage_settings.ReleaseSettings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
+        if effective["release"]["percentile"] > assess_settings.percentile:
+            raise ValueError(f"release.percentile={effective['release']['percentile']} is looser than "
+                             f"assess.percentile={assess_settings.percentile}: the release would keep volumes the "
+                             f"audit flags; use at most {assess_settings.percentile}")
+        if data.source == "phantom":
+            check_phantom_sizes(effective, data.phantom.n_patients, assess_settings)
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None
-    if effective["release"]["percentile"] > assess_settings.percentile:
-        raise ValueError(f"experiment {name!r}: release.percentile={effective['release']['percentile']} is looser "
-                         f"than assess.percentile={assess_settings.percentile}: the release would keep volumes "
-                         f"the audit flags; use at most {assess_settings.percentile}")
 
-    if data.source == "phantom":
-        n_patients = data.phantom.n_patients
-        n_holdout = stage_settings.holdout_size(n_patients, split_settings.holdout_fraction)
-        needed = stage_settings.minimum_calibration_size(assess_settings.percentile)
-        if n_holdout < split_settings.min_holdout:
-            raise ValueError(
-                f"experiment {name!r}: split.holdout_fraction={split_settings.holdout_fraction} of "
-                f"data.phantom.n_patients={n_patients} holds out {n_holdout} patients, fewer than "
-                f"split.min_holdout={split_settings.min_holdout}: add patients or hold out more")
-        if n_patients - n_holdout < needed:
-            raise ValueError(
-                f"experiment {name!r}: τ at assess.percentile={assess_settings.percentile} needs at least "
-                f"{needed} training volumes, the split leaves {n_patients - n_holdout}: add patients or "
-                f"lower assess.percentile")
-        if assess_settings.threshold == "calibrated" and n_holdout < stage_settings.minimum_holdout(assess_settings.percentile):
-            raise ValueError(
-                f"experiment {name!r}: the calibrated threshold at assess.percentile={assess_settings.percentile} "
-                f"(a {100 - assess_settings.percentile:g}% false-positive rate) needs at least "
-                f"{stage_settings.minimum_holdout(assess_settings.percentile)} held-out patients, the split holds out "
-                f"{n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add patients, "
-                "hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: published")
-        n_generator = stage_settings.subset_size(n_patients - n_holdout, subset_settings.fraction)
-        if canary_settings.n_patients > n_generator:
-            raise ValueError(
-                f"experiment {name!r}: canaries.n_patients={canary_settings.n_patients} is more than the "
-                f"{n_generator} patients the generator trains on: lower it")
-        n_per_strength = effective["controls"]["n_per_strength"]
-        if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
-            raise ValueError(
-                f"experiment {name!r}: controls.n_per_strength={n_per_strength} copies more training volumes "
-                f"per strength than the split leaves ({n_patients - n_holdout}): lower it or set it to null")
+
+def check_generator(effective: dict, shape: tuple[int, ...], source: str) -> None:
+    """The generator's settings, and that its networks fit the volumes' shape."""
+    sample_settings = None if source == "folder" else stage_settings.SampleSettings(**effective["sample"])
+    if source == "gan":
+        stage_settings.check_gan_shape(shape, stage_settings.GanSettings(**effective["gan"]))
+    if source in ("vae", "ldm"):
+        autoencoder = stage_settings.AutoencoderSettings(**effective["autoencoder"])
+        stage_settings.check_autoencoder_shape(shape, autoencoder)
+    if source == "ldm":
+        diffusion = stage_settings.DiffusionSettings(**effective["diffusion"])
+        if sample_settings.diffusion_epoch not in (None, *diffusion.checkpoint_epochs):
+            raise ValueError(f"sample.diffusion_epoch={sample_settings.diffusion_epoch} is not one of "
+                             f"diffusion.checkpoint_epochs={list(diffusion.checkpoint_epochs)}: add it there, or "
+                             "set it to null to sample the final weights")
+        downsampling = 2 ** (len(autoencoder.channels) - 1)
+        stage_settings.check_diffusion_shape(tuple(s // downsampling for s in shape), diffusion)
+    elif source == "folder" and effective["synthetic"]["folder"] is None:
+        raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
+                         "the directory of synthetic volumes to audit")
+
+
+def check_phantom_sizes(effective: dict, n_patients: int, assess_settings) -> None:
+    """The phantom cohort's split leaves enough patients for the holdout, τ, the calibrated threshold, the
+    canaries and the controls (a folder's size is known only once ingest has read it)."""
+    split_settings = stage_settings.SplitSettings(**effective["split"])
+    n_holdout = stage_settings.holdout_size(n_patients, split_settings.holdout_fraction)
+    percentile = assess_settings.percentile
+    needed = stage_settings.minimum_calibration_size(percentile)
+    if n_holdout < split_settings.min_holdout:
+        raise ValueError(
+            f"split.holdout_fraction={split_settings.holdout_fraction} of data.phantom.n_patients={n_patients} "
+            f"holds out {n_holdout} patients, fewer than split.min_holdout={split_settings.min_holdout}: add "
+            "patients or hold out more")
+    if n_patients - n_holdout < needed:
+        raise ValueError(
+            f"τ at assess.percentile={percentile} needs at least {needed} training volumes, the split leaves "
+            f"{n_patients - n_holdout}: add patients or lower assess.percentile")
+    if assess_settings.threshold == "calibrated" and n_holdout < stage_settings.minimum_holdout(percentile):
+        raise ValueError(
+            f"the calibrated threshold at assess.percentile={percentile} (a {100 - percentile:g}% false-positive "
+            f"rate) needs at least {stage_settings.minimum_holdout(percentile)} held-out patients, the split "
+            f"holds out {n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add "
+            "patients, hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: "
+            "published")
+    subset_fraction = stage_settings.SubsetSettings(**effective["train_subset"]).fraction
+    n_generator = stage_settings.subset_size(n_patients - n_holdout, subset_fraction)
+    n_canaries = stage_settings.CanarySettings(**effective["canaries"]).n_patients
+    if n_canaries > n_generator:
+        raise ValueError(f"canaries.n_patients={n_canaries} is more than the {n_generator} patients the generator "
+                         "trains on: lower it")
+    n_per_strength = effective["controls"]["n_per_strength"]
+    if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
+        raise ValueError(
+            f"controls.n_per_strength={n_per_strength} copies more training volumes per strength than the split "
+            f"leaves ({n_patients - n_holdout}): lower it or set it to null")
 
 
 def make_plan(config: dict, schema_path: str | Path) -> Plan:

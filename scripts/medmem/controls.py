@@ -354,8 +354,47 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     ``autoencoder_path`` (on ``device``, CPU by default) when given, else through ``band_limit``.
     """
     manifest_csv, volumes_dir = Path(manifest_csv), Path(volumes_dir)
-    train_ids, train_paths = volume_sets.split_paths(cases_csv, split_csv, "train")
-    holdout_ids, holdout_paths = volume_sets.split_paths(cases_csv, split_csv, "holdout")
+    train = volume_sets.split_paths(cases_csv, split_csv, "train")
+    holdout = volume_sets.split_paths(cases_csv, split_csv, "holdout")
+    n_copies = _check_sets(settings, split_csv, train[0], holdout[0])
+    probes = _Probes(volumes_dir, manifest_csv)
+    # 3D volumes or 2D images: the data says which, and the sidecar describes the probes accordingly.
+    first = probes.load(train[0][0], train[1][0])[0]
+    if first.ndim not in _LINEAR_MODES:
+        raise ValueError(f"{train[1][0]}: shape {first.shape}; controls copy canonical (D, H, W) volumes or "
+                         "(H, W) images, re-run ingest")
+    with_autoencoder = autoencoder_path is not None
+    definitions = strength_definitions(first.ndim, with_autoencoder)
+    negatives = negative_definitions(first.ndim, with_autoencoder)
+    reconstruct = (autoencoder_reconstruction(autoencoder_path, device or torch.device("cpu"))
+                   if with_autoencoder else None)
+    logger.info("reconstructions: %s", reconstruction_definition(first.ndim, with_autoencoder))
+    with artefacts.atomic_directory(volumes_dir) as staging:
+        probes.staging = staging
+        for strength in settings.strengths:
+            _plant_copies(probes, strength, settings.seed, n_copies, train, reconstruct, definitions[strength])
+        _plant_holdout(probes, holdout, reconstruct, negatives)
+        _plant_averages(probes, settings.seed, train, len(holdout[0]), negatives["average"])
+
+    table = pd.DataFrame(probes.rows, columns=MANIFEST_COLUMNS)
+    artefacts.write_csv(manifest_csv, table)
+    inputs = {"cases": cases_csv, "split": split_csv}
+    if with_autoencoder:
+        inputs["autoencoder"] = autoencoder_path
+    n_negatives = int((table["kind"] != "copy").sum())
+    artefacts.write_sidecar(
+        manifest_csv, settings=asdict(settings), inputs=inputs,
+        seed=settings.seed, n_probes=len(table), n_copies_per_strength=n_copies, n_holdout=len(holdout[0]),
+        n_average=len(holdout[0]), strengths={s: definitions[s] for s in settings.strengths}, negatives=negatives,
+        volumes_dir=volumes_dir)
+    logger.info("planted %d probes (%d copies, %d negatives) in %s", len(table), len(table) - n_negatives,
+                n_negatives, volumes_dir)
+    return table
+
+
+def _check_sets(settings: Settings, split_csv: str | os.PathLike, train_ids: list[str],
+                holdout_ids: list[str]) -> int:
+    """The number of copies per strength, once the split can give them (distinct ids, enough patients)."""
     for subset, ids in (("train", train_ids), ("holdout", holdout_ids)):
         if not ids:
             raise ValueError(f"{split_csv}: no {subset} volumes; controls need training volumes to copy and "
@@ -370,87 +409,78 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
     if len(train_ids) < min(AVERAGE_SIZES):
         raise ValueError(f"{split_csv}: {len(train_ids)} training volumes; the average negatives need at least "
                          f"{min(AVERAGE_SIZES)} (an average of fewer is too close to a copy): add training patients")
+    return n_copies
 
-    sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each training volume is read once
 
-    def load(volume_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
-        if volume_id not in sources:
-            sources[volume_id] = artefacts.load_nifti(path)
-        return sources[volume_id]
+class _Probes:
+    """The probes planted so far, written into the staging folder and listed relative to the manifest; each
+    source volume is read once."""
 
-    # 3D volumes or 2D images: the data says which, and the sidecar describes the probes accordingly.
-    spatial_dims = load(train_ids[0], train_paths[0])[0].ndim
-    if spatial_dims not in _LINEAR_MODES:
-        raise ValueError(f"{train_paths[0]}: shape {load(train_ids[0], train_paths[0])[0].shape}; controls copy "
-                         "canonical (D, H, W) volumes or (H, W) images, re-run ingest")
-    with_autoencoder = autoencoder_path is not None
-    definitions = strength_definitions(spatial_dims, with_autoencoder)
-    reconstruct = (autoencoder_reconstruction(autoencoder_path, device or torch.device("cpu"))
-                   if with_autoencoder else None)
-    logger.info("reconstructions: %s", reconstruction_definition(spatial_dims, with_autoencoder))
+    def __init__(self, volumes_dir: Path, manifest_csv: Path):
+        self.volumes_dir, self.manifest_csv = volumes_dir, manifest_csv
+        self.staging: Path | None = None
+        self.rows: list[dict] = []
+        self.sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    rows = []
-    with artefacts.atomic_directory(volumes_dir) as staging:
+    def load(self, volume_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+        if volume_id not in self.sources:
+            self.sources[volume_id] = artefacts.load_nifti(path)
+        return self.sources[volume_id]
 
-        def plant(probe_id: str, volume: np.ndarray, affine: np.ndarray, kind: str, strength: str,
-                  source_id: str) -> None:
-            artefacts.save_nifti(staging / f"{probe_id}.nii.gz", volume, affine)
-            path = Path(os.path.relpath(volumes_dir / f"{probe_id}.nii.gz", manifest_csv.parent)).as_posix()
-            rows.append({"id": probe_id, "path": path, "kind": kind, "strength": strength, "source_id": source_id})
+    def plant(self, probe_id: str, volume: np.ndarray, affine: np.ndarray, kind: str, strength: str,
+              source_id: str) -> None:
+        artefacts.save_nifti(self.staging / f"{probe_id}.nii.gz", volume, affine)
+        path = Path(os.path.relpath(self.volumes_dir / f"{probe_id}.nii.gz", self.manifest_csv.parent)).as_posix()
+        self.rows.append({"id": probe_id, "path": path, "kind": kind, "strength": strength, "source_id": source_id})
 
-        for strength in settings.strengths:
-            rng = np.random.default_rng([settings.seed, STRENGTHS.index(strength)])
-            chosen = np.sort(rng.choice(len(train_ids), size=n_copies, replace=False))
-            correlations = []
-            for index in chosen:
-                source, affine = load(train_ids[index], train_paths[index])
-                probe = transform(source, strength, rng, reconstruct)
-                correlations.append(_correlation(source, probe))
-                plant(f"probe-{strength}-{train_ids[index]}", probe, affine, "copy", strength, train_ids[index])
-            logger.info("%s: %d copies of training volumes (%s); correlation with the source mean %.4f, "
-                        "min %.4f", strength, n_copies, definitions[strength], np.mean(correlations),
-                        np.min(correlations))
-        negatives = negative_definitions(spatial_dims, with_autoencoder)
-        correlations = []
-        for holdout_id, path in zip(holdout_ids, holdout_paths):
-            volume, affine = artefacts.load_nifti(path)
-            plant(f"probe-holdout-{holdout_id}", volume, affine, "holdout", "none", holdout_id)
-            # The reconstruction draws nothing: the generator only satisfies transform's signature.
-            reconstructed = transform(volume, "reconstruction", np.random.default_rng(0), reconstruct)
-            correlations.append(_correlation(volume, reconstructed))
-            plant(f"probe-holdout_reconstruction-{holdout_id}", reconstructed, affine, "holdout", "reconstruction",
-                  holdout_id)
-        logger.info("holdout: %d negative probes (%s) and %d reconstructed (%s; correlation with the source mean "
-                    "%.4f)", len(holdout_ids), negatives["holdout"], len(holdout_ids),
-                    negatives["holdout_reconstruction"], np.mean(correlations))
-        rng = np.random.default_rng([settings.seed, AVERAGE_STREAM])
-        sizes = [size for size in AVERAGE_SIZES if size <= len(train_ids)]
-        width = max(2, len(str(len(holdout_ids) - 1)))
-        nearest = []
-        for index in range(len(holdout_ids)):
-            members = np.sort(rng.choice(len(train_ids), size=rng.choice(sizes), replace=False))
-            loaded = [load(train_ids[i], train_paths[i]) for i in members]
-            mean = average([volume for volume, _ in loaded])
-            nearest.append(max(_correlation(volume, mean) for volume, _ in loaded))
-            plant(f"probe-average-{index:0{width}d}", mean, loaded[0][1], "average", "none",
-                  "+".join(train_ids[i] for i in members))
-        logger.info("average: %d negative probes (%s); correlation with the closest member mean %.4f, max %.4f",
-                    len(holdout_ids), negatives["average"], np.mean(nearest), np.max(nearest))
 
-    table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    artefacts.write_csv(manifest_csv, table)
-    inputs = {"cases": cases_csv, "split": split_csv}
-    if with_autoencoder:
-        inputs["autoencoder"] = autoencoder_path
-    n_negatives = int((table["kind"] != "copy").sum())
-    artefacts.write_sidecar(
-        manifest_csv, settings=asdict(settings), inputs=inputs,
-        seed=settings.seed, n_probes=len(table), n_copies_per_strength=n_copies, n_holdout=len(holdout_ids),
-        n_average=len(holdout_ids), strengths={s: definitions[s] for s in settings.strengths}, negatives=negatives,
-        volumes_dir=volumes_dir)
-    logger.info("planted %d probes (%d copies, %d negatives) in %s", len(table), len(table) - n_negatives,
-                n_negatives, volumes_dir)
-    return table
+def _plant_copies(probes: _Probes, strength: str, seed: int, n_copies: int, train: tuple[list[str], list[str]],
+                  reconstruct: Reconstruct | None, definition: str) -> None:
+    train_ids, train_paths = train
+    rng = np.random.default_rng([seed, STRENGTHS.index(strength)])
+    chosen = np.sort(rng.choice(len(train_ids), size=n_copies, replace=False))
+    correlations = []
+    for index in chosen:
+        source, affine = probes.load(train_ids[index], train_paths[index])
+        probe = transform(source, strength, rng, reconstruct)
+        correlations.append(_correlation(source, probe))
+        probes.plant(f"probe-{strength}-{train_ids[index]}", probe, affine, "copy", strength, train_ids[index])
+    logger.info("%s: %d copies of training volumes (%s); correlation with the source mean %.4f, min %.4f",
+                strength, n_copies, definition, np.mean(correlations), np.min(correlations))
+
+
+def _plant_holdout(probes: _Probes, holdout: tuple[list[str], list[str]], reconstruct: Reconstruct | None,
+                   negatives: dict[str, str]) -> None:
+    correlations = []
+    for holdout_id, path in zip(*holdout):
+        volume, affine = artefacts.load_nifti(path)
+        probes.plant(f"probe-holdout-{holdout_id}", volume, affine, "holdout", "none", holdout_id)
+        # The reconstruction draws nothing: the generator only satisfies transform's signature.
+        reconstructed = transform(volume, "reconstruction", np.random.default_rng(0), reconstruct)
+        correlations.append(_correlation(volume, reconstructed))
+        probes.plant(f"probe-holdout_reconstruction-{holdout_id}", reconstructed, affine, "holdout",
+                     "reconstruction", holdout_id)
+    logger.info("holdout: %d negative probes (%s) and %d reconstructed (%s; correlation with the source mean "
+                "%.4f)", len(holdout[0]), negatives["holdout"], len(holdout[0]), negatives["holdout_reconstruction"],
+                np.mean(correlations))
+
+
+def _plant_averages(probes: _Probes, seed: int, train: tuple[list[str], list[str]], n_average: int,
+                    definition: str) -> None:
+    train_ids, train_paths = train
+    rng = np.random.default_rng([seed, AVERAGE_STREAM])
+    sizes = [size for size in AVERAGE_SIZES if size <= len(train_ids)]
+    width = max(2, len(str(n_average - 1)))
+    nearest = []
+    for index in range(n_average):
+        members = np.sort(rng.choice(len(train_ids), size=rng.choice(sizes), replace=False))
+        loaded = [probes.load(train_ids[i], train_paths[i]) for i in members]
+        mean = average([volume for volume, _ in loaded])
+        nearest.append(max(_correlation(volume, mean) for volume, _ in loaded))
+        probes.plant(f"probe-average-{index:0{width}d}", mean, loaded[0][1], "average", "none",
+                     "+".join(train_ids[i] for i in members))
+    logger.info("average: %d negative probes (%s); correlation with the closest member mean %.4f, max %.4f",
+                n_average, definition, np.mean(nearest), np.max(nearest))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:

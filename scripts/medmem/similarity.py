@@ -209,6 +209,53 @@ def nearest_over_shifts(query_ids: list[str], queries: np.ndarray, database_ids:
     return best[NEIGHBOUR_COLUMNS].reset_index(drop=True)
 
 
+def read_split_embeddings(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike):
+    """(ids, vectors) of the training and the held-out patients, which must be different patients."""
+    train_ids, train = read_embeddings(train_npz)
+    holdout_ids, holdout = read_embeddings(holdout_npz)
+    leaked = sorted(set(train_ids) & set(holdout_ids))
+    if leaked:
+        raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
+                         "would calibrate the threshold on training data; fix the split")
+    return (train_ids, train), (holdout_ids, holdout)
+
+
+def decoded_sets(decoded_npz: str | os.PathLike, train_ids: list[str], holdout_ids: list[str]):
+    """The training and held-out embeddings as the autoencoder reproduces them, (ids, vectors) of the decoded
+    controls (every decoded volume that is no patient), and the held-out and controls' shifted embeddings where
+    the detector searches shifts (else an empty mapping)."""
+    decoded_ids, decoded = read_embeddings(decoded_npz)
+    shifted_all = read_shifted(decoded_npz)
+    where = {volume: i for i, volume in enumerate(decoded_ids)}
+    missing = [i for i in (*train_ids, *holdout_ids) if i not in where]
+    if missing:
+        raise ValueError(f"{decoded_npz}: no decoded embedding of {missing[:5]} ({len(missing)} in all); "
+                         "decode and embed this split's volumes and controls")
+    patients = {*train_ids, *holdout_ids}
+    controls_ids = [i for i in decoded_ids if i not in patients]
+
+    def take(ids: list[str], vectors: np.ndarray) -> np.ndarray:
+        return vectors[[where[i] for i in ids]]
+
+    shifted = {} if shifted_all is None else {"holdout": take(holdout_ids, shifted_all),
+                                              "controls": take(controls_ids, shifted_all)}
+    return (take(train_ids, decoded), take(holdout_ids, decoded), (controls_ids, take(controls_ids, decoded)),
+            shifted)
+
+
+def generator_set(split_csv: str | os.PathLike, train_npz: str | os.PathLike, train_ids: list[str],
+                  train: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The generator's training patients (``train`` in ``split_csv``) and their embeddings."""
+    split = volume_sets.read_split(split_csv)
+    generator_ids = split.loc[split["split"] == "train", "id"].tolist()
+    position = {patient: i for i, patient in enumerate(train_ids)}
+    missing = [i for i in generator_ids if i not in position]
+    if missing:
+        raise ValueError(f"{split_csv}: training ids {missing} have no embedding in {train_npz}; "
+                         "embed the training set of this split")
+    return generator_ids, train[[position[i] for i in generator_ids]]
+
+
 def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_npz: str | os.PathLike,
         controls_npz: str | os.PathLike | None, split_csv: str | os.PathLike, synthetic_to_train_csv: str | os.PathLike,
         train_to_synthetic_csv: str | os.PathLike, train_to_holdout_csv: str | os.PathLike,
@@ -229,54 +276,24 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     controls are then the decoded volumes that are neither training nor held-out patients, and
     ``controls_npz`` (the scanned controls' embeddings) must be None: nothing would read it.
     """
-    train_ids, train = read_embeddings(train_npz)
-    holdout_ids, holdout = read_embeddings(holdout_npz)
-    synthetic_ids, synthetic = read_embeddings(synthetic_npz)
     if (settings.reference == "decoded") != (decoded_npz is not None):
         raise ValueError(f"similarity.reference is {settings.reference!r} but decoded embeddings were "
                          f"{'not ' if decoded_npz is None else ''}given: decoded needs them, scanned reads none")
     if (controls_npz is None) != (decoded_npz is not None):
         raise ValueError("the controls' embeddings come from the scanned controls (controls_npz) with "
                          "similarity.reference scanned and from the decoded set with decoded: give exactly one")
-    decoded_shifted = {}
+    (train_ids, train), (holdout_ids, holdout) = read_split_embeddings(train_npz, holdout_npz)
+    synthetic_ids, synthetic = read_embeddings(synthetic_npz)
     if decoded_npz is not None:
-        decoded_ids, decoded = read_embeddings(decoded_npz)
-        shifted_all = read_shifted(decoded_npz)
-        where = {volume: i for i, volume in enumerate(decoded_ids)}
-        missing = [i for i in (*train_ids, *holdout_ids) if i not in where]
-        if missing:
-            raise ValueError(f"{decoded_npz}: no decoded embedding of {missing[:5]} ({len(missing)} in all); "
-                             "decode and embed this split's volumes and controls")
-        patients = {*train_ids, *holdout_ids}
-        controls_ids = [i for i in decoded_ids if i not in patients]
-
-        def take(ids: list[str], vectors: np.ndarray) -> np.ndarray:
-            return vectors[[where[i] for i in ids]]
-
-        train, holdout, controls = take(train_ids, decoded), take(holdout_ids, decoded), take(controls_ids, decoded)
-        if shifted_all is not None:
-            decoded_shifted = {"holdout": take(holdout_ids, shifted_all), "controls": take(controls_ids, shifted_all)}
+        train, holdout, (controls_ids, controls), decoded_shifted = decoded_sets(decoded_npz, train_ids, holdout_ids)
     else:
-        controls_ids, controls = read_embeddings(controls_npz)
-    leaked = sorted(set(train_ids) & set(holdout_ids))
-    if leaked:
-        raise ValueError(f"{train_npz} and {holdout_npz} share ids {leaked}: a patient in both train and holdout "
-                         "would calibrate the threshold on training data; fix the split")
-    split = volume_sets.read_split(split_csv)
-    generator_ids = split.loc[split["split"] == "train", "id"].tolist()
-    position = {patient: i for i, patient in enumerate(train_ids)}
-    missing = [i for i in generator_ids if i not in position]
-    if missing:
-        raise ValueError(f"{split_csv}: training ids {missing} have no embedding in {train_npz}; "
-                         "embed the training set of this split")
-    generator = train[[position[i] for i in generator_ids]]
-    backgrounds: dict[str, np.ndarray | None] = {"synthetic": None, "holdout": None, "controls": None}
+        (controls_ids, controls), decoded_shifted = read_embeddings(controls_npz), {}
+    generator_ids, generator = generator_set(split_csv, train_npz, train_ids, train)
+    backgrounds = {"synthetic": None, "holdout": None, "controls": None}
     if settings.score == "normalized":
-        def of(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
-            return background(vectors, reference, settings.background_neighbours, settings.background_weight)
-
-        backgrounds = {"synthetic": of(synthetic, generator), "holdout": of(holdout, train),
-                       "controls": of(controls, train)}
+        backgrounds = {name: background(vectors, reference, settings.background_neighbours, settings.background_weight)
+                       for name, vectors, reference in (("synthetic", synthetic, generator), ("holdout", holdout, train),
+                                                        ("controls", controls, train))}
     # With detector.shift_search, every volume compared with the training set is searched at each of its shifts.
     real = {"holdout": holdout_npz, "controls": controls_npz} if decoded_npz is None else {}
     at_shifts = {name: read_shifted(path) for name, path in (("synthetic", synthetic_npz), *real.items())}
