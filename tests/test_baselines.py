@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from medmem import artefacts, baselines, controls
+from medmem import artefacts, baselines, controls, image_baselines
 from procedural_cohort import ellipsoid_volumes, write_cohort
 
 SHAPE = (12, 12, 12)
@@ -78,12 +78,12 @@ def test_ssim_of_identical_volumes_is_one_and_window_shrinks_on_small_volumes():
                                          False, SHAPE)
     np.testing.assert_array_equal(neighbours, np.arange(6))
     np.testing.assert_allclose(scores, 1.0, atol=1e-6)
-    assert baselines.ssim_window((32, 32, 32)) == (11, 1.5)
-    assert baselines.ssim_window((22, 40, 40)) == (11, 1.5)
-    assert baselines.ssim_window((12, 12, 12)) == (5, pytest.approx(1.5 * 5 / 11))
-    assert baselines.ssim_window((40, 16, 40)) == (7, pytest.approx(1.5 * 7 / 11))
+    assert image_baselines.ssim_window((32, 32, 32)) == (11, 1.5)
+    assert image_baselines.ssim_window((22, 40, 40)) == (11, 1.5)
+    assert image_baselines.ssim_window((12, 12, 12)) == (5, pytest.approx(1.5 * 5 / 11))
+    assert image_baselines.ssim_window((40, 16, 40)) == (7, pytest.approx(1.5 * 7 / 11))
     with pytest.raises(ValueError, match="too small for SSIM"):
-        baselines.ssim_window((5, 12, 12))
+        image_baselines.ssim_window((5, 12, 12))
 
 
 def test_shift_pearson_finds_a_shifted_copy_that_plain_pearson_loses():
@@ -108,7 +108,7 @@ def test_shift_pearson_finds_a_shifted_copy_that_plain_pearson_loses():
 def brute_force_shift_pearson(query, reference):
     """The definition, written out: smoothed volumes, np.corrcoef over the overlap at every shift."""
     best = -1.0
-    for shift in itertools.product(range(-baselines.SHIFT_VOXELS, baselines.SHIFT_VOXELS + 1), repeat=query.ndim):
+    for shift in itertools.product(range(-image_baselines.SHIFT_VOXELS, image_baselines.SHIFT_VOXELS + 1), repeat=query.ndim):
         in_query = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, query.shape))
         in_reference = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, query.shape))
         best = max(best, np.corrcoef(query[in_query].ravel().astype(np.float64), reference[in_reference].ravel())[0, 1])
@@ -127,14 +127,14 @@ def test_shift_pearson_is_the_best_overlap_correlation_in_any_chunking(shape, mo
     queries = np.concatenate([rng.random((3, math.prod(shape)), dtype=np.float32), flat([shifted])])
     settings = baselines.Settings(shift_candidates=6)  # every reference volume: compare with the brute force
     neighbours, scores = baselines.score("shift_pearson", settings, queries, reference, reference, False, shape)
-    smooth_queries = baselines.smooth(queries, shape).reshape(-1, *shape)
-    smooth_reference = baselines.smooth(reference, shape).reshape(-1, *shape)
+    smooth_queries = image_baselines.smooth(queries, shape).reshape(-1, *shape)
+    smooth_reference = image_baselines.smooth(reference, shape).reshape(-1, *shape)
     expected = np.array([[brute_force_shift_pearson(q, r) for r in smooth_reference] for q in smooth_queries])
     np.testing.assert_array_equal(neighbours, expected.argmax(axis=1))
     np.testing.assert_allclose(scores, expected.max(axis=1), atol=1e-5)
     assert neighbours[3] == 2 and scores[3] == pytest.approx(1.0, abs=1e-5)
     # Steps of one query and 7 shifts give the same scores as one step for everything.
-    monkeypatch.setattr(baselines, "SHIFT_BATCH_VOXELS", 7 * math.prod(shape))
+    monkeypatch.setattr(image_baselines, "SHIFT_BATCH_VOXELS", 7 * math.prod(shape))
     chunked = baselines.score("shift_pearson", settings, queries, reference, reference, False, shape)
     np.testing.assert_array_equal(chunked[0], neighbours)
     np.testing.assert_allclose(chunked[1], scores, atol=1e-6)
@@ -376,14 +376,14 @@ def test_ssim_in_2d_is_monai_2d_ssim():
     images = projections(6, seed=3)
     neighbours, scores = baselines.score("ssim", baselines.Settings(ssim_candidates=1), flat(images[:3]),
                                          flat(images[3:]), flat(images[3:]), False, IMAGE_SHAPE)
-    window, sigma = baselines.ssim_window(IMAGE_SHAPE)
+    window, sigma = image_baselines.ssim_window(IMAGE_SHAPE)
     assert (window, sigma) == (11, 1.5)
     metric = SSIMMetric(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=window, kernel_sigma=sigma,
                         reduction="none")
     expected = metric(torch.from_numpy(images[:3, None]), torch.from_numpy(images[3:][neighbours][:, None]))
     np.testing.assert_allclose(scores, expected.view(-1).double().numpy(), atol=1e-6)
     assert (scores < 1).all()
-    assert baselines.ssim_window((12, 16)) == (5, pytest.approx(1.5 * 5 / 11))
+    assert image_baselines.ssim_window((12, 16)) == (5, pytest.approx(1.5 * 5 / 11))
     with pytest.raises(ValueError, match="ssim needs"):
         baselines.score("ssim", baselines.Settings(), flat(images), flat(images), flat(images), False, (576,))
 

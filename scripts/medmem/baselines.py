@@ -6,22 +6,9 @@ index of the reference volume it is nearest to. Higher score = more copy-like, f
 
 - ``pixel_pearson``: Pearson correlation of the voxels with the most correlated reference volume (Dar et
   al.'s similarity, here on voxels instead of detector embeddings; ``similarity.nearest_neighbours``).
-- ``ssim``: SSIM (Wang et al. 2004, MONAI's ``SSIMMetric``, Gaussian window) between the query and each of
-  its ``ssim_candidates`` most correlated reference volumes; score = the largest SSIM. The correlation
-  prefilter is ours: a full query × reference SSIM matrix costs a 3D convolution per pair and does not
-  scale. The window is shrunk on small volumes (``ssim_window``). 2D images get 2D SSIM (the number of
-  spatial dimensions is that of the volume shape).
-- ``shift_pearson``: the simplest score that tolerates small misalignment. Both volumes are smoothed by a
-  Gaussian of ``SHIFT_SIGMA`` voxels (MONAI's ``GaussianFilter``, zero outside: canonical background is 0),
-  which absorbs what whole-voxel shifts cannot (half a voxel at most, interpolation blur); score = the
-  largest Pearson correlation of the smoothed query with a smoothed reference volume moved by every integer
-  shift of up to ``SHIFT_VOXELS`` voxels along each axis (5³ = 125 shifts in 3D, 25 in 2D), over the
-  overlapping region only. Over the overlap, not zero-padded: padding would correlate real voxels with
-  invented zeros, so a shifted copy could not reach 1 and a volume with tissue at its border would pay
-  for every shift. Like ``ssim``, only each query's ``shift_candidates`` most correlated (smoothed,
-  unshifted) reference volumes are searched over shifts; a copy moved so far that its unshifted
-  correlation leaves them is missed. The shifts cost one matrix product per step of queries and shifts
-  (``SHIFT_BATCH_VOXELS``), so memory grows with neither set.
+- ``ssim`` and ``shift_pearson``: compare volumes as images (a Gaussian-window SSIM; Pearson after light
+  smoothing, best over small whole-voxel shifts), among each query's most correlated reference volumes:
+  ``image_baselines``.
 - ``carlini``: Carlini et al. 2023, "Extracting Training Data from Diffusion Models" (USENIX Security,
   arXiv:2301.13188), CIFAR-10 experiments: ℓ(x̂, x; S) = ℓ2(x̂, x) / (α · mean_{y ∈ S} ℓ2(x̂, y)), x the
   training example nearest to the generated x̂ and S its n nearest training examples (x included),
@@ -56,7 +43,6 @@ index of the reference volume it is nearest to. Higher score = more copy-like, f
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -67,11 +53,8 @@ import numpy as np
 from scipy import stats
 from scipy.cluster import vq
 import pandas as pd
-import torch
-from monai.metrics import SSIMMetric
-from monai.networks.layers import GaussianFilter
 
-from medmem import artefacts, similarity, volume_sets
+from medmem import artefacts, image_baselines, similarity, volume_sets
 from medmem.settings import BASELINE_METHODS as METHODS, BASELINE_SCORE_COLUMNS as SCORE_COLUMNS
 from medmem.settings import BaselinesSettings as Settings
 
@@ -84,18 +67,6 @@ STATISTIC_COLUMNS = ["method", "set", "statistic", "value"]
 DISTANCE_FLOOR = 1e-6
 # Meehan et al. use cells with more than 20 generated samples (of 10k); ours hold tens of volumes.
 MEEHAN_MIN_GENERATED_PER_CELL = 5
-# Wang et al.'s SSIM window: 11 voxels, Gaussian σ = 1.5.
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
-# Voxels per SSIM call (summed over the pairs): bounds the memory of MONAI's five convolutions
-# (~10 float32 copies of the batch); per-pair speed does not depend on the batch size.
-SSIM_BATCH_VOXELS = 2**21
-# shift_pearson: Gaussian σ in voxels, and the largest whole-voxel shift along each axis (the planted
-# ``translate`` controls move 1 or 2).
-SHIFT_SIGMA, SHIFT_VOXELS = 1.0, 2
-# Voxels per step of the shift search (queries × shifts × V): bounds the shifted copies it stacks.
-SHIFT_BATCH_VOXELS = 2**24
-
-
 def score(method: str, settings: Settings, queries: np.ndarray, reference: np.ndarray, test: np.ndarray,
           query_is_test: bool, volume_shape: tuple[int, ...],
           leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -121,30 +92,17 @@ def score(method: str, settings: Settings, queries: np.ndarray, reference: np.nd
         if leave_out.shape != (len(queries),) or leave_out.max(initial=-1) >= len(test) or leave_out.min() < -1:
             raise ValueError(f"leave_out must hold one test index (or −1) per query, got shape {leave_out.shape}")
     if method == "pixel_pearson":
-        neighbours, correlations = pearson_nearest(queries, reference, 1)
+        neighbours, correlations = similarity.pearson_nearest(queries, reference, 1)
         return neighbours[:, 0], correlations[:, 0]
     if method == "ssim":
-        return _ssim(settings, queries, reference, volume_shape)
+        return image_baselines.ssim(settings, queries, reference, volume_shape)
     if method == "shift_pearson":
-        return _shift_pearson(settings, queries, reference, volume_shape)
+        return image_baselines.shift_pearson(settings, queries, reference, volume_shape)
     if method == "carlini":
         return _carlini(settings, queries, reference)
     if method == "meehan":
         return _meehan(settings, queries, reference, test, leave_out)
     return _authenticity(queries, reference)
-
-
-def pearson_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Nq, V), (Nr, V) -> ((Nq, k) reference indices, (Nq, k) correlations), most correlated first."""
-    for name, vectors in (("query", queries), ("reference", reference)):
-        constant = np.flatnonzero(np.ptp(vectors, axis=1) == 0)
-        if constant.size:
-            raise ValueError(f"{name} volumes {constant.tolist()} are constant: their voxel correlation is undefined")
-    # Positions as ids: the same exact faiss search the contrastive detector's embeddings go through.
-    table = similarity.nearest_neighbours([str(i) for i in range(len(queries))], queries,
-                                          [str(i) for i in range(len(reference))], reference, k)
-    neighbours = table["neighbour_id"].astype(int).to_numpy().reshape(len(queries), k)
-    return neighbours, table["correlation"].to_numpy().reshape(len(queries), k)
 
 
 def l2_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,24 +117,6 @@ def l2_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.n
     distances = np.sqrt(np.maximum(squared.astype(np.float64), 0.0))
     distances[:, 0] = _row_distances(queries, reference[neighbours[:, 0]])
     return neighbours, distances
-
-
-def ssim_window(volume_shape: tuple[int, ...]) -> tuple[int, float]:
-    """The SSIM window size and Gaussian σ for (D, H, W) volumes or (H, W) images of this shape.
-
-    MONAI's SSIM convolves without padding, so an 11-voxel window on a 12-voxel axis would score only the
-    central 2 voxels of it. When the smallest side is under 2 × 11 the window shrinks to the largest odd
-    size ≤ side / 2 (the SSIM map then covers at least half of every axis), and σ shrinks with it to keep
-    Wang et al.'s σ / window ratio.
-    """
-    side = min(volume_shape)
-    if side >= 2 * SSIM_WINDOW:
-        return SSIM_WINDOW, SSIM_SIGMA
-    window = side // 2 if (side // 2) % 2 else side // 2 - 1
-    if window < 3:
-        raise ValueError(f"volumes of shape {tuple(volume_shape)} are too small for SSIM: it needs at least 6 voxels "
-                         "along every axis")
-    return window, SSIM_SIGMA * window / SSIM_WINDOW
 
 
 def meehan_ct(settings: Settings, generated: np.ndarray, reference: np.ndarray, test: np.ndarray,
@@ -249,14 +189,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         controls = _read_controls(controls_manifest_csv, train_ids, holdout_ids)
         named_paths.append(("controls", controls["path"].tolist(), controls_manifest_csv))
 
-    volume_shape, vectors = None, {}
-    for name, paths, table in named_paths:
-        volumes, _ = volume_sets.load_volumes(paths)
-        if volume_shape is not None and volumes.shape[2:] != volume_shape:
-            raise ValueError(f"{table}: {name} volumes have shape {volumes.shape[2:]} but train volumes "
-                             f"{volume_shape}; all sets must be canonical volumes of one shape")
-        volume_shape = volumes.shape[2:]
-        vectors[name] = np.ascontiguousarray(volumes.reshape(len(volumes), -1), dtype=np.float32)
+    volume_shape, vectors = _load_vectors(named_paths)
     train, holdout = vectors["train"], vectors["holdout"]
     logger.info("baselines on %s volumes of shape %s",
                 ", ".join(f"{len(v)} {name}" for name, v in vectors.items()), volume_shape)
@@ -270,19 +203,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
         ]
         generated_sets = [("synthetic", synthetic)]
     else:
-        probes, probe_ids = vectors["controls"], controls["id"].tolist()
-        # Negative probes are holdout patients: leave each out of the holdout test set it is scored against.
-        holdout_index = {patient: i for i, patient in enumerate(holdout_ids)}
-        probe_leave_out = np.array([holdout_index[s] if k == "holdout" else -1
-                                    for k, s in zip(controls["kind"], controls["source_id"])], dtype=np.int64)
-        sets = [
-            ("calibration", train_ids, train, holdout_ids, holdout, train, True, None),
-            ("holdout", holdout_ids, holdout, train_ids, train, holdout, True, None),
-            ("controls", probe_ids, probes, train_ids, train, holdout, False, probe_leave_out),
-        ]
-        generated_sets = [
-            (f"controls:{s}", probes[((controls["kind"] == "copy") & (controls["strength"] == s)).to_numpy()])
-            for s in dict.fromkeys(controls.loc[controls["kind"] == "copy", "strength"])]
+        sets, generated_sets = _control_sets(controls, vectors, train_ids, holdout_ids)
     score_tables, statistics = [], []
     for method in settings.methods:
         start = time.perf_counter()
@@ -292,11 +213,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
             score_tables.append(pd.DataFrame({"method": method, "set": set_name, "query_id": query_ids,
                                               "neighbour_id": np.asarray(reference_ids, dtype=object)[neighbours],
                                               "score": scores}, columns=SCORE_COLUMNS))
-        for set_name, generated in generated_sets:
-            if method == "meehan":
-                statistics.append((method, set_name, "C_T", meehan_ct(settings, generated, train, holdout)))
-            elif method == "authenticity":
-                statistics.append((method, set_name, "authentic_fraction", authenticity_fraction(generated, train)))
+        statistics += _set_statistics(method, settings, generated_sets, train, holdout)
         logger.info("%s: %d scores in %.1f s", method, sum(len(s[1]) for s in sets), time.perf_counter() - start)
     for method, set_name, statistic, value in statistics:
         logger.info("%s %s: %s = %.4f", method, set_name, statistic, value)
@@ -312,151 +229,50 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                                 volume_shape=list(volume_shape), **counts)
 
 
-def _ssim(settings: Settings, queries: np.ndarray, reference: np.ndarray,
-          volume_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Largest SSIM among each query's ``ssim_candidates`` most correlated reference volumes, in 3D or 2D."""
-    spatial_dims = len(volume_shape)
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"ssim needs (D, H, W) volumes or (H, W) images, got volume_shape {tuple(volume_shape)}; "
-                         "pass the canonical shape the vectors were flattened from")
-    k = min(settings.ssim_candidates, len(reference))
-    if k < settings.ssim_candidates:
-        logger.info("ssim: %d candidates per query (the reference set holds %d volumes)", k, len(reference))
-    window, sigma = ssim_window(volume_shape)
-    metric = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=window,
-                        kernel_sigma=sigma, reduction="none")
-    candidates, _ = pearson_nearest(queries, reference, k)
-    values = np.empty(candidates.shape, dtype=np.float64)
-    queries_per_batch = max(1, SSIM_BATCH_VOXELS // (k * queries.shape[1]))
-    with torch.no_grad():
-        for first in range(0, len(queries), queries_per_batch):
-            rows = slice(first, first + queries_per_batch)
-            query_volumes = torch.from_numpy(np.repeat(queries[rows], k, axis=0)).view(-1, 1, *volume_shape)
-            candidate_volumes = torch.from_numpy(reference[candidates[rows].ravel()]).view(-1, 1, *volume_shape)
-            values[rows] = metric(query_volumes, candidate_volumes).view(-1, k).double().numpy()
-    metric.reset()  # MONAI accumulates every result in a buffer we never aggregate
-    best = np.argmax(values, axis=1)
-    rows = np.arange(len(queries))
-    return candidates[rows, best], values[rows, best]
+def _load_vectors(named_paths: list[tuple[str, list[str], str | os.PathLike]]):
+    """The volume shape and each set's volumes as float32 rows, checking that every set has one shape."""
+    volume_shape, vectors = None, {}
+    for name, paths, table in named_paths:
+        volumes, _ = volume_sets.load_volumes(paths)
+        if volume_shape is not None and volumes.shape[2:] != volume_shape:
+            raise ValueError(f"{table}: {name} volumes have shape {volumes.shape[2:]} but train volumes "
+                             f"{volume_shape}; all sets must be canonical volumes of one shape")
+        volume_shape = volumes.shape[2:]
+        vectors[name] = np.ascontiguousarray(volumes.reshape(len(volumes), -1), dtype=np.float32)
+    return volume_shape, vectors
 
 
-def _shift_pearson(settings: Settings, queries: np.ndarray, reference: np.ndarray,
-                   volume_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Largest overlap Pearson correlation over shifts, among each query's ``shift_candidates`` most
-    correlated reference volumes, all smoothed first."""
-    if len(volume_shape) not in (2, 3):
-        raise ValueError(f"shift_pearson needs (D, H, W) volumes or (H, W) images, got volume_shape "
-                         f"{tuple(volume_shape)}; pass the canonical shape the vectors were flattened from")
-    if min(volume_shape) <= SHIFT_VOXELS:
-        raise ValueError(f"volumes of shape {tuple(volume_shape)} are too small for shifts of {SHIFT_VOXELS} "
-                         f"voxels: shift_pearson needs more than {SHIFT_VOXELS} voxels along every axis")
-    k = min(settings.shift_candidates, len(reference))
-    if k < settings.shift_candidates:
-        logger.info("shift_pearson: %d candidates per query (the reference set holds %d volumes)", k, len(reference))
-    queries, reference = smooth(queries, volume_shape), smooth(reference, volume_shape)
-    # In index order: a query's score then depends on its candidates, not on their rank, which rounding in
-    # the search can swap between near-ties (the matrix product's rounding depends on a column's position).
-    candidates = np.sort(pearson_nearest(queries, reference, k)[0], axis=1)
-    # Pearson ignores an offset: centring each volume on its own mean keeps the sums below from cancelling.
-    queries -= queries.mean(axis=1, keepdims=True)
-    reference -= reference.mean(axis=1, keepdims=True)
-    shifts = list(itertools.product(range(-SHIFT_VOXELS, SHIFT_VOXELS + 1), repeat=len(volume_shape)))
-    # Voxels in the overlap, and each volume's Σ and Σ² over its part of it, per shift: (T,), (N, 2, T).
-    n = np.array([math.prod(size - abs(s) for size, s in zip(volume_shape, shift)) for shift in shifts],
-                 dtype=np.float64)
-    query_sums = overlap_sums(queries, volume_shape, "query")
-    reference_sums = overlap_sums(reference, volume_shape, "reference")
-
-    voxels = queries.shape[1]
-    best = np.full(candidates.shape, -np.inf)
-    best_shift = np.zeros(candidates.shape, dtype=np.int64)
-    shifts_per_step = max(1, SHIFT_BATCH_VOXELS // voxels)
-    for first_shift in range(0, len(shifts), shifts_per_step):
-        group = slice(first_shift, first_shift + shifts_per_step)
-        queries_per_step = max(1, SHIFT_BATCH_VOXELS // (len(shifts[group]) * voxels))
-        for first in range(0, len(queries), queries_per_step):
-            rows = slice(first, first + queries_per_step)
-            query = queries[rows].reshape(-1, *volume_shape)
-            moved = torch.from_numpy(shifted_copies(query, shifts[group]).reshape(len(query), -1, voxels))
-            # moved (b, G, V); Σ over the overlap of query · reference, every shift and candidate at once: (b, G, k).
-            product = torch.bmm(moved, torch.from_numpy(reference[candidates[rows]]).transpose(1, 2))
-            product = product.numpy().astype(np.float64)
-            query_sum, query_squares = query_sums[rows, 0, group, None], query_sums[rows, 1, group, None]
-            reference_sum, reference_squares = reference_sums[candidates[rows]][..., group].transpose(2, 0, 3, 1)
-            overlap = n[group, None]
-            covariance = product - query_sum * reference_sum / overlap  # each (b, G, k)
-            variance = ((query_squares - query_sum ** 2 / overlap)
-                        * (reference_squares - reference_sum ** 2 / overlap))
-            # A constant overlap has no correlation; shift 0 always has one (the candidates were correlated).
-            correlation = np.full(covariance.shape, -np.inf)
-            np.divide(covariance, np.sqrt(np.maximum(variance, 0)), out=correlation, where=variance > 0)
-            value, index = correlation.max(axis=1), correlation.argmax(axis=1)  # (b, k): best shift of the group
-            better = value > best[rows]
-            best[rows] = np.where(better, value, best[rows])
-            best_shift[rows] = np.where(better, index + first_shift, best_shift[rows])
-    choice = np.argmax(best, axis=1)
-    rows = np.arange(len(queries))
-    moved_best = int(np.sum(np.any(np.array(shifts)[best_shift[rows, choice]] != 0, axis=1)))
-    logger.info("shift_pearson: %d of %d queries correlate best with their nearest volume moved by a shift "
-                "(σ = %g voxels, shifts ≤ %d voxels)", moved_best, len(queries), SHIFT_SIGMA, SHIFT_VOXELS)
-    # Rounding can put a self-match a hair above 1; a correlation lives in [-1, 1].
-    return candidates[rows, choice], np.clip(best[rows, choice], -1.0, 1.0)
+def _control_sets(controls: pd.DataFrame, vectors: dict[str, np.ndarray], train_ids: list[str],
+                  holdout_ids: list[str]):
+    """The sets scored once per split (calibration, holdout, controls), and each copy strength's probes as a
+    generated set for the set-level statistics."""
+    train, holdout = vectors["train"], vectors["holdout"]
+    probes, probe_ids = vectors["controls"], controls["id"].tolist()
+    # Negative probes are holdout patients: leave each out of the holdout test set it is scored against.
+    holdout_index = {patient: i for i, patient in enumerate(holdout_ids)}
+    probe_leave_out = np.array([holdout_index[s] if k == "holdout" else -1
+                                for k, s in zip(controls["kind"], controls["source_id"])], dtype=np.int64)
+    sets = [
+        ("calibration", train_ids, train, holdout_ids, holdout, train, True, None),
+        ("holdout", holdout_ids, holdout, train_ids, train, holdout, True, None),
+        ("controls", probe_ids, probes, train_ids, train, holdout, False, probe_leave_out),
+    ]
+    copies = controls["kind"] == "copy"
+    generated_sets = [(f"controls:{s}", probes[(copies & (controls["strength"] == s)).to_numpy()])
+                      for s in dict.fromkeys(controls.loc[copies, "strength"])]
+    return sets, generated_sets
 
 
-def smooth(vectors: np.ndarray, volume_shape: tuple[int, ...], sigma: float = SHIFT_SIGMA) -> np.ndarray:
-    """(N, V) -> (N, V) float32: each (D, H, W) volume or (H, W) image blurred by a Gaussian of ``sigma``
-    voxels (MONAI's GaussianFilter, zero outside).
-
-    One volume per call: the convolution's rounding depends on the batch size, and a volume must get the
-    same score whichever set it is scored in (a holdout patient as a negative probe).
-    """
-    blur = GaussianFilter(spatial_dims=len(volume_shape), sigma=sigma)
-    out = np.empty(vectors.shape, dtype=np.float32)
-    with torch.no_grad():
-        for i, vector in enumerate(vectors):
-            volume = torch.from_numpy(np.asarray(vector, dtype=np.float32)).view(1, 1, *volume_shape)
-            out[i] = blur(volume).view(-1).numpy()
-    return out
-
-
-def shifted_copies(volumes: np.ndarray, shifts: list[tuple[int, ...]]) -> np.ndarray:
-    """(B, *S) volumes -> (B, T, *S): copy t moved by shifts[t], ``out[:, t][i + shift] = volumes[i]`` per
-    axis, vacated voxels zero (as controls.translate).
-
-    numpy, not torch: these strided copies ran many times slower through torch's threads on a busy machine.
-    """
-    spatial = volumes.shape[1:]
-    out = np.zeros((volumes.shape[0], len(shifts), *spatial), dtype=volumes.dtype)
-    for t, shift in enumerate(shifts):
-        source = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, spatial))
-        target = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, spatial))
-        out[(slice(None), t, *target)] = volumes[(slice(None), *source)]
-    return out
-
-
-def overlap_sums(vectors: np.ndarray, volume_shape: tuple[int, ...], side: str) -> np.ndarray:
-    """(N, V) -> (N, 2, T) float64: Σ and Σ² of each volume over its part of the overlap at each of the T
-    shifts (itertools.product order, offsets −SHIFT_VOXELS … SHIFT_VOXELS per axis).
-
-    At shift s a query voxel i meets reference voxel i + s, so along an axis of n voxels the query's part
-    is [max(0, −s), n − max(0, s)) and the reference's [max(0, s), n − max(0, −s)). The overlap is a box,
-    so its sums are differences of cumulative sums, taken axis by axis: every shift from one pass.
-    """
-    offsets = range(-SHIFT_VOXELS, SHIFT_VOXELS + 1)
-    sign = {"query": -1, "reference": 1}[side]
-    out = []
-    per_step = max(1, SSIM_BATCH_VOXELS // vectors.shape[1])
-    for first in range(0, len(vectors), per_step):
-        volumes = vectors[first:first + per_step].astype(np.float64).reshape(-1, *volume_shape)
-        sums = np.stack([volumes, volumes * volumes], axis=1)  # (b, 2, *S)
-        for axis, size in enumerate(volume_shape, start=2):
-            cumulative = np.cumsum(sums, axis=axis)
-            cumulative = np.concatenate([np.zeros_like(cumulative.take([0], axis=axis)), cumulative], axis=axis)
-            low = [max(0, sign * s) for s in offsets]
-            high = [size - max(0, -sign * s) for s in offsets]
-            sums = cumulative.take(high, axis=axis) - cumulative.take(low, axis=axis)
-        out.append(sums.reshape(len(volumes), 2, -1))
-    return np.concatenate(out)
+def _set_statistics(method: str, settings: Settings, generated_sets: list[tuple[str, np.ndarray]],
+                    train: np.ndarray, holdout: np.ndarray) -> list[tuple[str, str, str, float]]:
+    """Meehan's C_T and the authentic fraction of each generated set (the other methods have none)."""
+    if method == "meehan":
+        return [(method, name, "C_T", meehan_ct(settings, generated, train, holdout))
+                for name, generated in generated_sets]
+    if method == "authenticity":
+        return [(method, name, "authentic_fraction", authenticity_fraction(generated, train))
+                for name, generated in generated_sets]
+    return []
 
 
 def _carlini(settings: Settings, queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -209,6 +209,19 @@ def nearest_over_shifts(query_ids: list[str], queries: np.ndarray, database_ids:
     return best[NEIGHBOUR_COLUMNS].reset_index(drop=True)
 
 
+def pearson_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Nq, V), (Nr, V) -> ((Nq, k) reference indices, (Nq, k) correlations), most correlated first."""
+    for name, vectors in (("query", queries), ("reference", reference)):
+        constant = np.flatnonzero(np.ptp(vectors, axis=1) == 0)
+        if constant.size:
+            raise ValueError(f"{name} volumes {constant.tolist()} are constant: their voxel correlation is undefined")
+    # Positions as ids: the same exact faiss search the contrastive detector's embeddings go through.
+    table = nearest_neighbours([str(i) for i in range(len(queries))], queries,
+                                          [str(i) for i in range(len(reference))], reference, k)
+    neighbours = table["neighbour_id"].astype(int).to_numpy().reshape(len(queries), k)
+    return neighbours, table["correlation"].to_numpy().reshape(len(queries), k)
+
+
 def read_split_embeddings(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike):
     """(ids, vectors) of the training and the held-out patients, which must be different patients."""
     train_ids, train = read_embeddings(train_npz)
