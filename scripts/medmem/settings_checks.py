@@ -1,4 +1,5 @@
-"""The checks every stage's Settings share: is a config value an integer, a finite number?
+"""What every stage's Settings share: config.yaml's defaults (``defaults_from``) and the checks of a config value
+(is it an integer, a finite number?).
 
 Errors name the key, the value and the fix, so a bad config.yaml stops before any job starts.
 """
@@ -6,9 +7,11 @@ Errors name the key, the value and the fix, so a bad config.yaml stops before an
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 
 def is_int(value: object) -> bool:
@@ -36,3 +39,29 @@ def check_float(name: str, value: Any, positive: bool = True) -> None:
     if not is_number(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name}={value!r} must be a {'positive' if positive else 'non-negative'} "
                          "number: fix it in config.yaml")
+
+
+CONFIG_YAML = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+DEFAULTS: dict = yaml.safe_load(CONFIG_YAML.read_text())
+
+
+def _frozen(value: object) -> object:
+    """A config value as a frozen dataclass default: lists become tuples."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def defaults_from(*section: str, resolved: tuple[str, ...] = ()):
+    """Class decorator, under ``@dataclass``: every annotated field named in config.yaml's ``section`` (a path
+    of keys) takes its value there as its default. ``resolved``: keys whose config value (null, auto) the plan
+    resolves before building the settings; those keep the default written in the class."""
+    values = DEFAULTS
+    for key in section:
+        values = values[key]
+
+    def apply(cls: type) -> type:
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name in values and name not in resolved and not isinstance(values[name], dict):
+                setattr(cls, name, _frozen(values[name]))
+        return cls
+
+    return apply
