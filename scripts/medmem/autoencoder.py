@@ -150,6 +150,23 @@ def _epoch(settings: Settings, model: AutoencoderKL, optimizer: torch.optim.Opti
     return sums
 
 
+def _latents(model: AutoencoderKL, data: torch.Tensor, device: torch.device,
+             batch_size: int) -> tuple[torch.Tensor, float, float]:
+    """The trained model's encoder means of the training volumes, its reconstruction L1 on them and the latents'
+    standard deviation (the diffusion model's scale factor is its inverse)."""
+    model.eval()
+    means = encode(model, data, device, batch_size)
+    reconstruction_l1 = float((decode(model, means, device, batch_size).clamp(0, 1) - data).abs().mean())
+    latent_std = float(means.std())
+    if not latent_std > 0:
+        raise ValueError(f"the training latents have standard deviation {latent_std}: the autoencoder "
+                         "collapsed; lower autoencoder.kl_weight or the learning rate")
+    logger.info("training reconstruction L1 %.4f (encoder mean, clipped to [0, 1]); latent shape %s, "
+                "latent std %.4f → scale factor %.4f", reconstruction_l1, list(means.shape[1:]),
+                latent_std, 1.0 / latent_std)
+    return means, reconstruction_l1, latent_std
+
+
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
         model_path: str | os.PathLike, curve_csv: str | os.PathLike, device: torch.device,
         precision: str = "fp32") -> None:
@@ -192,17 +209,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.Pa
                         sums["discriminator"], rows[-1]["seconds"])
         resume.save_if_due(epoch + 1, settings.epochs, rows)
 
-    model.eval()
-    means = encode(model, data, device, settings.batch_size)
-    reconstruction_l1 = float((decode(model, means, device, settings.batch_size).clamp(0, 1) - data).abs().mean())
-    latent_std = float(means.std())
-    if not latent_std > 0:
-        raise ValueError(f"the training latents have standard deviation {latent_std}: the autoencoder "
-                         "collapsed; lower autoencoder.kl_weight or the learning rate")
-    logger.info("training reconstruction L1 %.4f (encoder mean, clipped to [0, 1]); latent shape %s, "
-                "latent std %.4f → scale factor %.4f", reconstruction_l1, list(means.shape[1:]),
-                latent_std, 1.0 / latent_std)
-
+    means, reconstruction_l1, latent_std = _latents(model, data, device, settings.batch_size)
     checkpoint = {
         "model_args": args,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

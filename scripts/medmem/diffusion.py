@@ -144,6 +144,23 @@ def _epoch(settings: Settings, model: DiffusionModelUNet, ema: DiffusionModelUNe
     return epoch_loss, step
 
 
+def training_latents(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
+                     split_csv: str | os.PathLike, device: torch.device) -> tuple[list[str], torch.Tensor, float]:
+    """The training split's ids, its latents through the autoencoder's encoder mean, scaled by the
+    autoencoder's scale factor (on the CPU), and that factor."""
+    ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
+    ids, volumes, _ = volume_sets.load_training_set(cases_csv, split_csv)
+    if list(volumes.shape[2:]) != list(ae_checkpoint["volume_shape"]):
+        raise ValueError(f"{cases_csv}: volumes of shape {list(volumes.shape[2:])}, but {autoencoder_path} was "
+                         f"trained on {ae_checkpoint['volume_shape']}: retrain the autoencoder on this cohort")
+    check_shape(ae_checkpoint["latent_shape"][1:], settings)
+    scale_factor = float(ae_checkpoint["scale_factor"])
+    latents = autoencoder.encode(ae, volumes, device) * scale_factor
+    logger.info("%d training latents of shape %s; scaled latent mean %.3f std %.3f (scale factor %.4f)",
+                len(latents), list(latents.shape[1:]), latents.mean(), latents.std(), scale_factor)
+    return ids, latents, scale_factor
+
+
 def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str | os.PathLike,
         split_csv: str | os.PathLike, model_path: str | os.PathLike, curve_csv: str | os.PathLike,
         device: torch.device, checkpoints_dir: str | os.PathLike | None = None, precision: str = "fp32") -> None:
@@ -156,17 +173,7 @@ def run(settings: Settings, autoencoder_path: str | os.PathLike, cases_csv: str 
     """
     model_path, curve_csv = Path(model_path), Path(curve_csv)
     checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else model_path.with_name("checkpoints")
-    ae, ae_checkpoint = autoencoder.load(autoencoder_path, device)
-    ids, volumes, _ = volume_sets.load_training_set(cases_csv, split_csv)
-    if list(volumes.shape[2:]) != list(ae_checkpoint["volume_shape"]):
-        raise ValueError(f"{cases_csv}: volumes of shape {list(volumes.shape[2:])}, but {autoencoder_path} was "
-                         f"trained on {ae_checkpoint['volume_shape']}: retrain the autoencoder on this cohort")
-    check_shape(ae_checkpoint["latent_shape"][1:], settings)
-    scale_factor = float(ae_checkpoint["scale_factor"])
-    latents = autoencoder.encode(ae, volumes, device) * scale_factor
-    del ae
-    logger.info("%d training latents of shape %s; scaled latent mean %.3f std %.3f (scale factor %.4f)",
-                len(latents), list(latents.shape[1:]), latents.mean(), latents.std(), scale_factor)
+    ids, latents, scale_factor = training_latents(settings, autoencoder_path, cases_csv, split_csv, device)
 
     generator = runtime.seed_everything(settings.seed)
     args = model_args(settings, latent_channels=latents.shape[1], spatial_dims=latents.dim() - 2)
