@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from medmem import artefacts, controls, detector, embed, similarity, training
+from medmem import artefacts, controls, detector, detector_views, embed, similarity, training
 from medmem.embed import embed_volumes
 
 from procedural_cohort import ellipsoid_volumes, write_cohort
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # The sscd recipe at toy size: every view on, KoLeo.
-TINY_VIEWS = detector.Views(rotation_degrees=5.0, flip_probability=0.5, translation=0.0625, zoom=0.03, elastic=0.03,
+TINY_VIEWS = detector_views.Views(rotation_degrees=5.0, flip_probability=0.5, translation=0.0625, zoom=0.03, elastic=0.03,
                             downsample_factor=2.0, blur_sigma=0.5, noise_std=0.02, intensity_scale=0.1, gamma=0.1,
                             degradation_probability=0.3)
 TINY = detector.Settings(channels=(8, 16), embedding_dim=8, projection_dim=8, temperature=0.1, views=TINY_VIEWS,
@@ -25,12 +25,12 @@ TINY = detector.Settings(channels=(8, 16), embedding_dim=8, projection_dim=8, te
 # Every view but rotation and flips off (config.yaml's views switch them on).
 VIEWS_OFF = {"translation": 0.0, "zoom": 0.0, "elastic": 0.0, "downsample_factor": 1.0, "blur_sigma": 0.0,
              "noise_std": 0.0, "intensity_scale": 0.0, "gamma": 0.0, "degradation_probability": 0.5}
-DAR_VIEWS = detector.Views(rotation_degrees=5.0, flip_probability=0.5, **VIEWS_OFF)
+DAR_VIEWS = detector_views.Views(rotation_degrees=5.0, flip_probability=0.5, **VIEWS_OFF)
 
 
-def views(rotation_degrees: float, flip_probability: float, **others) -> detector.Views:
+def views(rotation_degrees: float, flip_probability: float, **others) -> detector_views.Views:
     """Rotation and flips, and only the other views named in ``others``."""
-    return detector.Views(rotation_degrees=rotation_degrees, flip_probability=flip_probability,
+    return detector_views.Views(rotation_degrees=rotation_degrees, flip_probability=flip_probability,
                           **{**VIEWS_OFF, **others})
 
 
@@ -73,17 +73,17 @@ def test_nt_xent_pinned_against_numpy():
 
 def test_augment_keeps_shape_and_is_seeded():
     volumes = torch.from_numpy(ellipsoid_volumes(3, 16, seed=0))[:, None]
-    first = detector.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(7))
-    again = detector.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(7))
-    other = detector.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(8))
+    first = detector_views.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(7))
+    again = detector_views.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(7))
+    other = detector_views.augment(volumes, views(5.0, 0.5), torch.Generator().manual_seed(8))
     assert first.shape == volumes.shape and first.dtype == volumes.dtype
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     # No rotation and flip probability 0 or 1: the identity and an exact mirror of every axis.
-    assert torch.allclose(detector.augment(volumes, views(0.0, 0.0), torch.Generator()), volumes, atol=1e-6)
-    assert torch.allclose(detector.augment(volumes, views(0.0, 1.0), torch.Generator()), volumes.flip(2, 3, 4), atol=1e-6)
+    assert torch.allclose(detector_views.augment(volumes, views(0.0, 0.0), torch.Generator()), volumes, atol=1e-6)
+    assert torch.allclose(detector_views.augment(volumes, views(0.0, 1.0), torch.Generator()), volumes.flip(2, 3, 4), atol=1e-6)
     # A small rotation moves intensities only a little and keeps the mean.
-    rotated = detector.augment(volumes, views(5.0, 0.0), torch.Generator().manual_seed(1))
+    rotated = detector_views.augment(volumes, views(5.0, 0.0), torch.Generator().manual_seed(1))
     assert 0 < (rotated - volumes).abs().mean() < 0.05
     assert rotated.mean().item() == pytest.approx(volumes.mean().item(), rel=0.05)
 
@@ -189,9 +189,9 @@ def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match=r"views: unknown keys \['shear'\]"):
         detector.Settings(views={"shear": 0.1})
     with pytest.raises(ValueError, match="downsample_factor = 0.5"):
-        detector.Views(downsample_factor=0.5)
+        detector_views.Views(downsample_factor=0.5)
     with pytest.raises(ValueError, match="translation = 0.6"):
-        detector.Views(translation=0.6)
+        detector_views.Views(translation=0.6)
     with pytest.raises(ValueError, match="recipe = 'simclr'"):
         detector.Settings(recipe="simclr")
     with pytest.raises(ValueError, match="contrast"):
@@ -253,7 +253,7 @@ def test_dar_views_draw_what_dar_drew_before_the_other_views_existed():
         volumes, torch.nn.functional.affine_grid(theta, list(volumes.shape), align_corners=False),
         mode="bilinear", padding_mode="border", align_corners=False)
     generator = torch.Generator().manual_seed(11)
-    assert torch.equal(detector.augment(volumes, DAR_VIEWS, generator), expected)
+    assert torch.equal(detector_views.augment(volumes, DAR_VIEWS, generator), expected)
     # ... and it drew nothing else: the next draw is the one after the flips.
     reference = torch.Generator().manual_seed(11)
     torch.rand(4, 3, generator=reference, dtype=torch.float64), torch.rand(4, 3, generator=reference)
@@ -274,16 +274,16 @@ def centre_of_mass(volume: torch.Tensor) -> np.ndarray:
 
 def test_a_translation_by_k_voxels_moves_a_marker_by_k_voxels():
     identity = torch.eye(3, dtype=torch.float64)[None]
-    moved = detector.resample(marker((16, 12, 10), (5, 6, 4)), identity, torch.tensor([[2.0, -1.0, 3.0]]))
+    moved = detector_views.resample(marker((16, 12, 10), (5, 6, 4)), identity, torch.tensor([[2.0, -1.0, 3.0]]))
     assert moved[0, 0, 7, 5, 7] == pytest.approx(1.0, abs=1e-6) and moved.sum() == pytest.approx(1.0, abs=1e-6)
     # 2D alike; half a voxel splits the marker between two voxels (linear interpolation).
-    half = detector.resample(marker((8, 8), (3, 3)), torch.eye(2, dtype=torch.float64)[None],
+    half = detector_views.resample(marker((8, 8), (3, 3)), torch.eye(2, dtype=torch.float64)[None],
                              torch.tensor([[0.5, 0.0]]))
     assert half[0, 0, 3, 3] == pytest.approx(0.5, abs=1e-6) and half[0, 0, 4, 3] == pytest.approx(0.5, abs=1e-6)
     # The translation view: each shift uniform in ± translation x side voxels, drawn after the angles and
     # flips; with nothing else on the marker moves by exactly the drawn shift (to interpolation).
     generator = torch.Generator().manual_seed(4)
-    view = detector.augment(marker((32, 32, 32), (16, 15, 17)), views(0.0, 0.0, translation=0.125), generator)
+    view = detector_views.augment(marker((32, 32, 32), (16, 15, 17)), views(0.0, 0.0, translation=0.125), generator)
     reference = torch.Generator().manual_seed(4)
     torch.rand(1, 3, generator=reference, dtype=torch.float64), torch.rand(1, 3, generator=reference)
     shift = ((torch.rand(1, 3, generator=reference, dtype=torch.float64) * 2 - 1) * 0.125 * 32)[0].numpy()
@@ -297,14 +297,14 @@ def test_zoom_scales_about_the_centre_and_elastic_warps_smoothly_within_its_boun
     axes = np.meshgrid(*[np.arange(33) - 16.0] * 3, indexing="ij")
     blob = np.clip(2.0 - np.sqrt(sum((a - o) ** 2 for a, o in zip(axes, offset))), 0, 1).astype(np.float32)
     generator = torch.Generator().manual_seed(5)
-    zoomed = detector.augment(torch.from_numpy(blob)[None, None], views(0.0, 0.0, zoom=0.2), generator)
+    zoomed = detector_views.augment(torch.from_numpy(blob)[None, None], views(0.0, 0.0, zoom=0.2), generator)
     reference = torch.Generator().manual_seed(5)
     torch.rand(1, 3, generator=reference, dtype=torch.float64), torch.rand(1, 3, generator=reference)
     factor = 1 + (torch.rand(1, generator=reference, dtype=torch.float64).item() * 2 - 1) * 0.2
     assert abs(factor - 1) > 0.05
     np.testing.assert_allclose(centre_of_mass(zoomed) - 16, offset * factor, atol=0.05)
     # The elastic field: every component within ± share x side, and neighbours move alike.
-    field = detector.elastic_displacement(3, (24, 20, 16), 0.05, torch.Generator().manual_seed(6))
+    field = detector_views.elastic_displacement(3, (24, 20, 16), 0.05, torch.Generator().manual_seed(6))
     assert field.shape == (3, 3, 24, 20, 16)
     for axis, side in enumerate((24, 20, 16)):
         assert field[:, axis].abs().max() <= 0.05 * side + 1e-9
@@ -313,7 +313,7 @@ def test_zoom_scales_about_the_centre_and_elastic_warps_smoothly_within_its_boun
     # Warping by a uniform field of k voxels is a translation by -k (the volume samples p + displacement).
     uniform = torch.zeros(1, 3, 16, 12, 10, dtype=torch.float64)
     uniform[:, 0] = 2.0
-    warped = detector.resample(marker((16, 12, 10), (5, 6, 7)), torch.eye(3, dtype=torch.float64)[None],
+    warped = detector_views.resample(marker((16, 12, 10), (5, 6, 7)), torch.eye(3, dtype=torch.float64)[None],
                                torch.zeros(1, 3, dtype=torch.float64), uniform)
     assert warped[0, 0, 3, 6, 7] == pytest.approx(1.0, abs=1e-6)
 
@@ -322,13 +322,13 @@ def test_down_up_sampling_and_blur_are_what_they_say():
     # Area averaging by 2 turns a period-2 stripe pattern into its mean; a constant volume stays constant.
     stripes = torch.zeros(1, 1, 8, 8, 8)
     stripes[:, :, ::2] = 1.0
-    np.testing.assert_allclose(detector.down_up_sample(stripes, 2.0).numpy(), 0.5, atol=1e-6)
-    np.testing.assert_allclose(detector.down_up_sample(torch.full((1, 1, 8, 8), 0.3), 3.0).numpy(), 0.3, atol=1e-6)
-    assert torch.equal(detector.down_up_sample(stripes, 1.0), stripes)
+    np.testing.assert_allclose(detector_views.down_up_sample(stripes, 2.0).numpy(), 0.5, atol=1e-6)
+    np.testing.assert_allclose(detector_views.down_up_sample(torch.full((1, 1, 8, 8), 0.3), 3.0).numpy(), 0.3, atol=1e-6)
+    assert torch.equal(detector_views.down_up_sample(stripes, 1.0), stripes)
     # Gaussian blur, σ per volume: σ = 0 leaves the volume alone; σ = 1 spreads a unit impulse into the
     # separable kernel of taps -3..3, centre weight 1 / Σ exp(-t² / 2) = 0.399050 per axis.
     impulses = torch.cat([marker((15, 15, 15), (7, 7, 7)), marker((15, 15, 15), (7, 7, 7))])
-    blurred = detector.gaussian_blur(impulses, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    blurred = detector_views.gaussian_blur(impulses, torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert torch.allclose(blurred[0], impulses[0], atol=1e-7)
     centre = 1 / sum(math.exp(-t * t / 2) for t in range(-3, 4))
     assert centre == pytest.approx(0.399050, abs=1e-6)
@@ -337,7 +337,7 @@ def test_down_up_sampling_and_blur_are_what_they_say():
     variance = ((torch.arange(15.0) - 7) ** 2 * blurred[1, 0].sum(dim=(1, 2))).sum().item()
     assert 0.95 < variance < 1.0  # σ² = 1, a little less for the truncated tails
     # 2D alike: replicate padding keeps a constant image constant up to its edges.
-    flat = detector.gaussian_blur(torch.full((2, 1, 9, 9), 0.4), torch.tensor([0.7, 1.5], dtype=torch.float64))
+    flat = detector_views.gaussian_blur(torch.full((2, 1, 9, 9), 0.4), torch.tensor([0.7, 1.5], dtype=torch.float64))
     np.testing.assert_allclose(flat.numpy(), 0.4, atol=1e-6)
 
 
@@ -347,7 +347,7 @@ def test_noise_intensity_and_gamma_views_stay_within_their_bounds():
             ("noise_std", 0.05, lambda v: (v.std(dim=(1, 2, 3, 4)) <= 0.05 * 1.2).all()),
             ("intensity_scale", 0.2, lambda v: ((v / 0.5 - 1).abs() <= 0.2 + 1e-6).all()),
             ("gamma", 0.2, lambda v: ((v.log() / math.log(0.5) - 1).abs() <= 0.2 + 1e-6).all())):
-        view = detector.augment(grey, views(0.0, 0.0, degradation_probability=1.0, **{name: size}),
+        view = detector_views.augment(grey, views(0.0, 0.0, degradation_probability=1.0, **{name: size}),
                                 torch.Generator().manual_seed(0))
         assert check(view), name
         assert 0 <= view.min() and view.max() <= 1, name
@@ -356,10 +356,10 @@ def test_noise_intensity_and_gamma_views_stay_within_their_bounds():
             assert torch.allclose(view, view[:, :, :1, :1, :1].expand_as(view))
         # degradation_probability 0: nothing happens (and nothing is drawn).
         generator = torch.Generator().manual_seed(0)
-        untouched = detector.augment(grey, views(0.0, 0.0, degradation_probability=0.0, **{name: size}), generator)
+        untouched = detector_views.augment(grey, views(0.0, 0.0, degradation_probability=0.0, **{name: size}), generator)
         assert torch.equal(untouched, grey)
     # Each degradation applies to about degradation_probability of the views.
-    half = detector.augment(grey, views(0.0, 0.0, intensity_scale=0.2), torch.Generator().manual_seed(1))
+    half = detector_views.augment(grey, views(0.0, 0.0, intensity_scale=0.2), torch.Generator().manual_seed(1))
     changed = (half - grey).abs().amax(dim=(1, 2, 3, 4)) > 1e-6
     assert 20 <= int(changed.sum()) <= 44
 
@@ -367,9 +367,9 @@ def test_noise_intensity_and_gamma_views_stay_within_their_bounds():
 def test_every_view_at_once_in_3d_and_2d_is_seeded_and_keeps_the_range():
     for volumes in (torch.from_numpy(ellipsoid_volumes(4, 16, seed=0))[:, None],
                     torch.from_numpy(projections(4, 16, seed=0))[:, None]):
-        first = detector.augment(volumes, TINY_VIEWS, torch.Generator().manual_seed(2))
+        first = detector_views.augment(volumes, TINY_VIEWS, torch.Generator().manual_seed(2))
         assert first.shape == volumes.shape and first.dtype == volumes.dtype
-        assert torch.equal(first, detector.augment(volumes, TINY_VIEWS, torch.Generator().manual_seed(2)))
+        assert torch.equal(first, detector_views.augment(volumes, TINY_VIEWS, torch.Generator().manual_seed(2)))
         assert 0 <= first.min() and first.max() <= 1
         assert 0 < (first - volumes).abs().mean() < 0.2
 
@@ -459,20 +459,20 @@ def trained_2d(tmp_path_factory):
 
 def test_augment_in_2d_rotates_in_plane_and_flips_both_axes():
     images = torch.from_numpy(projections(3, 16, seed=0))[:, None]
-    first = detector.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(7))
+    first = detector_views.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(7))
     assert first.shape == images.shape and first.dtype == images.dtype
-    assert torch.equal(first, detector.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(7)))
-    assert not torch.equal(first, detector.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(8)))
-    assert torch.allclose(detector.augment(images, views(0.0, 0.0), torch.Generator()), images, atol=1e-6)
-    assert torch.allclose(detector.augment(images, views(0.0, 1.0), torch.Generator()), images.flip(2, 3), atol=1e-6)
-    rotated = detector.augment(images, views(5.0, 0.0), torch.Generator().manual_seed(1))
+    assert torch.equal(first, detector_views.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(7)))
+    assert not torch.equal(first, detector_views.augment(images, views(5.0, 0.5), torch.Generator().manual_seed(8)))
+    assert torch.allclose(detector_views.augment(images, views(0.0, 0.0), torch.Generator()), images, atol=1e-6)
+    assert torch.allclose(detector_views.augment(images, views(0.0, 1.0), torch.Generator()), images.flip(2, 3), atol=1e-6)
+    rotated = detector_views.augment(images, views(5.0, 0.0), torch.Generator().manual_seed(1))
     assert 0 < (rotated - images).abs().mean() < 0.05
     # One in-plane angle, rigid in voxels: an off-centre disc swings about the centre by that angle and
     # keeps its distance to it.
     size, offset = 24, np.array([5.0, -3.0])
     axes = np.meshgrid(np.arange(size) - (size - 1) / 2, np.arange(size) - (size - 1) / 2, indexing="ij")
     disc = np.clip(2.5 - np.hypot(axes[0] - offset[0], axes[1] - offset[1]), 0, 1).astype(np.float32)
-    turned = detector.augment(torch.from_numpy(disc)[None, None], views(60.0, 0.0), torch.Generator().manual_seed(3))
+    turned = detector_views.augment(torch.from_numpy(disc)[None, None], views(60.0, 0.0), torch.Generator().manual_seed(3))
     angle = ((torch.rand(1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1)
              * math.radians(60.0)).item()  # the first draw of augment: its one angle
 

@@ -61,11 +61,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from monai.networks.layers import separable_filtering
-from monai.networks.layers.convutils import gaussian_1d
 
-from medmem import artefacts, autoencoder, detector, volume_sets
+from medmem import artefacts, autoencoder, volume_sets
+from medmem.resampling import (BAND_LIMIT_FACTOR, BAND_LIMIT_SIGMA, ELASTIC_CONTROL_POINTS, ELASTIC_MAX_DISPLACEMENT,
+                               _LINEAR_MODES, _check_spatial_dims, band_limit, elastic_displacement, rotate, translate,
+                               warp)
 from medmem.settings import STRENGTHS, ControlsSettings as Settings
 
 logger = logging.getLogger("medmem.controls")
@@ -76,19 +76,11 @@ ROTATION_DEGREES = {"rotate_5": 5.0, "rotate_10": 10.0}  # bound of each of the 
 NOISE_STD = 0.05  # 5% of the intensity range, before clipping
 INTENSITY_FACTOR_RANGES = ((0.8, 0.9), (1.1, 1.2))  # darker or brighter, by 10-20%
 TRANSLATION_VOXELS = (1, 2)  # shift magnitudes along each axis, each with a random sign
-ELASTIC_CONTROL_POINTS = 4  # per axis, spanning the whole volume (corners included)
-ELASTIC_MAX_DISPLACEMENT = 1.5  # voxels, bound of each displacement component at each control point
-# The downsampling of the default autoencoder, 2 ** (levels - 1) (autoencoder.Settings.downsampling; a test
-# keeps them equal): what band_limit mimics where the experiment has no autoencoder of its own.
-BAND_LIMIT_FACTOR = 4
-BAND_LIMIT_SIGMA = 0.5  # voxels: a light blur after the trilinear upsampling, as a decoder's smoothing
 COMBINED_ROTATION_DEGREES = 2.5  # bound of each angle of the combined copy's rotation
 COMBINED_NOISE_STD = 0.02  # the combined copy's re-noising, smaller than NOISE_STD
 AVERAGE_SIZES = (3, 4, 5)  # training volumes per average negative, drawn uniformly
 AVERAGE_STREAM = 1000  # random stream of the averages, apart from the strengths' streams 0, 1, ...
 
-# Resampling mode of torch's interpolate per number of spatial dimensions.
-_LINEAR_MODES = {2: "bilinear", 3: "trilinear"}
 
 
 def strength_definitions(spatial_dims: int = 3, autoencoder: bool = False) -> dict[str, str]:
@@ -141,11 +133,6 @@ def negative_definitions(spatial_dims: int = 3, autoencoder: bool = False) -> di
         "average": f"the voxel mean of {min(AVERAGE_SIZES)} to {max(AVERAGE_SIZES)} training {thing}s drawn without "
                    "replacement",
     }
-
-
-def _check_spatial_dims(spatial_dims: object) -> None:
-    if spatial_dims not in _LINEAR_MODES or isinstance(spatial_dims, bool):
-        raise ValueError(f"spatial_dims = {spatial_dims!r}: expected 3 ((D, H, W) volumes) or 2 ((H, W) images)")
 
 
 STRENGTH_DEFINITIONS = strength_definitions(3)
@@ -210,100 +197,6 @@ def transform(volume: np.ndarray, strength: str, rng: np.random.Generator,
     return np.ascontiguousarray(np.clip(probe, 0, 1), dtype=np.float32)
 
 
-def rotate(volume: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotate a (D, H, W) volume about its centre by 3 angles (radians), one about each axis, or an
-    (H, W) image by 1 in-plane angle; zero outside.
-
-    The rotation is built in voxel units, so it stays rigid on non-cubic grids, and maps onto torch's
-    normalised coordinates, where the centre is 0 (as in detector.augment).
-    """
-    spatial_dims = volume.ndim
-    _check_spatial_dims(spatial_dims)
-    angles = np.asarray(angles, dtype=np.float64).ravel()
-    n_angles = 3 if spatial_dims == 3 else 1
-    if angles.size != n_angles:
-        raise ValueError(f"rotating a {spatial_dims}D array of shape {volume.shape} needs {n_angles} angle(s), got "
-                         f"{angles.size}; pass one angle per rotation axis")
-
-    rotation = detector.rotation_matrices(torch.from_numpy(angles)[None])[0].numpy()
-    # Grid coordinates run over the array axes in reverse, (x, y, z) = (W, H, D) or (x, y) = (W, H),
-    # each normalised to [-1, 1].
-    sizes = np.array(volume.shape[::-1], dtype=np.float64)
-    theta = torch.from_numpy(np.diag(1 / sizes) @ rotation @ np.diag(sizes))
-    theta = torch.cat([theta, torch.zeros(spatial_dims, 1, dtype=torch.float64)], dim=1)[None]
-    grid = F.affine_grid(theta, [1, 1, *volume.shape], align_corners=False)
-    return _sample(volume, grid)
-
-
-def translate(volume: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Shift a (D, H, W) volume or (H, W) image by whole voxels, ``out[i + shift] = in[i]`` per axis;
-    vacated voxels zero."""
-    probe = np.zeros_like(volume)
-    source, target = [], []
-    for size, shift in zip(volume.shape, (int(s) for s in shifts)):
-        source.append(slice(max(0, -shift), size - max(0, shift)))
-        target.append(slice(max(0, shift), size - max(0, -shift)))
-    probe[tuple(target)] = volume[tuple(source)]
-    return probe
-
-
-def elastic_displacement(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """A smooth random displacement field: (3, D, H, W) float64 voxels along (D, H, W); for an (H, W)
-    image (2, H, W) along (H, W).
-
-    Components are drawn at ELASTIC_CONTROL_POINTS³ (²) points whose outer points sit on the corner
-    voxels, then interpolated trilinearly (bilinearly), so no component exceeds ELASTIC_MAX_DISPLACEMENT
-    and neighbouring voxels move alike: the anatomy bends, it does not tear.
-    """
-    spatial_dims = len(shape)
-    _check_spatial_dims(spatial_dims)
-    points = ELASTIC_CONTROL_POINTS
-    coarse = rng.uniform(-ELASTIC_MAX_DISPLACEMENT, ELASTIC_MAX_DISPLACEMENT,
-                         size=(1, spatial_dims, *(points,) * spatial_dims))
-    dense = F.interpolate(torch.from_numpy(coarse), size=tuple(shape), mode=_LINEAR_MODES[spatial_dims],
-                          align_corners=True)
-    return dense[0].numpy()
-
-
-def warp(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-    """Resample (D, H, W) at each voxel p + displacement(p); displacement (3, D, H, W) in voxels.
-    An (H, W) image takes a (2, H, W) displacement.
-
-    Trilinear (bilinear in 2D), zero outside. With align_corners=False voxel i sits at (2 i + 1) / n - 1,
-    so one voxel is 2 / n in torch's normalised coordinates.
-    """
-    spatial_dims = volume.ndim
-    _check_spatial_dims(spatial_dims)
-    if displacement.shape != (spatial_dims, *volume.shape):
-        raise ValueError(f"displacement must be {(spatial_dims, *volume.shape)} (one component per axis of the "
-                         f"{volume.shape} array), got {displacement.shape}")
-    identity = torch.eye(spatial_dims, spatial_dims + 1, dtype=torch.float64)[None]
-    grid = F.affine_grid(identity, [1, 1, *volume.shape], align_corners=False)
-    # The grid's last axis is (x, y, z) = (W, H, D), or (x, y) = (W, H): reverse the displacement's
-    # component order.
-    scale = torch.tensor([2 / size for size in volume.shape[::-1]], dtype=torch.float64)
-    components_last = (*range(1, spatial_dims + 1), 0)
-    grid = grid + torch.from_numpy(displacement[::-1].copy()).permute(*components_last)[None] * scale
-    return _sample(volume, grid)
-
-
-def band_limit(volume: np.ndarray, factor: int = BAND_LIMIT_FACTOR, sigma: float = BAND_LIMIT_SIGMA) -> np.ndarray:
-    """What an autoencoder does to a (D, H, W) volume or (H, W) image, where the experiment has none: (float64).
-
-    The latent grid keeps 1 / ``factor`` of each axis (area averaging, ceil(size / factor) cells, so any size
-    works), the decoder interpolates back (trilinear, bilinear in 2D; align_corners=False) and smooths
-    (MONAI's separable Gaussian, σ = ``sigma`` voxels, zero outside): detail finer than the latent grid is lost.
-    """
-    _check_spatial_dims(volume.ndim)
-    tensor = torch.from_numpy(np.asarray(volume, dtype=np.float64))[None, None]
-    coarse = F.interpolate(tensor, size=[math.ceil(size / factor) for size in volume.shape], mode="area")
-    fine = F.interpolate(coarse, size=volume.shape, mode=_LINEAR_MODES[volume.ndim], align_corners=False)
-    # MONAI builds the kernel in float32; in float64 and renormalised, a constant level stays exactly that level.
-    kernel = gaussian_1d(torch.tensor(float(sigma)), approx="sampled").to(torch.float64)
-    kernel = kernel / kernel.sum()
-    return separable_filtering(fine, [kernel] * volume.ndim, mode="zeros")[0, 0].numpy()
-
-
 def autoencoder_reconstruction(model_path: str | os.PathLike, device: torch.device) -> Reconstruct:
     """The experiment's autoencoder as a reconstruction: encoder mean → decoder, one volume at a time.
 
@@ -330,14 +223,6 @@ def average(volumes: list[np.ndarray]) -> np.ndarray:
                          "volumes of one grid, re-run ingest")
     mean = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in volumes]), axis=0)
     return np.ascontiguousarray(np.clip(mean, 0, 1), dtype=np.float32)
-
-
-def _sample(volume: np.ndarray, grid: torch.Tensor) -> np.ndarray:
-    """Trilinear sample of a (D, H, W) volume at a (1, D, H, W, 3) normalised grid; zero outside.
-    Bilinear for an (H, W) image at a (1, H, W, 2) grid."""
-    tensor = torch.from_numpy(np.asarray(volume, dtype=np.float64))[None, None]
-    sampled = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return sampled[0, 0].numpy()
 
 
 def run(settings: Settings, cases_csv: str | os.PathLike, split_csv: str | os.PathLike,
