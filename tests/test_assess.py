@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmem import artefacts, assess, calibration, figures
+from medmem import artefacts, assess, calibration, figures, settings, verdicts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -292,7 +292,7 @@ def test_too_few_held_out_patients_to_calibrate_make_the_verdict_inconclusive(ne
     assert "hold out at least 19 patients" in summary["verdict"]
     assert summary["threshold"] == float("inf") and summary["n_copies"] == 0 and summary["n_mem"] == 0
     assert summary["n_copies_published"] == 3  # the published τ is still reported beside it
-    assert assess.minimum_holdout(95.0) == 19 and assess.minimum_holdout(80.0) == 4
+    assert settings.minimum_holdout(95.0) == 19 and settings.minimum_holdout(80.0) == 4
 
 
 def test_montage_leaves_out_patient_images_unless_allowed(neighbour_tables, tmp_path):
@@ -397,9 +397,9 @@ def control_table(mild=(0.99, 0.97, 0.95), realistic=(0.9, 0.8, 0.75, 0.72), rec
 
 def test_verdict_is_conclusive_when_copies_are_found_and_traps_spared():
     # 20 traps at a 5% rate: more than 4 flagged has probability 0.0026 (<= 0.01), more than 3 has 0.016.
-    assert calibration.allowed_false_positives(20, 0.05, assess.TRAP_ALPHA) == 4
+    assert calibration.allowed_false_positives(20, 0.05, verdicts.TRAP_ALPHA) == 4
     settings = assess.Settings(percentile=95.0)
-    text = assess.verdict(control_table(reconstructed_flagged=4, averages_flagged=2), settings)
+    text = verdicts.verdict(control_table(reconstructed_flagged=4, averages_flagged=2), settings)
     assert text == ("conclusive: measured on planted controls, the detector finds known copies (recall 1.00 on "
                     "exact, flip and ±5° copies; 1.00 on reconstructed and combined copies) and spares the traps "
                     "(reconstructed held-out patients 4 of 20, at most 4 allowed; averages of training patients 2 of "
@@ -431,17 +431,17 @@ def test_verdict_is_conclusive_when_copies_are_found_and_traps_spared():
      "explains at level 0.01)"),
 ])
 def test_verdict_says_which_condition_failed(table, message):
-    assert assess.verdict(control_table(**table), assess.Settings(percentile=95.0)) == message
+    assert verdicts.verdict(control_table(**table), assess.Settings(percentile=95.0)) == message
 
 
 def test_verdict_thresholds_are_settings():
     table = control_table(realistic=(0.9, 0.8, 0.6, 0.5))  # realistic recall 0.5
-    assert assess.verdict(table, assess.Settings(min_realistic_recall=0.5)).startswith("conclusive")
-    assert assess.verdict(table, assess.Settings(min_realistic_recall=0.6)).startswith("inconclusive")
+    assert verdicts.verdict(table, assess.Settings(min_realistic_recall=0.5)).startswith("conclusive")
+    assert verdicts.verdict(table, assess.Settings(min_realistic_recall=0.6)).startswith("inconclusive")
     # A looser rate (80th percentile: 20%) explains more flagged traps: up to 8 of 20.
     loose = assess.Settings(percentile=80.0)
-    assert assess.verdict(control_table(averages_flagged=8), loose).startswith("conclusive")
-    assert "9 of 20, more than the 8 a 20% false-positive rate" in assess.verdict(control_table(averages_flagged=9),
+    assert verdicts.verdict(control_table(averages_flagged=8), loose).startswith("conclusive")
+    assert "9 of 20, more than the 8 a 20% false-positive rate" in verdicts.verdict(control_table(averages_flagged=9),
                                                                                   loose)
     with pytest.raises(ValueError, match="assess.min_realistic_recall=1.5"):
         assess.Settings(min_realistic_recall=1.5)
