@@ -168,99 +168,6 @@ def check_schema(config: dict, schema: dict, where: str) -> None:
                          + "\nfix: see config/config.yaml for every key, its type and its default")
 
 
-def check_settings(effective: dict, name: str) -> None:
-    """Build every stage's typed settings and run the checks that span stages."""
-    try:
-        data = stage_settings.IngestSettings(**effective["data"])
-        source = effective["synthetic"]["source"]
-        check_generator(effective, data.shape, source)
-        stage_settings.SplitSettings(**effective["split"])
-        subset_settings = stage_settings.SubsetSettings(**effective["train_subset"])
-        canary_settings = stage_settings.CanarySettings(**effective["canaries"])
-        if source == "folder" and canary_settings.n_patients > 0:
-            raise ValueError(f"canaries.n_patients={canary_settings.n_patients} repeats patients in a generator's "
-                             "training data, but synthetic.source is 'folder' (no generator is trained): set it to 0")
-        if source == "folder" and subset_settings.fraction < 1:
-            raise ValueError(f"train_subset.fraction={subset_settings.fraction} chooses a generator's training "
-                             "patients, but synthetic.source is 'folder' (no generator is trained): set it to 1")
-        stage_settings.ControlsSettings(**effective["controls"])
-        stage_settings.DetectorSettings(**effective["detector"])
-        similarity_settings = stage_settings.SimilaritySettings(**effective["similarity"])
-        if similarity_settings.reference == "decoded" and source not in ("ldm", "vae"):
-            raise ValueError(f"similarity.reference is 'decoded', but synthetic.source {source!r} has no autoencoder "
-                             "to decode the real volumes with: set it to scanned (or auto)")
-        baseline_settings = stage_settings.BaselinesSettings(**effective["baselines"])
-        stage_settings.QualitySettings(**effective["quality"])
-        assess_settings = stage_settings.AssessSettings(**effective["assess"])
-        stage_settings.ScreenSettings(**effective["screen"])
-        stage_settings.ReleaseSettings(**effective["release"]).methods_of(("contrastive", *baseline_settings.methods))
-        if effective["release"]["percentile"] > assess_settings.percentile:
-            raise ValueError(f"release.percentile={effective['release']['percentile']} is looser than "
-                             f"assess.percentile={assess_settings.percentile}: the release would keep volumes the "
-                             f"audit flags; use at most {assess_settings.percentile}")
-        if data.source == "phantom":
-            check_phantom_sizes(effective, data.phantom.n_patients, assess_settings)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"experiment {name!r}: {error}") from None
-
-
-def check_generator(effective: dict, shape: tuple[int, ...], source: str) -> None:
-    """The generator's settings, and that its networks fit the volumes' shape."""
-    sample_settings = None if source == "folder" else stage_settings.SampleSettings(**effective["sample"])
-    if source == "gan":
-        stage_settings.check_gan_shape(shape, stage_settings.GanSettings(**effective["gan"]))
-    if source in ("vae", "ldm"):
-        autoencoder = stage_settings.AutoencoderSettings(**effective["autoencoder"])
-        stage_settings.check_autoencoder_shape(shape, autoencoder)
-    if source == "ldm":
-        diffusion = stage_settings.DiffusionSettings(**effective["diffusion"])
-        if sample_settings.diffusion_epoch not in (None, *diffusion.checkpoint_epochs):
-            raise ValueError(f"sample.diffusion_epoch={sample_settings.diffusion_epoch} is not one of "
-                             f"diffusion.checkpoint_epochs={list(diffusion.checkpoint_epochs)}: add it there, or "
-                             "set it to null to sample the final weights")
-        downsampling = 2 ** (len(autoencoder.channels) - 1)
-        stage_settings.check_diffusion_shape(tuple(s // downsampling for s in shape), diffusion)
-    elif source == "folder" and effective["synthetic"]["folder"] is None:
-        raise ValueError("synthetic.source is 'folder' but synthetic.folder is null: set synthetic.folder to "
-                         "the directory of synthetic volumes to audit")
-
-
-def check_phantom_sizes(effective: dict, n_patients: int, assess_settings) -> None:
-    """The phantom cohort's split leaves enough patients for the holdout, τ, the calibrated threshold, the
-    canaries and the controls (a folder's size is known only once ingest has read it)."""
-    split_settings = stage_settings.SplitSettings(**effective["split"])
-    n_holdout = stage_settings.holdout_size(n_patients, split_settings.holdout_fraction)
-    percentile = assess_settings.percentile
-    needed = stage_settings.minimum_calibration_size(percentile)
-    if n_holdout < split_settings.min_holdout:
-        raise ValueError(
-            f"split.holdout_fraction={split_settings.holdout_fraction} of data.phantom.n_patients={n_patients} "
-            f"holds out {n_holdout} patients, fewer than split.min_holdout={split_settings.min_holdout}: add "
-            "patients or hold out more")
-    if n_patients - n_holdout < needed:
-        raise ValueError(
-            f"τ at assess.percentile={percentile} needs at least {needed} training volumes, the split leaves "
-            f"{n_patients - n_holdout}: add patients or lower assess.percentile")
-    if assess_settings.threshold == "calibrated" and n_holdout < stage_settings.minimum_holdout(percentile):
-        raise ValueError(
-            f"the calibrated threshold at assess.percentile={percentile} (a {100 - percentile:g}% false-positive "
-            f"rate) needs at least {stage_settings.minimum_holdout(percentile)} held-out patients, the split "
-            f"holds out {n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add "
-            "patients, hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: "
-            "published")
-    subset_fraction = stage_settings.SubsetSettings(**effective["train_subset"]).fraction
-    n_generator = stage_settings.subset_size(n_patients - n_holdout, subset_fraction)
-    n_canaries = stage_settings.CanarySettings(**effective["canaries"]).n_patients
-    if n_canaries > n_generator:
-        raise ValueError(f"canaries.n_patients={n_canaries} is more than the {n_generator} patients the generator "
-                         "trains on: lower it")
-    n_per_strength = effective["controls"]["n_per_strength"]
-    if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
-        raise ValueError(
-            f"controls.n_per_strength={n_per_strength} copies more training volumes per strength than the split "
-            f"leaves ({n_patients - n_holdout}): lower it or set it to null")
-
-
 def make_plan(config: dict, schema_path: str | Path) -> Plan:
     """Validate the config and every experiment, and key every stage of every experiment."""
     schema = load_schema(schema_path)
@@ -300,7 +207,7 @@ def make_plan(config: dict, schema_path: str | Path) -> Plan:
         # Training-patient images appear in figures only where the data is not patient data, or on request.
         show = effective["assess"]["training_images"]
         effective["assess"]["training_images"] = effective["data"]["source"] == "phantom" if show == "auto" else show
-        check_settings(effective, name)
+        stage_settings.check_experiment(effective, name)
         check_input_paths(effective, name)
         offsets = replicate_offsets(effective, name)
         for offset in offsets:
