@@ -16,7 +16,8 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from medmem import artefacts, ingest, split, volume_io, volume_sets
+from medmem import artefacts, canonical_grid, ingest, split, volume_io, volume_sets
+from medmem.settings import FolderSettings
 from medmem.phantom import PhantomSettings, make_patient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def normalised_mr(values: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
 def test_settings_build_from_the_default_config():
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     data = ingest.Settings(**config["data"])
-    assert isinstance(data.phantom, PhantomSettings) and isinstance(data.folder, ingest.FolderSettings)
+    assert isinstance(data.phantom, PhantomSettings) and isinstance(data.folder, FolderSettings)
     assert data.shape == (32, 32, 32) and data.spacing == (4.0, 4.0, 4.0)
     assert isinstance(data.folder.ct_window, tuple) and isinstance(data.folder.mr_percentiles, tuple)
 
@@ -428,7 +429,7 @@ def test_a_real_enhanced_multiframe_dicom_reads_as_one_volume(tmp_path):
     image = volume_io.read_file(path)
     assert image.GetSize() == (256, 256, 176)
     np.testing.assert_allclose(image.GetSpacing(), (1.0, 1.0, 1.0), atol=1e-5)
-    assert volume_io.describe(image)["original_orientation"] == "PIR"  # sagittal slices, stacked right to left
+    assert canonical_grid.describe(image)["original_orientation"] == "PIR"  # sagittal slices, stacked right to left
     with pytest.raises(ValueError, match=re.escape(str(path)) + r": constant image \(every voxel is 0\)"):
         volume_io.checked_volume(image, path)
 
@@ -460,7 +461,7 @@ def test_the_foreground_crop_centres_the_grid_on_the_body_not_the_field_of_view(
 
     # Centred on the foreground's box the whole body is inside, the marker where it belongs.
     assert fore_table.at[0, "crop"] == "foreground"
-    assert fore_table.at[0, "grid_centre"] == volume_io.format_triple(body_centre)
+    assert fore_table.at[0, "grid_centre"] == canonical_grid.format_triple(body_centre)
     cropped, cropped_affine = artefacts.load_nifti(fore_csv.parent / "volumes" / "body.nii.gz")
     np.testing.assert_allclose(cropped_affine @ [5.5, 5.5, 5.5, 1], [*body_centre, 1])
     assert (cropped > 0.4).sum() == 1000  # every body voxel: grid and input voxels coincide
@@ -479,7 +480,7 @@ def test_the_foreground_crop_of_a_real_mr_is_centred_on_its_head(tmp_path):
     canonical = nib.as_closest_canonical(nib.load(ANATOMICAL))
     indices = np.nonzero(normalised_mr(np.asarray(canonical.dataobj, dtype=np.float64)) > 0.2)
     box_centre = (canonical.affine @ [*[(i.min() + i.max()) / 2 for i in indices], 1])[:3]
-    assert table.at[0, "grid_centre"] == volume_io.format_triple(box_centre)
+    assert table.at[0, "grid_centre"] == canonical_grid.format_triple(box_centre)
     _, affine = artefacts.load_nifti(cases_csv.parent / "volumes" / "anatomical.nii.gz")
     np.testing.assert_allclose(affine @ [7.5, 7.5, 7.5, 1], [*box_centre, 1], atol=1e-4)
     low, high = np.percentile(np.asarray(canonical.dataobj, dtype=np.float64), [0.5, 99.5])

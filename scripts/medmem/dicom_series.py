@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medmem import volume_io
+from medmem import canonical_grid, volume_io
 from medmem.volume_io import locale_kept
 
 # Slice gaps may differ by this share of the median gap (rounding in ImagePositionPatient) and still count as even.
@@ -151,7 +151,7 @@ def ordered_slices(folder: Path, series: Series) -> tuple[str, ...]:
         positions.append(_numbers(reader.GetMetaData(POSITION), 3, path))
         orientations.append(_numbers(reader.GetMetaData(ORIENTATION), 6, path))
         sizes.append(tuple(reader.GetSize()[:2]))
-        pixel_spacings.append(volume_io.format_triple(reader.GetSpacing()[:2]) + " mm")
+        pixel_spacings.append(canonical_grid.format_triple(reader.GetSpacing()[:2]) + " mm")
         patients.append(repr(reader.GetMetaData(PATIENT_ID).strip() if reader.HasMetaDataKey(PATIENT_ID) else ""))
     orientations_array = np.array(orientations)
     if np.abs(orientations_array - orientations_array[0]).max() > 1e-4 or len(set(sizes)) > 1:

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medmem import artefacts, case_sources, dicom_series, duplicates, volume_io
+from medmem import artefacts, canonical_grid, case_sources, dicom_series, duplicates, volume_io
 from medmem.case_sources import CaseSource
 from medmem.phantom import make_patient, make_radiograph
-from medmem.settings import FolderSettings, IngestSettings as Settings
+from medmem.settings import IngestSettings as Settings
 
 logger = logging.getLogger("medmem.ingest")
 
@@ -80,7 +80,7 @@ def run(settings: Settings, cases_csv: str | os.PathLike, volumes_dir: str | os.
                 fingerprints.append(duplicates.fingerprint(volume))
             logger.info("%s: %s %s mm %s → RAS %s mm %s centred at %s mm (%s), intensities [%.3f, %.3f]", case,
                         record["original_orientation"], record["original_spacing"], record["original_shape"],
-                        volume_io.format_triple(settings.spacing), volume_io.format_triple(volume.shape),
+                        canonical_grid.format_triple(settings.spacing), canonical_grid.format_triple(volume.shape),
                         record["grid_centre"], record["crop"], volume.min(), volume.max())
         if not rows:
             reasons = "; ".join(q["reason"] for q in quarantined[:5])
@@ -116,16 +116,16 @@ def list_sources(settings: Settings) -> list[CaseSource]:
 
 def phantom_cases(settings: Settings) -> Iterator[Case]:
     """The procedural cohort, centred at the origin: ids phantom_0000, phantom_0001, …"""
-    affine = volume_io.centred_affine(settings.shape, settings.spacing)
+    affine = canonical_grid.centred_affine(settings.shape, settings.spacing)
     record = {
         "series_uid": "",
-        "original_spacing": volume_io.format_triple(settings.spacing),
-        "original_shape": volume_io.format_triple(settings.shape),
+        "original_spacing": canonical_grid.format_triple(settings.spacing),
+        "original_shape": canonical_grid.format_triple(settings.shape),
         "original_orientation": "RAS" if len(settings.shape) == 3 else "radiograph",
         "intensity_low": 0.0,
         "intensity_high": 1.0,
         "crop": "centre",
-        "grid_centre": volume_io.format_triple([0.0] * len(settings.shape)),
+        "grid_centre": canonical_grid.format_triple([0.0] * len(settings.shape)),
         "given_split": "",
     }
     make = make_patient if len(settings.shape) == 3 else make_radiograph
@@ -184,28 +184,28 @@ def canonical_case(settings: Settings, source: CaseSource, memory_mb: float | No
         image, values = volume_io.checked_volume(image, path)
     else:
         image, values = (volume_io.read_volume if len(settings.shape) == 3 else volume_io.read_image)(path, memory_mb)
-    volume_io.check_extent(image, settings.spacing, settings.shape, path)
+    canonical_grid.check_extent(image, settings.spacing, settings.shape, path)
     if folder.modality == "ct":
         values, (low, high) = volume_io.window_ct(values, folder.ct_window, path), folder.ct_window
     else:
         low, high = volume_io.percentile_range(values, folder.mr_percentiles, path)
         values = volume_io.scale_to_unit(values, (low, high))
     if settings.crop == "foreground":
-        centre = volume_io.foreground_centre(image, values, settings.foreground_threshold, path)
+        centre = canonical_grid.foreground_centre(image, values, settings.foreground_threshold, path)
     else:
-        centre = volume_io.field_of_view_centre(image)
-    volume, affine = volume_io.resample_to_canonical(image, values, settings.shape, settings.spacing, centre)
+        centre = canonical_grid.field_of_view_centre(image)
+    volume, affine = canonical_grid.resample_to_canonical(image, values, settings.shape, settings.spacing, centre)
     volume = np.clip(volume, 0.0, 1.0)
-    volume_io.check_resampled(volume, path)
+    canonical_grid.check_resampled(volume, path)
     record = {
         "patient_id": source.patient_id,
         "source_path": str(path.resolve()),
         "series_uid": source.series.uid if source.series is not None else "",
-        **volume_io.describe(image),
+        **canonical_grid.describe(image),
         "intensity_low": round(low, 4),
         "intensity_high": round(high, 4),
         "crop": settings.crop,
-        "grid_centre": volume_io.format_triple(volume_io.grid_centre(centre)),
+        "grid_centre": canonical_grid.format_triple(canonical_grid.grid_centre(centre)),
         "given_split": source.given_split,
     }
     return volume, affine, record
