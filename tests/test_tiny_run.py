@@ -1,9 +1,8 @@
 """The tests that read one finished tiny audit: the workflow's outputs, the rerun plan, the controls, and a
 second run of the same config, killed by SIGKILL mid-training and run again, that must give the same bytes.
 
-The tiny audit (test_workflow.tiny_config, two experiments) runs once per module through snakemake, and the second
-run beside it; the suite's workers take whole modules (`make test`: pytest-xdist --dist loadfile), so each runs
-once per suite.
+The tiny audit (test_workflow.tiny_config, two experiments) runs once per module through snakemake; the suite's
+workers take whole modules (`make test`: pytest-xdist --dist loadfile), so it runs once per suite.
 """
 
 import csv
@@ -15,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,40 +25,8 @@ from test_workflow import CPU_RUN, SNAKEFILE, planned_jobs, snakemake, tiny_conf
 pytestmark = pytest.mark.workflow
 
 
-class Beside(threading.Thread):
-    """A function run in a thread beside the module's other work; ``outcome`` waits for its result or raises its
-    error."""
-
-    def __init__(self, function, *args):
-        super().__init__(daemon=True)
-        self.function, self.args, self.result, self.error = function, args, None, None
-
-    def run(self):
-        try:
-            self.result = self.function(*self.args)
-        except BaseException as error:  # re-raised in the test that waits for it
-            self.error = error
-
-    def outcome(self, timeout: float):
-        self.join(timeout)
-        if self.is_alive():
-            raise TimeoutError(f"{self.function.__name__} still runs after {timeout:.0f} s")
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 @pytest.fixture(scope="module")
-def second_run(tmp_path_factory):
-    """The second run of the reproducibility test (run_killed_once), started first so that it runs beside the
-    tiny audit instead of after it: the two are independent until the test compares them."""
-    run = Beside(run_killed_once, tmp_path_factory.mktemp("second"))
-    run.start()
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, second_run):
+def tiny_run(tmp_path_factory):
     """The tiny audit's folder, run once through snakemake (CPU, two GPU-rule jobs side by side)."""
     workdir = tmp_path_factory.mktemp("tiny")
     write_config(workdir, tiny_config())
@@ -300,9 +266,9 @@ def artefacts(results: Path) -> dict[str, Path]:
             if path.is_file() and path.suffix != ".log"}
 
 
-def test_a_second_run_killed_and_resumed_gives_identical_tables_and_weights(tiny_run, second_run):
+def test_a_second_run_killed_and_resumed_gives_identical_tables_and_weights(tiny_run, tmp_path):
     first = artefacts(tiny_run / "results")
-    second = {name: path for name, path in artefacts(second_run.outcome(timeout=1500)).items()
+    second = {name: path for name, path in artefacts(run_killed_once(tmp_path / "second")).items()
               if not name.startswith(("report/", ".medmem/", "benchmarks/"))}
     missing = sorted(set(second) - set(first))
     assert not missing, f"the shared run lacks {missing[:20]}: are its stages keyed like this run's?"
