@@ -37,7 +37,7 @@ demo: install  ## run the whole audit on the phantom demo cohort, then build the
 	$(BIN)/snakemake --report results/report/report.html
 
 test: install slurm-packages  ## unit tests, dry-run plan tests, tiny end-to-end runs (local and on SLURM)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-cluster: install slurm-packages  ## only the SLURM profile tests
 	$(BIN)/python -m pytest -q tests/test_cluster.py

@@ -8,12 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-# The suite runs on three pytest-xdist workers (`make test`: -n 3 --dist loadfile --no-loadscope-reorder): each
+# The suite runs on two pytest-xdist workers (`make test`: -n 2 --dist loadfile --no-loadscope-reorder): each
 # worker takes whole modules, so a module's fixtures (a trained network, the shared tiny run of test_tiny_run.py)
 # are built once. Modules are handed out in collection order: those with end-to-end snakemake runs (the
 # `workflow` marker) first, so the long ones start at once and the short unit modules fill in behind them.
-# Three workers on CI's two cores: much of an end-to-end run waits (SLURM's status polls, a DAG with one runnable
-# job), and the third fills those gaps (docs/testing.md has the timings).
 
 
 def pytest_collection_modifyitems(items):
