@@ -217,7 +217,7 @@ def test_controls_are_planted_found_and_calibrated(tiny_run):
 
 def run_killed_once(workdir: Path) -> Path:
     """The baseline experiment run through snakemake, killed (the whole process group) once its autoencoder has
-    saved a resume state, then run again to the end; the autoencoder's log, which must say it resumed."""
+    saved a resume state, then run again to the end (its autoencoder resumed, not restarted); its results folder."""
     config = tiny_config()
     config["experiments"] = {"baseline": {}}  # one experiment: every stage, once
     write_config(workdir, config)

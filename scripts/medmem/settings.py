@@ -41,7 +41,7 @@ def check_experiment(effective: dict, name: str) -> None:
         data = IngestSettings(**effective["data"])
         source = effective["synthetic"]["source"]
         check_generator(effective, data.shape, source)
-        SplitSettings(**effective["split"])
+        split_settings = SplitSettings(**effective["split"])
         subset_settings = SubsetSettings(**effective["train_subset"])
         canary_settings = CanarySettings(**effective["canaries"])
         if source == "folder" and canary_settings.n_patients > 0:
@@ -66,7 +66,8 @@ def check_experiment(effective: dict, name: str) -> None:
                              f"assess.percentile={assess_settings.percentile}: the release would keep volumes the "
                              f"audit flags; use at most {assess_settings.percentile}")
         if data.source == "phantom":
-            check_phantom_sizes(effective, data.phantom.n_patients, assess_settings)
+            check_phantom_sizes(data.phantom.n_patients, split_settings, subset_settings, canary_settings,
+                                assess_settings, effective["controls"]["n_per_strength"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"experiment {name!r}: {error}") from None
 
@@ -92,10 +93,11 @@ def check_generator(effective: dict, shape: tuple[int, ...], source: str) -> Non
                          "the directory of synthetic volumes to audit")
 
 
-def check_phantom_sizes(effective: dict, n_patients: int, assess_settings: AssessSettings) -> None:
+def check_phantom_sizes(n_patients: int, split_settings: SplitSettings, subset_settings: SubsetSettings,
+                        canary_settings: CanarySettings, assess_settings: AssessSettings,
+                        n_per_strength: int | None) -> None:
     """The phantom cohort's split leaves enough patients for the holdout, τ, the calibrated threshold, the
     canaries and the controls (a folder's size is known only once ingest has read it)."""
-    split_settings = SplitSettings(**effective["split"])
     n_holdout = holdout_size(n_patients, split_settings.holdout_fraction)
     percentile = assess_settings.percentile
     needed = minimum_calibration_size(percentile)
@@ -115,13 +117,11 @@ def check_phantom_sizes(effective: dict, n_patients: int, assess_settings: Asses
             f"holds out {n_holdout} (the smallest rate they can calibrate is {100 / (n_holdout + 1):.1f}%): add "
             "patients, hold out more (split.holdout_fraction), lower assess.percentile, or set assess.threshold: "
             "published")
-    subset_fraction = SubsetSettings(**effective["train_subset"]).fraction
-    n_generator = subset_size(n_patients - n_holdout, subset_fraction)
-    n_canaries = CanarySettings(**effective["canaries"]).n_patients
+    n_generator = subset_size(n_patients - n_holdout, subset_settings.fraction)
+    n_canaries = canary_settings.n_patients
     if n_canaries > n_generator:
         raise ValueError(f"canaries.n_patients={n_canaries} is more than the {n_generator} patients the generator "
                          "trains on: lower it")
-    n_per_strength = effective["controls"]["n_per_strength"]
     if n_per_strength is not None and n_per_strength > n_patients - n_holdout:
         raise ValueError(
             f"controls.n_per_strength={n_per_strength} copies more training volumes per strength than the split "

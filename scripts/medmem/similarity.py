@@ -217,7 +217,7 @@ def pearson_nearest(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple
             raise ValueError(f"{name} volumes {constant.tolist()} are constant: their voxel correlation is undefined")
     # Positions as ids: the same exact faiss search the contrastive detector's embeddings go through.
     table = nearest_neighbours([str(i) for i in range(len(queries))], queries,
-                                          [str(i) for i in range(len(reference))], reference, k)
+                               [str(i) for i in range(len(reference))], reference, k)
     neighbours = table["neighbour_id"].astype(int).to_numpy().reshape(len(queries), k)
     return neighbours, table["correlation"].to_numpy().reshape(len(queries), k)
 
@@ -304,9 +304,9 @@ def run(train_npz: str | os.PathLike, holdout_npz: str | os.PathLike, synthetic_
     generator_ids, generator = generator_set(split_csv, train_npz, train_ids, train)
     backgrounds = {"synthetic": None, "holdout": None, "controls": None}
     if settings.score == "normalized":
-        backgrounds = {name: background(vectors, reference, settings.background_neighbours, settings.background_weight)
-                       for name, vectors, reference in (("synthetic", synthetic, generator), ("holdout", holdout, train),
-                                                        ("controls", controls, train))}
+        against = {"synthetic": (synthetic, generator), "holdout": (holdout, train), "controls": (controls, train)}
+        backgrounds = {name: background(vectors, reference, settings.background_neighbours,
+                                        settings.background_weight) for name, (vectors, reference) in against.items()}
     # With detector.shift_search, every volume compared with the training set is searched at each of its shifts.
     real = {"holdout": holdout_npz, "controls": controls_npz} if decoded_npz is None else {}
     at_shifts = {name: read_shifted(path) for name, path in (("synthetic", synthetic_npz), *real.items())}
